@@ -1,0 +1,217 @@
+"""Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) over a paged KV cache.
+
+The model sees one flat row per scheduled token of every request in the step (no padding
+between requests) and an ``AttentionMetadata`` that says where each row's K/V goes and which
+cache slots each row may attend to. The runner builds that metadata; the model owns only math.
+Weights are held fused (QKV in one matrix, gate and up in one) so each layer runs three GEMMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from splitserve.config import ModelConfig
+
+
+@dataclass
+class ShortGroup:
+    """Requests with few new tokens (decode, speculative verification), padded to a batch.
+
+    rows: [B, Q] flat row of each query (padding repeats a valid row; its output is dropped).
+    valid_rows: flat rows of the real queries, in the order of ``query_mask``'s True entries.
+    query_mask: [B, Q] True where the query is real.
+    slots: [B, L] cache slots of each request's context (padding points at slot 0).
+    mask: [B, 1, G*Q, L] True where a query may attend to a key (causal within the request).
+    """
+
+    rows: torch.Tensor
+    valid_rows: torch.Tensor
+    query_mask: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class PackedGroup:
+    """Prefill chunks packed end to end with a block-diagonal causal mask (no padding).
+
+    rows: [T] flat rows of the queries; slots: [S] cache slots of all the requests' contexts,
+    concatenated; mask: [1, 1, G*T, S] True where a query may attend to a key.
+    """
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    short: ShortGroup | None
+    packed: PackedGroup | None
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+# ------------------------------------------------------------------------- pure functions
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, as the reference implementation does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_positions, head_dim] in HF's rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, D] for each row's position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def short_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: ShortGroup, scale: float
+) -> torch.Tensor:
+    """Attention for padded short queries. q: [T, KV, G, D]; returns [num valid rows, KV*G*D]."""
+    batch, num_q = group.rows.shape
+    _, num_kv, num_groups, dim = q.shape
+    qg = q[group.rows].permute(0, 2, 3, 1, 4).reshape(batch, num_kv, num_groups * num_q, dim)
+    k = k_cache[group.slots].permute(0, 2, 1, 3)
+    v = v_cache[group.slots].permute(0, 2, 1, 3)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
+    out = out.reshape(batch, num_kv, num_groups, num_q, dim).permute(0, 3, 1, 2, 4)
+    return out[group.query_mask].reshape(-1, num_kv * num_groups * dim)
+
+
+def packed_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PackedGroup, scale: float
+) -> torch.Tensor:
+    """Attention for packed prefill rows. q: [T, KV, G, D]; returns [len(rows), KV*G*D]."""
+    num_rows = group.rows.shape[0]
+    _, num_kv, num_groups, dim = q.shape
+    qg = q[group.rows].permute(1, 2, 0, 3).reshape(1, num_kv, num_groups * num_rows, dim)
+    k = k_cache[group.slots].permute(1, 0, 2).unsqueeze(0)
+    v = v_cache[group.slots].permute(1, 0, 2).unsqueeze(0)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
+    out = out.reshape(num_kv, num_groups, num_rows, dim).permute(2, 0, 1, 3)
+    return out.reshape(num_rows, num_kv * num_groups * dim)
+
+
+# --------------------------------------------------------------------------------- model
+
+
+class Model:
+    """A Llama/Qwen2-style decoder. ``forward`` reads and writes the paged KV cache it is given."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def take(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.norm = take("model.norm.weight")
+        self.layers = [self._layer(take, weights, i) for i in range(config.num_layers)]
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.cos = cos.to(self.device, dtype)
+        self.sin = sin.to(self.device, dtype)
+        self.scale = config.head_dim**-0.5
+
+    def _layer(self, take, weights: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+        qkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        bias = None
+        if self.config.attention_bias:
+            bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        return LayerWeights(
+            input_norm=take(p + "input_layernorm.weight"),
+            qkv=qkv,
+            qkv_bias=bias,
+            o_proj=take(p + "self_attn.o_proj.weight"),
+            post_norm=take(p + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+            down=take(p + "mlp.down_proj.weight"),
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        logit_rows: torch.Tensor,
+        layer_ids: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder over flat rows; return fp32 logits [len(logit_rows), vocab].
+
+        kv_cache: [num_layers, 2, num_slots, num_kv_heads, head_dim]. layer_ids restricts the
+        pass to a subset of layers (self-speculation); skipped layers' caches are untouched.
+        """
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.cos[positions], self.sin[positions]
+        for i in range(self.config.num_layers) if layer_ids is None else layer_ids:
+            x = self._decoder_layer(x, self.layers[i], kv_cache[i], attn, cos, sin)
+        x = rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _decoder_layer(
+        self,
+        x: torch.Tensor,
+        w: LayerWeights,
+        kv: torch.Tensor,
+        attn: AttentionMetadata,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        c = self.config
+        h = F.linear(rms_norm(x, w.input_norm, c.rms_norm_eps), w.qkv, w.qkv_bias)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q, k, v = h.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+        kv[0].index_copy_(0, attn.slot_mapping, k)
+        kv[1].index_copy_(0, attn.slot_mapping, v.view(-1, c.num_kv_heads, c.head_dim))
+        x = x + F.linear(self._attention(q, kv, attn), w.o_proj)
+        gate, up = F.linear(rms_norm(x, w.post_norm, c.rms_norm_eps), w.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w.down)
+
+    def _attention(self, q: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        c = self.config
+        q = q.view(-1, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+        short, packed = attn.short, attn.packed
+        if packed is None:
+            assert short is not None, "a step needs at least one attention group"
+            return short_attention(q, kv[0], kv[1], short, self.scale)
+        if short is None:
+            return packed_attention(q, kv[0], kv[1], packed, self.scale)
+        out = q.new_empty(q.shape[0], c.num_heads * c.head_dim)
+        out[short.valid_rows] = short_attention(q, kv[0], kv[1], short, self.scale)
+        out[packed.rows] = packed_attention(q, kv[0], kv[1], packed, self.scale)
+        return out

@@ -1,0 +1,115 @@
+"""ModelRunner: a scheduled batch -> flat tensors and attention metadata -> model -> logits.
+
+It owns the KV cache tensor ``[num_layers, 2, num_blocks * block_size, kv_heads, head_dim]``
+(a block is ``block_size`` consecutive slots). Requests with few new tokens (decode,
+speculative verification) attend as one padded batch; longer prefill chunks are packed end
+to end without padding under a block-diagonal causal mask. Short requests come first in
+the flat rows, so a step with only one kind needs no scatter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitserve.config import ModelConfig
+from splitserve.engine.model import AttentionMetadata, Model, PackedGroup, ShortGroup
+
+# A request with at most this many new tokens joins the padded group.
+MAX_SHORT_QUERY = 16
+
+
+@dataclass
+class BatchItem:
+    """One request's slice of a step: tokens [start, start + len(token_ids)) of its sequence."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+    wants_logits: bool
+
+
+class ModelRunner:
+    def __init__(self, model: Model, num_blocks: int, block_size: int):
+        c: ModelConfig = model.config
+        self.model = model
+        self.block_size = block_size
+        self.num_groups = c.num_heads // c.num_kv_heads
+        self.device = model.device
+        self.kv_cache = torch.zeros(
+            c.num_layers, 2, num_blocks * block_size, c.num_kv_heads, c.head_dim,
+            dtype=model.dtype, device=model.device,
+        )
+
+    def execute(self, items: Sequence[BatchItem], layer_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Run one step; return fp32 logits for the items with ``wants_logits``, in item order."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) > MAX_SHORT_QUERY)
+        ordered = [items[i] for i in order]
+        input_ids, positions, slot_mapping = self._flat_inputs(ordered)
+        lengths = [len(it.token_ids) for it in ordered]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        num_short = sum(1 for n in lengths if n <= MAX_SHORT_QUERY)
+        attn = AttentionMetadata(
+            slot_mapping=self._tensor(slot_mapping),
+            short=self._short_group(ordered[:num_short], offsets) if num_short else None,
+            packed=self._packed_group(ordered[num_short:], offsets[num_short:]) if num_short < len(ordered) else None,
+        )
+        last_rows = {order[j]: offsets[j + 1] - 1 for j in range(len(ordered))}
+        logit_rows = [last_rows[i] for i, it in enumerate(items) if it.wants_logits]
+        return self.model.forward(
+            self._tensor(input_ids), self._tensor(positions), self.kv_cache, attn,
+            self._tensor(np.asarray(logit_rows, dtype=np.int64)), layer_ids,
+        )
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def slots(self, block_table: Sequence[int], start: int, stop: int) -> np.ndarray:
+        """Cache slots of positions [start, stop) of a request."""
+        positions = np.arange(start, stop)
+        table = np.asarray(block_table, dtype=np.int64)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _flat_inputs(self, items: Sequence[BatchItem]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        input_ids = np.concatenate([np.asarray(it.token_ids, dtype=np.int64) for it in items])
+        positions = np.concatenate([np.arange(it.start, it.start + len(it.token_ids)) for it in items])
+        slots = np.concatenate([self.slots(it.block_table, it.start, it.start + len(it.token_ids)) for it in items])
+        return input_ids, positions, slots
+
+    def _short_group(self, items: Sequence[BatchItem], offsets: np.ndarray) -> ShortGroup:
+        batch = len(items)
+        lengths = np.array([len(it.token_ids) for it in items])
+        starts = np.array([it.start for it in items])
+        num_q, num_k = int(lengths.max()), int((starts + lengths).max())
+        q_idx = np.arange(num_q)
+        query_mask = q_idx[None, :] < lengths[:, None]
+        # Padding queries repeat the request's last real query (a non-empty mask row, no NaN).
+        q_clamped = np.minimum(q_idx[None, :], lengths[:, None] - 1)
+        rows = offsets[:batch, None] + q_clamped
+        slots = np.zeros((batch, num_k), dtype=np.int64)
+        for b, it in enumerate(items):
+            slots[b, : starts[b] + lengths[b]] = self.slots(it.block_table, 0, starts[b] + lengths[b])
+        mask = np.arange(num_k)[None, None, :] <= (starts[:, None] + q_clamped)[:, :, None]
+        mask = np.tile(mask[:, None], (1, 1, self.num_groups, 1))  # rows ordered (group, query)
+        return ShortGroup(
+            rows=self._tensor(rows),
+            valid_rows=self._tensor(rows[query_mask]),
+            query_mask=self._tensor(query_mask),
+            slots=self._tensor(slots),
+            mask=self._tensor(mask),
+        )
+
+    def _packed_group(self, items: Sequence[BatchItem], offsets: np.ndarray) -> PackedGroup:
+        rows = np.arange(offsets[0], offsets[0] + sum(len(it.token_ids) for it in items))
+        ends = [it.start + len(it.token_ids) for it in items]
+        slots = np.concatenate([self.slots(it.block_table, 0, end) for it, end in zip(items, ends)])
+        row_request = np.repeat(np.arange(len(items)), [len(it.token_ids) for it in items])
+        row_pos = np.concatenate([np.arange(it.start, end) for it, end in zip(items, ends)])
+        key_request = np.repeat(np.arange(len(items)), ends)
+        key_pos = np.concatenate([np.arange(end) for end in ends])
+        mask = (row_request[:, None] == key_request[None, :]) & (key_pos[None, :] <= row_pos[:, None])
+        mask = np.tile(mask, (self.num_groups, 1))[None, None]
+        return PackedGroup(rows=self._tensor(rows), slots=self._tensor(slots), mask=self._tensor(mask))

@@ -1,0 +1,127 @@
+"""Scheduler: continuous batching with chunked prefill and preemption by recomputation.
+
+Each step it spends a token budget: first on running requests (a decode token each, or the
+next chunk of an unfinished prefill), then on waiting requests in arrival order, reusing
+prefix-cache hits. When blocks run out it preempts the most recently started request: its
+blocks are freed, its counter goes back to zero and it waits at the head of the queue, so a
+request that is alone always fits and the engine never deadlocks. It never touches tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.engine.kv_cache import KVCacheManager
+from splitserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """True if this step computes the request's last token, so it samples a new one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ):
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _chunk(self, num_tokens: int, budget: int) -> int:
+        """How many of a request's pending tokens fit this step (0: wait for a later step)."""
+        if num_tokens <= budget:
+            return num_tokens
+        return budget if self.enable_chunked_prefill else 0
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            total = request.num_computed_tokens + num_new
+            while not self.kv_cache.can_append(request.request_id, total):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                self.kv_cache.append(request.request_id, total)
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            prefix = self.kv_cache.find_prefix(request.token_ids)
+            num_cached = len(prefix) * self.kv_cache.block_size
+            num_new = self._chunk(request.num_tokens - num_cached, budget)
+            if num_new == 0 or not self.kv_cache.can_allocate(num_cached + num_new, prefix):
+                break
+            self.kv_cache.allocate(request.request_id, num_cached + num_new, prefix)
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished or aborted request wherever it is and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.FINISHED
