@@ -100,6 +100,13 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block_id
 
+    def uncache_block(self, block_id: int) -> None:
+        """Forget a block's content hash: its owner is about to overwrite part of it."""
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            block.block_hash = None
+
     def reset_prefix_cache(self) -> None:
         """Forget all cached content hashes (weights changed, or for tests)."""
         for block in self.blocks:

@@ -54,13 +54,25 @@ class _Tracked:
     num_emitted_chars: int = 0
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model and its tokenizer in memory; engines with different settings can share one."""
+
+    model: Model
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> LoadedModel:
+        model_config, weights, tokenizer = load_model(config.model)
+        return cls(Model(model_config, weights, config.torch_dtype, config.device), tokenizer)
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **overrides: object):
-        self.config = config = config or EngineConfig(**overrides)  # type: ignore[arg-type]
-        model_config, weights, self.tokenizer = load_model(config.model)
-        self.model_config = model_config
-        self.model = Model(model_config, weights, config.torch_dtype, config.device)
-        del weights
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
+        self.config = config = config or EngineConfig()
+        loaded = loaded or LoadedModel.load(config)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.model_config = model_config = loaded.model.config
         num_blocks = config.num_kv_blocks or max(
             config.kv_cache_bytes // (model_config.kv_bytes_per_token * config.block_size), 1
         )
@@ -198,6 +210,8 @@ class LLMEngine:
         new_ids = request.token_ids[request.num_prompt_tokens + tracked.num_emitted_tokens :]
         tracked.num_emitted_tokens += len(new_ids)
         tracked.text += tracked.detokenizer.add(new_ids)
+        if request.finish_reason is not None:
+            tracked.text += tracked.detokenizer.flush()  # a trailing partial character
         self._apply_stop_strings(tracked)
         if request.finish_reason is not None:
             self._finish(tracked)

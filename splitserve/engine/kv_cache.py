@@ -82,6 +82,10 @@ class KVCacheManager:
         if keep < len(table):
             self.pool.free(table[keep:])
             del table[keep:]
+        if num_tokens % self.block_size and keep <= len(table):
+            # The last kept block is no longer full and its tail will be rewritten: a prefix hit
+            # on its old hash would read the new tokens' K/V.
+            self.pool.uncache_block(table[keep - 1])
         hashes = self._hashes[request_id]
         del hashes[num_tokens // self.block_size :]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from splitserve.config import EngineConfig
-from splitserve.engine.engine import LLMEngine, RequestOutput
+from splitserve.engine.engine import LLMEngine, LoadedModel, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -19,8 +19,8 @@ class LLM:
     keyword arguments are EngineConfig fields.
     """
 
-    def __init__(self, model: str | None = None, **engine_args: object):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))  # type: ignore[arg-type]
+    def __init__(self, model: str | None = None, loaded: LoadedModel | None = None, **engine_args: object):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), loaded)  # type: ignore[arg-type]
         self.tokenizer = self.engine.tokenizer
 
     def generate(

@@ -155,7 +155,8 @@ def _dequantize(tensor: gguf.ReaderTensor, path: Path) -> torch.Tensor:
         )
     array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+    # F32 tensors come back as read-only views of the memory-mapped file: copy those only.
+    return torch.from_numpy(np.require(array, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]).reshape(shape))
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -175,9 +176,10 @@ def _load_hf_folder(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
         raise ValueError(f"HF model folder {str(path)!r} has no config.json")
     raw = json.loads(config_file.read_text())
     archs = raw.get("architectures") or []
-    if not any(a in _HF_ARCHITECTURES for a in archs):
+    if not any(a in _HF_ARCHITECTURES for a in archs) and raw.get("model_type") not in _SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"{str(config_file)!r} names architectures {archs}; supported: {', '.join(_HF_ARCHITECTURES)}"
+            f"{str(config_file)!r} describes architectures {archs} (model_type {raw.get('model_type')!r}); "
+            f"supported: {', '.join(_HF_ARCHITECTURES)}"
         )
     num_heads = int(raw["num_attention_heads"])
     config = ModelConfig(
@@ -188,11 +190,11 @@ def _load_hf_folder(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
         num_heads=num_heads,
         num_kv_heads=int(raw.get("num_key_value_heads", num_heads)),
         head_dim=int(raw.get("head_dim") or raw["hidden_size"] // num_heads),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=_hf_rope_theta(raw, config_file),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=bool(raw.get("attention_bias", "Qwen2ForCausalLM" in archs)),
+        attention_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
     )
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -202,6 +204,15 @@ def _load_hf_folder(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
         weights.update({k: v.float() for k, v in load_file(str(file)).items()})
     _check_weights(weights, config, path)
     return config, weights, Tokenizer.from_hf_folder(path)
+
+
+def _hf_rope_theta(raw: dict, config_file: Path) -> float:
+    """theta from config.json; transformers 5 nests it in rope_parameters."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"{str(config_file)!r} asks for RoPE scaling {kind!r}; only plain RoPE is supported")
+    return float(raw.get("rope_theta", rope.get("rope_theta", 10000.0)))
 
 
 def _check_weights(weights: Weights, config: ModelConfig, path: Path) -> None:

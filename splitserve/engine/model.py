@@ -24,14 +24,15 @@ class ShortGroup:
     rows: [B, Q] flat row of each query (padding repeats a valid row; its output is dropped).
     valid_rows: flat rows of the real queries, in the order of ``query_mask``'s True entries.
     query_mask: [B, Q] True where the query is real.
-    slots: [B, L] cache slots of each request's context (padding points at slot 0).
-    mask: [B, 1, G*Q, L] True where a query may attend to a key (causal within the request).
+    blocks: [B * N] each request's first N block ids (padded with block 0); key j of request
+        b is position j of that request.
+    mask: [B, 1, G*Q, N*block_size] True where a query may attend to a key (causal).
     """
 
     rows: torch.Tensor
     valid_rows: torch.Tensor
     query_mask: torch.Tensor
-    slots: torch.Tensor
+    blocks: torch.Tensor
     mask: torch.Tensor
 
 
@@ -39,18 +40,20 @@ class ShortGroup:
 class PackedGroup:
     """Prefill chunks packed end to end with a block-diagonal causal mask (no padding).
 
-    rows: [T] flat rows of the queries; slots: [S] cache slots of all the requests' contexts,
-    concatenated; mask: [1, 1, G*T, S] True where a query may attend to a key.
+    rows: [T] flat rows of the queries; blocks: the block tables of all the requests,
+    concatenated (S = len(blocks) * block_size keys); mask: [1, 1, G*T, S] True where a query
+    may attend to a key.
     """
 
     rows: torch.Tensor
-    slots: torch.Tensor
+    blocks: torch.Tensor
     mask: torch.Tensor
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    block_size: int
     short: ShortGroup | None
     packed: PackedGroup | None
 
@@ -92,29 +95,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Copy whole blocks out of a layer's cache [slots, KV, D] -> [len(blocks) * block_size, KV, D]."""
+    by_block = cache.view(-1, block_size, *cache.shape[1:])
+    return by_block.index_select(0, blocks).view(-1, *cache.shape[1:])
+
+
 def short_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: ShortGroup, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: ShortGroup, scale: float, block_size: int
 ) -> torch.Tensor:
     """Attention for padded short queries. q: [T, KV, G, D]; returns [num valid rows, KV*G*D]."""
     batch, num_q = group.rows.shape
     _, num_kv, num_groups, dim = q.shape
     qg = q[group.rows].permute(0, 2, 3, 1, 4).reshape(batch, num_kv, num_groups * num_q, dim)
-    k = k_cache[group.slots].permute(0, 2, 1, 3)
-    v = v_cache[group.slots].permute(0, 2, 1, 3)
+    k = gather_blocks(k_cache, group.blocks, block_size).view(batch, -1, num_kv, dim).transpose(1, 2)
+    v = gather_blocks(v_cache, group.blocks, block_size).view(batch, -1, num_kv, dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
     out = out.reshape(batch, num_kv, num_groups, num_q, dim).permute(0, 3, 1, 2, 4)
     return out[group.query_mask].reshape(-1, num_kv * num_groups * dim)
 
 
 def packed_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PackedGroup, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PackedGroup, scale: float, block_size: int
 ) -> torch.Tensor:
     """Attention for packed prefill rows. q: [T, KV, G, D]; returns [len(rows), KV*G*D]."""
     num_rows = group.rows.shape[0]
     _, num_kv, num_groups, dim = q.shape
     qg = q[group.rows].permute(1, 2, 0, 3).reshape(1, num_kv, num_groups * num_rows, dim)
-    k = k_cache[group.slots].permute(1, 0, 2).unsqueeze(0)
-    v = v_cache[group.slots].permute(1, 0, 2).unsqueeze(0)
+    k = gather_blocks(k_cache, group.blocks, block_size).permute(1, 0, 2).unsqueeze(0)
+    v = gather_blocks(v_cache, group.blocks, block_size).permute(1, 0, 2).unsqueeze(0)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
     out = out.reshape(num_kv, num_groups, num_rows, dim).permute(2, 0, 1, 3)
     return out.reshape(num_rows, num_kv * num_groups * dim)
@@ -208,10 +217,10 @@ class Model:
         short, packed = attn.short, attn.packed
         if packed is None:
             assert short is not None, "a step needs at least one attention group"
-            return short_attention(q, kv[0], kv[1], short, self.scale)
+            return short_attention(q, kv[0], kv[1], short, self.scale, attn.block_size)
         if short is None:
-            return packed_attention(q, kv[0], kv[1], packed, self.scale)
+            return packed_attention(q, kv[0], kv[1], packed, self.scale, attn.block_size)
         out = q.new_empty(q.shape[0], c.num_heads * c.head_dim)
-        out[short.valid_rows] = short_attention(q, kv[0], kv[1], short, self.scale)
-        out[packed.rows] = packed_attention(q, kv[0], kv[1], packed, self.scale)
+        out[short.valid_rows] = short_attention(q, kv[0], kv[1], short, self.scale, attn.block_size)
+        out[packed.rows] = packed_attention(q, kv[0], kv[1], packed, self.scale, attn.block_size)
         return out

@@ -54,6 +54,7 @@ class ModelRunner:
         num_short = sum(1 for n in lengths if n <= MAX_SHORT_QUERY)
         attn = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping),
+            block_size=self.block_size,
             short=self._short_group(ordered[:num_short], offsets) if num_short else None,
             packed=self._packed_group(ordered[num_short:], offsets[num_short:]) if num_short < len(ordered) else None,
         )
@@ -83,33 +84,38 @@ class ModelRunner:
         batch = len(items)
         lengths = np.array([len(it.token_ids) for it in items])
         starts = np.array([it.start for it in items])
-        num_q, num_k = int(lengths.max()), int((starts + lengths).max())
+        num_q = int(lengths.max())
+        num_blocks = -(-int((starts + lengths).max()) // self.block_size)
         q_idx = np.arange(num_q)
         query_mask = q_idx[None, :] < lengths[:, None]
         # Padding queries repeat the request's last real query (a non-empty mask row, no NaN).
         q_clamped = np.minimum(q_idx[None, :], lengths[:, None] - 1)
         rows = offsets[:batch, None] + q_clamped
-        slots = np.zeros((batch, num_k), dtype=np.int64)
+        blocks = np.zeros((batch, num_blocks), dtype=np.int64)
         for b, it in enumerate(items):
-            slots[b, : starts[b] + lengths[b]] = self.slots(it.block_table, 0, starts[b] + lengths[b])
-        mask = np.arange(num_k)[None, None, :] <= (starts[:, None] + q_clamped)[:, :, None]
+            used = -(-(it.start + len(it.token_ids)) // self.block_size)
+            blocks[b, :used] = it.block_table[:used]
+        key_pos = np.arange(num_blocks * self.block_size)
+        mask = key_pos[None, None, :] <= (starts[:, None] + q_clamped)[:, :, None]
         mask = np.tile(mask[:, None], (1, 1, self.num_groups, 1))  # rows ordered (group, query)
         return ShortGroup(
             rows=self._tensor(rows),
             valid_rows=self._tensor(rows[query_mask]),
             query_mask=self._tensor(query_mask),
-            slots=self._tensor(slots),
+            blocks=self._tensor(blocks.reshape(-1)),
             mask=self._tensor(mask),
         )
 
     def _packed_group(self, items: Sequence[BatchItem], offsets: np.ndarray) -> PackedGroup:
-        rows = np.arange(offsets[0], offsets[0] + sum(len(it.token_ids) for it in items))
-        ends = [it.start + len(it.token_ids) for it in items]
-        slots = np.concatenate([self.slots(it.block_table, 0, end) for it, end in zip(items, ends)])
-        row_request = np.repeat(np.arange(len(items)), [len(it.token_ids) for it in items])
+        lengths = [len(it.token_ids) for it in items]
+        rows = np.arange(offsets[0], offsets[0] + sum(lengths))
+        ends = [it.start + n for it, n in zip(items, lengths)]
+        used = [-(-end // self.block_size) for end in ends]
+        blocks = np.concatenate([np.asarray(it.block_table[:n], dtype=np.int64) for it, n in zip(items, used)])
+        row_request = np.repeat(np.arange(len(items)), lengths)
         row_pos = np.concatenate([np.arange(it.start, end) for it, end in zip(items, ends)])
-        key_request = np.repeat(np.arange(len(items)), ends)
-        key_pos = np.concatenate([np.arange(end) for end in ends])
+        key_request = np.repeat(np.arange(len(items)), [n * self.block_size for n in used])
+        key_pos = np.concatenate([np.arange(n * self.block_size) for n in used])
         mask = (row_request[:, None] == key_request[None, :]) & (key_pos[None, :] <= row_pos[:, None])
         mask = np.tile(mask, (self.num_groups, 1))[None, None]
-        return PackedGroup(rows=self._tensor(rows), slots=self._tensor(slots), mask=self._tensor(mask))
+        return PackedGroup(rows=self._tensor(rows), blocks=self._tensor(blocks), mask=self._tensor(mask))

@@ -14,14 +14,19 @@ import torch
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k and top-p set with -inf. top_k >= vocab disables it."""
+    """Mask logits outside each row's top-k and top-p set with -inf.
+
+    top-p cuts the distribution left by top-k (as vLLM and HF do). top_k >= vocab and
+    top_p == 1 disable their cut.
+    """
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    remove = ranks >= top_k.unsqueeze(-1)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(-1), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-    remove |= mass_before >= top_p.unsqueeze(-1)
+    # Rounding lets the cumulative sum reach 1 before the tail: top_p == 1 must not cut there.
+    remove = (mass_before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
     remove[:, 0] = False  # the best token always survives
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
@@ -39,12 +44,16 @@ def compute_probs(
 
 
 def exponential_noise(shape: tuple[int, int], generators: Sequence[torch.Generator | None], device) -> torch.Tensor:
-    """Exp(1) noise, each row from its own generator when it has one."""
-    noise = torch.empty(shape, device=device).exponential_()
+    """Exp(1) noise (-log U), each row drawn from its own generator when it has one.
+
+    Uniform draws from the row's generator depend only on that generator's state, so a seeded
+    row gets the same noise whatever else is in the batch.
+    """
+    uniform = torch.rand(shape, device=device)
     for row, generator in enumerate(generators):
         if generator is not None:
-            noise[row].exponential_(generator=generator)
-    return noise
+            uniform[row] = torch.rand(shape[1], generator=generator, device=generator.device).to(device)
+    return -torch.log(uniform.clamp_(min=torch.finfo(uniform.dtype).tiny))
 
 
 def sample(

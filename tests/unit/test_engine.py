@@ -1,0 +1,183 @@
+"""LLMEngine / LLM behaviour on the real model: batching, chunking, prefix cache, preemption,
+stop conditions, seeds, aborts and bad input. Every test ends with the KV pool back at idle."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve import SamplingParams
+from tests.conftest import PROMPTS
+
+GREEDY_32 = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+
+def _assert_idle(llm) -> None:
+    engine = llm.engine
+    assert not engine.has_unfinished_requests()
+    assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
+
+
+@pytest.fixture(scope="module")
+def alone(llm) -> list[list[int]]:
+    """Greedy tokens of each prompt run on its own: the reference for batch invariance."""
+    outputs = [llm.generate(p, GREEDY_32)[0].token_ids for p in PROMPTS]
+    llm.engine.block_pool.reset_prefix_cache()
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        {"enable_prefix_caching": False},
+        {"enable_prefix_caching": False, "max_num_batched_tokens": 24},  # prompts split in chunks
+        {"enable_prefix_caching": False, "enable_chunked_prefill": False, "max_num_batched_tokens": 512},
+    ],
+    ids=["packed", "chunked", "no-chunking"],
+)
+def test_batch_invariance(make_llm, alone, engine_args):
+    llm = make_llm(**engine_args)
+    batched = llm.generate(PROMPTS, GREEDY_32)
+    assert [o.token_ids for o in batched] == alone
+    _assert_idle(llm)
+
+
+def test_prefix_cache_hit_reuses_blocks_and_keeps_output(make_llm, alone):
+    llm = make_llm(block_size=4)
+    first = llm.generate(PROMPTS, GREEDY_32)
+    engine = llm.engine
+    request_id = engine.add_request(PROMPTS[4], GREEDY_32)
+    engine.step()
+    request = next(r for r in engine.scheduler.running if r.request_id == request_id)
+    # The whole prompt but its last (partial) block came from the cache.
+    assert request.num_computed_tokens >= request.num_prompt_tokens - 4
+    while engine.has_unfinished_requests():
+        engine.step()
+    second = llm.generate(PROMPTS, GREEDY_32)
+    assert [o.token_ids for o in first] == [o.token_ids for o in second] == alone
+    _assert_idle(llm)
+
+
+def test_shared_system_prompt_hits_across_requests(make_llm):
+    llm = make_llm(block_size=8)
+    system = "You are a careful assistant. Answer briefly and truthfully. " * 3
+    llm.generate(system + "What is 2+2?", GREEDY_32)
+    engine = llm.engine
+    engine.add_request(system + "Name a fruit.", GREEDY_32)
+    engine.step()
+    hit = engine.scheduler.running[0].num_computed_tokens
+    assert hit >= len(llm.tokenizer.encode(system)) - 8 - 2  # all full blocks of the shared part
+    while engine.has_unfinished_requests():
+        engine.step()
+    _assert_idle(llm)
+
+
+def test_preemption_under_a_tiny_pool_loses_nothing(make_llm, alone):
+    # 12 blocks of 16 tokens cannot hold 8 requests of ~40 tokens: requests get preempted.
+    llm = make_llm(num_kv_blocks=12, enable_prefix_caching=False)
+    outputs = llm.generate(PROMPTS, GREEDY_32)
+    assert [o.token_ids for o in outputs] == alone
+    _assert_idle(llm)
+
+
+def test_abort_frees_blocks_and_others_continue(make_llm):
+    llm = make_llm()
+    engine = llm.engine
+    keep = engine.add_request(PROMPTS[0], GREEDY_32)
+    drop = engine.add_request(PROMPTS[1], GREEDY_32)
+    engine.step()
+    engine.step()
+    engine.abort(drop)
+    engine.abort("no-such-request")  # harmless
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == [keep]
+    assert len(finished[0].token_ids) == 32
+    _assert_idle(llm)
+
+
+def test_stop_conditions(llm):
+    eos = llm.tokenizer.eos_token_id
+    chat = llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(max_tokens=200, temperature=0))[0]
+    assert chat.finish_reason == "stop" and chat.token_ids[-1] == eos and chat.text.strip()
+
+    base = llm.generate(PROMPTS[2], GREEDY_32)[0]
+    token = base.token_ids[5]
+    by_token = llm.generate(PROMPTS[2], SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[token]))[0]
+    assert by_token.finish_reason == "stop"
+    assert by_token.token_ids == base.token_ids[: base.token_ids.index(token) + 1]
+
+    word = base.text.split()[3]
+    by_string = llm.generate(PROMPTS[2], SamplingParams(max_tokens=32, temperature=0, stop=[word]))[0]
+    assert by_string.finish_reason == "stop"
+    assert by_string.text == base.text[: base.text.index(word)]
+
+    short = llm.generate(PROMPTS[2], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert short.finish_reason == "length" and short.token_ids == base.token_ids[:3]
+
+
+def test_streamed_deltas_add_up(llm):
+    engine = llm.engine
+    engine.add_request(PROMPTS[3], SamplingParams(max_tokens=24, temperature=0, stop=["blue"]))
+    text, tokens, last = "", [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text += out.new_text
+            tokens += out.new_token_ids
+            last = out
+    assert last is not None and last.finished
+    assert text == last.text and tokens == last.token_ids
+
+
+def test_seeded_sampling_is_reproducible_alone_and_batched(llm):
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = llm.generate(PROMPTS[0], seeded)[0].token_ids
+    others = [SamplingParams(max_tokens=16, temperature=1.0, seed=s) for s in range(3)]
+    batched = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]], [others[0], seeded, others[1], others[2]])
+    assert batched[1].token_ids == alone
+    other_seed = llm.generate(PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.9, seed=99))[0].token_ids
+    assert other_seed != alone
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        ("", None, "prompt"),
+        ([], None, "prompt"),
+        ([1, 2, 10**6], None, "prompt_token_ids"),
+        ([1, -3], None, "prompt_token_ids"),
+        ("x " * 9000, None, "max_model_len"),
+        ("hi", {"max_tokens": 0}, "max_tokens"),
+        ("hi", {"temperature": -0.5}, "temperature"),
+        ("hi", {"top_p": 0.0}, "top_p"),
+        ("hi", {"top_p": 1.5}, "top_p"),
+        ("hi", {"top_k": 0}, "top_k"),
+        ("hi", {"stop_token_ids": [10**6]}, "stop_token_ids"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(llm, prompt, params, field):
+    engine = llm.engine
+    good = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))
+    with pytest.raises(ValueError, match=field):
+        engine.add_request(prompt, SamplingParams(**params) if params else None)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in outputs] == [good] and len(outputs[0].token_ids) == 4
+    _assert_idle(llm)
+
+
+def test_one_bad_prompt_fails_generate_without_leaking(llm):
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([PROMPTS[0], ""], SamplingParams(max_tokens=4))
+    _assert_idle(llm)
+
+
+def test_duplicate_request_id_is_refused(llm):
+    engine = llm.engine
+    engine.add_request("a", SamplingParams(max_tokens=2), request_id="dup")
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("b", SamplingParams(max_tokens=2), request_id="dup")
+    while engine.has_unfinished_requests():
+        engine.step()
+    _assert_idle(llm)
