@@ -93,7 +93,9 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
     for tensor in reader.tensors:
         name = _hf_name(tensor.name, path)
         weights[name] = _dequantize(tensor, path)
-    for name in ("q_proj", "k_proj"):
+    # llama.cpp permutes Q/K rows for "llama" only; qwen2 uses NEOX RoPE and keeps HF's rows.
+    is_permuted = reader.fields["general.architecture"].contents() == "llama"
+    for name in ("q_proj", "k_proj") if is_permuted else ():
         num_heads = config.num_heads if name == "q_proj" else config.num_kv_heads
         for layer in range(config.num_layers):
             for kind in ("weight", "bias"):
@@ -118,6 +120,14 @@ def _gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         raise ValueError(
             f"GGUF file {str(path)!r} holds a {arch!r} model; supported: {', '.join(_SUPPORTED_ARCHITECTURES)}"
         )
+    scaling = field(f"{arch}.rope.scaling.type", "none")
+    factor = float(field(f"{arch}.rope.scaling.factor", 1.0))
+    if scaling not in ("none", "linear") or factor not in (0.0, 1.0):  # llama.cpp reads factor 0 as 1
+        raise ValueError(
+            f"GGUF file {str(path)!r} asks for RoPE scaling {scaling!r} (factor {factor}); only plain RoPE is supported"
+        )
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise ValueError(f"GGUF file {str(path)!r} lacks the metadata field 'tokenizer.ggml.tokens'")
     hidden = int(field(f"{arch}.embedding_length"))
     num_heads = int(field(f"{arch}.attention.head_count"))
     names = {t.name for t in reader.tensors}
@@ -174,7 +184,17 @@ def _load_hf_folder(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"HF model folder {str(path)!r} has no config.json")
-    raw = json.loads(config_file.read_text())
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON: {error}") from None
+    try:
+        return _hf_folder_from_config(path, config_file, raw)
+    except KeyError as error:
+        raise ValueError(f"{str(config_file)!r} lacks the field {error.args[0]!r}") from None
+
+
+def _hf_folder_from_config(path: Path, config_file: Path, raw: dict) -> tuple[ModelConfig, Weights, Tokenizer]:
     archs = raw.get("architectures") or []
     if not any(a in _HF_ARCHITECTURES for a in archs) and raw.get("model_type") not in _SUPPORTED_ARCHITECTURES:
         raise ValueError(

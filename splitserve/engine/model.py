@@ -107,9 +107,12 @@ def short_attention(
     """Attention for padded short queries. q: [T, KV, G, D]; returns [num valid rows, KV*G*D]."""
     batch, num_q = group.rows.shape
     _, num_kv, num_groups, dim = q.shape
-    qg = q[group.rows].permute(0, 2, 3, 1, 4).reshape(batch, num_kv, num_groups * num_q, dim)
     k = gather_blocks(k_cache, group.blocks, block_size).view(batch, -1, num_kv, dim).transpose(1, 2)
     v = gather_blocks(v_cache, group.blocks, block_size).view(batch, -1, num_kv, dim).transpose(1, 2)
+    if num_q == 1:  # plain decode: one row per request, already in batch order
+        out = F.scaled_dot_product_attention(q[:batch], k, v, attn_mask=group.mask, scale=scale)
+        return out.reshape(batch, num_kv * num_groups * dim)
+    qg = q[group.rows].permute(0, 2, 3, 1, 4).reshape(batch, num_kv, num_groups * num_q, dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
     out = out.reshape(batch, num_kv, num_groups, num_q, dim).permute(0, 3, 1, 2, 4)
     return out[group.query_mask].reshape(-1, num_kv * num_groups * dim)
