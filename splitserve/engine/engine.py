@@ -194,7 +194,7 @@ class LLMEngine:
             token_ids=request.token_ids[start : start + scheduled.num_new_tokens],
             start=start,
             block_table=self.kv_cache.block_table(request.request_id),
-            wants_logits=scheduled.completes,
+            num_logits=int(scheduled.completes),
         )
 
     def _append_token(self, request: Request, token_id: int) -> None:

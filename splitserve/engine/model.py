@@ -58,15 +58,38 @@ class AttentionMetadata:
     packed: PackedGroup | None
 
 
+class Linear:
+    """y = x W^T + b.
+
+    On CPU in fp32 the weight is prepacked once into oneDNN's blocked layout: measured here,
+    that streams the weights 2-3x faster than the BLAS sgemm behind F.linear at every batch
+    size from decode to prefill. Other devices and dtypes use F.linear on the plain weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.bias = bias
+        self.out_features = weight.shape[0]
+        self.packed = _packable(weight)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.packed else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
+    qkv: Linear
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 # ------------------------------------------------------------------------- pure functions
@@ -147,7 +170,7 @@ class Model:
             return weights[name].to(device=self.device, dtype=dtype).contiguous()
 
         self.embed = take("model.embed_tokens.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.lm_head = Linear(self.embed if config.tie_word_embeddings else take("lm_head.weight"))
         self.norm = take("model.norm.weight")
         self.layers = [self._layer(take, weights, i) for i in range(config.num_layers)]
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
@@ -163,12 +186,11 @@ class Model:
             bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
         return LayerWeights(
             input_norm=take(p + "input_layernorm.weight"),
-            qkv=qkv,
-            qkv_bias=bias,
-            o_proj=take(p + "self_attn.o_proj.weight"),
+            qkv=Linear(qkv, bias),
+            o_proj=Linear(take(p + "self_attn.o_proj.weight")),
             post_norm=take(p + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-            down=take(p + "mlp.down_proj.weight"),
+            gate_up=Linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
+            down=Linear(take(p + "mlp.down_proj.weight")),
         )
 
     @torch.inference_mode()
@@ -191,7 +213,7 @@ class Model:
         for i in range(self.config.num_layers) if layer_ids is None else layer_ids:
             x = self._decoder_layer(x, self.layers[i], kv_cache[i], attn, cos, sin)
         x = rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
     def _decoder_layer(
         self,
@@ -203,16 +225,16 @@ class Model:
         sin: torch.Tensor,
     ) -> torch.Tensor:
         c = self.config
-        h = F.linear(rms_norm(x, w.input_norm, c.rms_norm_eps), w.qkv, w.qkv_bias)
+        h = w.qkv(rms_norm(x, w.input_norm, c.rms_norm_eps))
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         q, k, v = h.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
         kv[0].index_copy_(0, attn.slot_mapping, k)
         kv[1].index_copy_(0, attn.slot_mapping, v.view(-1, c.num_kv_heads, c.head_dim))
-        x = x + F.linear(self._attention(q, kv, attn), w.o_proj)
-        gate, up = F.linear(rms_norm(x, w.post_norm, c.rms_norm_eps), w.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, w.down)
+        x = x + w.o_proj(self._attention(q, kv, attn))
+        gate, up = w.gate_up(rms_norm(x, w.post_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+        return x + w.down(F.silu(gate) * up)
 
     def _attention(self, q: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         c = self.config

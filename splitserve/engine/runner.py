@@ -24,12 +24,16 @@ MAX_SHORT_QUERY = 16
 
 @dataclass
 class BatchItem:
-    """One request's slice of a step: tokens [start, start + len(token_ids)) of its sequence."""
+    """One request's slice of a step: tokens [start, start + len(token_ids)) of its sequence.
+
+    num_logits: how many of the slice's last rows need logits (0 for a prefill chunk that does
+    not finish the prompt, 1 to sample the next token, 1 + k to verify k draft tokens).
+    """
 
     token_ids: Sequence[int]
     start: int
     block_table: Sequence[int]
-    wants_logits: bool
+    num_logits: int
 
 
 class ModelRunner:
@@ -45,7 +49,7 @@ class ModelRunner:
         )
 
     def execute(self, items: Sequence[BatchItem], layer_ids: Sequence[int] | None = None) -> torch.Tensor:
-        """Run one step; return fp32 logits for the items with ``wants_logits``, in item order."""
+        """Run one step; return fp32 logits of each item's last ``num_logits`` rows, in item order."""
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) > MAX_SHORT_QUERY)
         ordered = [items[i] for i in order]
         input_ids, positions, slot_mapping = self._flat_inputs(ordered)
@@ -58,8 +62,8 @@ class ModelRunner:
             short=self._short_group(ordered[:num_short], offsets) if num_short else None,
             packed=self._packed_group(ordered[num_short:], offsets[num_short:]) if num_short < len(ordered) else None,
         )
-        last_rows = {order[j]: offsets[j + 1] - 1 for j in range(len(ordered))}
-        logit_rows = [last_rows[i] for i, it in enumerate(items) if it.wants_logits]
+        ends = {order[j]: int(offsets[j + 1]) for j in range(len(ordered))}
+        logit_rows = [row for i, it in enumerate(items) for row in range(ends[i] - it.num_logits, ends[i])]
         return self.model.forward(
             self._tensor(input_ids), self._tensor(positions), self.kv_cache, attn,
             self._tensor(np.asarray(logit_rows, dtype=np.int64)), layer_ids,

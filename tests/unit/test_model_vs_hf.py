@@ -21,7 +21,7 @@ def _our_logits(llm: LLM, token_ids: list[int], chunk: int | None = None) -> tor
         chunk = chunk or len(token_ids)
         for start in range(0, len(token_ids), chunk):
             piece = token_ids[start : start + chunk]
-            item = BatchItem(piece, start, engine.kv_cache.block_table("probe"), wants_logits=True)
+            item = BatchItem(piece, start, engine.kv_cache.block_table("probe"), num_logits=1)
             logits = engine.runner.execute([item])
     finally:
         engine.kv_cache.free("probe")
