@@ -45,6 +45,41 @@ class ModelConfig:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
 
 
+PROPOSERS = ("ngram", "draft", "layer_skip")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding for one engine.
+
+    num_speculative_tokens: k for requests that do not set their own; max_speculative_tokens
+    bounds what a request (or the router) may ask for. draft_model: a model file or folder for
+    the "draft" proposer (None: the target itself, which accepts every draft). skip_layers:
+    the layers "layer_skip" leaves out (None: every other layer of the middle half).
+    """
+
+    proposer: str
+    num_speculative_tokens: int = 3
+    max_speculative_tokens: int = 8
+    ngram_min: int = 2
+    ngram_max: int = 4
+    draft_model: str | None = None
+    skip_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.proposer not in PROPOSERS:
+            raise ValueError(f"proposer must be one of {', '.join(PROPOSERS)}, got {self.proposer!r}")
+        if not 0 <= self.num_speculative_tokens <= self.max_speculative_tokens:
+            raise ValueError(
+                f"num_speculative_tokens must be in [0, max_speculative_tokens={self.max_speculative_tokens}], "
+                f"got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.skip_layers is not None:
+            object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of one engine (one worker process).
@@ -65,6 +100,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

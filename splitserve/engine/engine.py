@@ -1,16 +1,16 @@
 """LLMEngine: add_request / step / abort over one model, one KV cache and one scheduler.
 
 It validates requests at the edge (a bad request raises ``ValueError`` before it touches any
-state, so other requests are unaffected), runs one scheduled step at a time, samples, applies
-stop conditions and detokenizes incrementally. Usable on its own, without Ray; the workers
-wrap it.
+state, so other requests are unaffected), runs one scheduled step at a time, drafts and
+verifies speculative tokens, samples, applies stop conditions and streams text. Usable on its
+own, without Ray; the workers wrap it.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,37 +21,17 @@ from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.kv_cache import KVCacheManager
 from splitserve.engine.loader import load_model
 from splitserve.engine.model import Model
+from splitserve.engine.output import OutputState, RequestOutput
 from splitserve.engine.request import FinishReason, Request
 from splitserve.engine.runner import BatchItem, ModelRunner
 from splitserve.engine.sampler import sample
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from splitserve.engine.scheduler import ScheduledRequest, Scheduler
+from splitserve.engine.spec import DraftRequest, Proposer, make_proposer
+from splitserve.engine.spec.verifier import VerifyItem, verify_batch
+from splitserve.engine.tokenizer import Tokenizer
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    """A request's state after a step: everything so far, plus what this step added."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: FinishReason | None
-
-
-@dataclass
-class _Tracked:
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    text: str = ""
-    num_emitted_tokens: int = 0
-    num_emitted_chars: int = 0
+__all__ = ["LLMEngine", "LoadedModel", "RequestOutput", "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -62,13 +42,28 @@ class LoadedModel:
     tokenizer: Tokenizer
 
     @classmethod
-    def load(cls, config: EngineConfig) -> LoadedModel:
-        model_config, weights, tokenizer = load_model(config.model)
+    def load(cls, config: EngineConfig, model: str | None = None) -> LoadedModel:
+        model_config, weights, tokenizer = load_model(model or config.model)
         return cls(Model(model_config, weights, config.torch_dtype, config.device), tokenizer)
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did and cost: the inputs of the router's step-time and acceptance models."""
+
+    step_time: float  # seconds, drafting included
+    draft_time: float
+    num_requests: int
+    num_batched_tokens: int
+    num_context_tokens: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
+    def __init__(
+        self, config: EngineConfig | None = None, loaded: LoadedModel | None = None, draft: LoadedModel | None = None
+    ):
         self.config = config = config or EngineConfig()
         loaded = loaded or LoadedModel.load(config)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -81,16 +76,26 @@ class LLMEngine:
             model_config.max_position_embeddings,
             num_blocks * config.block_size,  # a request alone always fits: no deadlock
         )
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
-            logger.info("without chunked prefill, prompts are limited to max_num_batched_tokens")
-            self.max_model_len = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            self.max_model_len = min(self.max_model_len, config.max_num_batched_tokens)
         self.block_pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_cache = KVCacheManager(self.block_pool)
         self.scheduler = Scheduler(
             self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        self._requests: dict[str, _Tracked] = {}
+        self.proposer: Proposer | None = None
+        if config.speculative is not None:
+            spec = config.speculative
+
+            def draft_model() -> Model:
+                if draft is not None:
+                    return draft.model
+                return loaded.model if spec.draft_model is None else LoadedModel.load(config, spec.draft_model).model
+
+            self.proposer = make_proposer(spec, self.runner, num_blocks, config.block_size, draft_model)
+        self.step_stats: deque[StepStats] = deque(maxlen=4096)
+        self._outputs: dict[str, OutputState] = {}
         self._ids = itertools.count()
 
     # -------------------------------------------------------------------------- requests
@@ -103,16 +108,35 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
+        if request_id in self._outputs:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_ids = self._prompt_token_ids(prompt)
         self._check_stop_token_ids(params)
+        default_k = self.config.speculative.num_speculative_tokens if self.config.speculative else 0
+        k = default_k if params.num_speculative_tokens is None else params.num_speculative_tokens
+        self._check_speculation(k)
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
-        request = Request(request_id, prompt_ids, params, max_tokens)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-        self._requests[request_id] = _Tracked(request, detokenizer)
+        request = Request(request_id, prompt_ids, params, max_tokens, num_speculative_tokens=k)
+        self._outputs[request_id] = OutputState(request, self.tokenizer)
         self.scheduler.add(request)
         return request_id
+
+    def set_speculation(self, request_id: str, num_speculative_tokens: int) -> None:
+        """Change a running request's k (0 turns speculation off); applies from the next step."""
+        state = self._outputs.get(request_id)
+        if state is None:
+            raise ValueError(f"request_id {request_id!r} is not running")
+        self._check_speculation(num_speculative_tokens)
+        state.request.num_speculative_tokens = num_speculative_tokens
+
+    def _check_speculation(self, k: int) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {k!r}")
+        spec = self.config.speculative
+        if k > 0 and spec is None:
+            raise ValueError(f"num_speculative_tokens={k} needs an engine with a proposer (speculative config)")
+        if spec is not None and k > spec.max_speculative_tokens:
+            raise ValueError(f"num_speculative_tokens={k} exceeds max_speculative_tokens={spec.max_speculative_tokens}")
 
     def _prompt_token_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -144,10 +168,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; unknown or finished ids are ignored."""
-        tracked = self._requests.pop(request_id, None)
-        if tracked is not None:
-            tracked.request.finish_reason = FinishReason.ABORT
-            self.scheduler.finish(tracked.request)
+        state = self._outputs.get(request_id)
+        if state is not None:
+            state.request.finish_reason = FinishReason.ABORT
+            self._finish(state.request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -155,46 +179,110 @@ class LLMEngine:
     # ------------------------------------------------------------------------------ step
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and report every request that progressed."""
+        """Schedule, draft, run the model once, verify or sample, and report every request
+        that gained tokens."""
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        tokens = self._run(out)
-        outputs = []
+        num_context_tokens = sum(s.request.num_computed_tokens for s in out.scheduled)
+        self._propose(out.scheduled)
+        draft_time = time.perf_counter() - start
+        kept = self._run(out.scheduled)
+        now = time.monotonic()
+        outputs, num_accepted = [], 0
         for scheduled in out.scheduled:
             request = scheduled.request
-            completes = scheduled.completes
-            request.num_computed_tokens += scheduled.num_new_tokens
-            self.kv_cache.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
-            if completes:
-                self._append_token(request, tokens.pop(0))
-                outputs.append(self._output(self._requests[request.request_id]))
+            if not scheduled.completes:  # a prefill chunk that does not reach the prompt's end
+                request.num_computed_tokens += scheduled.num_new_tokens
+                self.kv_cache.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+                continue
+            tokens = kept.pop(0)
+            num_accepted += len(tokens) - 1
+            self._accept(scheduled, tokens, now)
+            outputs.append(self._output(request))
+        self.step_stats.append(
+            StepStats(
+                step_time=time.perf_counter() - start,
+                draft_time=draft_time,
+                num_requests=len(out.scheduled),
+                num_batched_tokens=out.num_batched_tokens,
+                num_context_tokens=num_context_tokens,
+                num_draft_tokens=sum(s.num_spec_tokens for s in out.scheduled),
+                num_accepted_tokens=num_accepted,
+            )
+        )
         return outputs
 
-    def _run(self, out: SchedulerOutput) -> list[int]:
-        items = [self._batch_item(s) for s in out.scheduled]
+    def _propose(self, scheduled: list[ScheduledRequest]) -> None:
+        speculating = [s for s in scheduled if s.num_spec_tokens > 0]
+        if not speculating:
+            return
+        assert self.proposer is not None, "draft slots were reserved without a proposer"
+        batch = [
+            DraftRequest(
+                request_id=s.request.request_id,
+                token_ids=s.request.token_ids,
+                num_computed_tokens=s.request.num_computed_tokens,
+                num_draft_tokens=s.num_spec_tokens,
+                block_table=self.kv_cache.block_table(s.request.request_id),
+            )
+            for s in speculating
+        ]
+        for s, drafts in zip(speculating, self.proposer.propose(batch)):
+            s.set_drafts(drafts[: s.num_spec_tokens])
+
+    def _run(self, scheduled: list[ScheduledRequest]) -> list[list[int]]:
+        """One target forward; the tokens each completing request keeps, in order."""
+        items = [self._batch_item(s) for s in scheduled]
         logits = self.runner.execute(items)
-        sampling = [s.request for s in out.scheduled if s.completes]
-        if not sampling:
+        completing = [s for s in scheduled if s.completes]
+        if not completing:
             return []
-        params = [r.params for r in sampling]
-        token_ids = sample(
-            logits,
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_k=torch.tensor([p.top_k or logits.shape[-1] for p in params]),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            generators=[r.generator for r in sampling],
-        )
-        return token_ids.tolist()
+        if all(s.num_spec_tokens == 0 for s in completing):
+            requests = [s.request for s in completing]
+            params = [r.params for r in requests]
+            token_ids = sample(
+                logits,
+                temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+                top_k=torch.tensor([p.top_k or logits.shape[-1] for p in params]),
+                top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+                generators=[r.generator for r in requests],
+            )
+            return [[t] for t in token_ids.tolist()]
+        verify = [VerifyItem(s.spec_token_ids, s.request.params, s.request.generator) for s in completing]
+        return verify_batch(logits, verify)
 
     def _batch_item(self, scheduled: ScheduledRequest) -> BatchItem:
         request = scheduled.request
         start = request.num_computed_tokens
+        num_real = scheduled.num_new_tokens - scheduled.num_spec_tokens
         return BatchItem(
-            token_ids=request.token_ids[start : start + scheduled.num_new_tokens],
+            token_ids=request.token_ids[start : start + num_real] + scheduled.spec_token_ids,
             start=start,
             block_table=self.kv_cache.block_table(request.request_id),
-            num_logits=int(scheduled.completes),
+            num_logits=(1 + scheduled.num_spec_tokens) if scheduled.completes else 0,
+        )
+
+    def _accept(self, scheduled: ScheduledRequest, kept: list[int], now: float) -> None:
+        """Advance a request by the tokens it keeps; roll back the K/V of rejected drafts."""
+        request = scheduled.request
+        num_accepted = len(kept) - 1
+        request.num_computed_tokens += scheduled.num_new_tokens - scheduled.num_spec_tokens + num_accepted
+        request.num_draft_tokens += scheduled.num_spec_tokens
+        request.num_accepted_tokens += num_accepted
+        if scheduled.num_spec_tokens:
+            self.kv_cache.truncate(request.request_id, request.num_computed_tokens)
+            assert self.proposer is not None
+            self.proposer.on_verified(request.request_id, request.num_computed_tokens)
+        for token_id in kept:
+            self._append_token(request, token_id)
+            if request.finish_reason is not None:
+                break
+        request.first_token_time = request.first_token_time or now
+        request.last_token_time = now
+        self.kv_cache.cache_full_blocks(
+            request.request_id, request.token_ids, min(request.num_computed_tokens, request.num_tokens - 1)
         )
 
     def _append_token(self, request: Request, token_id: int) -> None:
@@ -205,44 +293,14 @@ class LLMEngine:
         elif request.num_output_tokens >= request.max_tokens:
             request.finish_reason = FinishReason.LENGTH
 
-    def _output(self, tracked: _Tracked) -> RequestOutput:
-        request = tracked.request
-        new_ids = request.token_ids[request.num_prompt_tokens + tracked.num_emitted_tokens :]
-        tracked.num_emitted_tokens += len(new_ids)
-        tracked.text += tracked.detokenizer.add(new_ids)
-        if request.finish_reason is not None:
-            tracked.text += tracked.detokenizer.flush()  # a trailing partial character
-        self._apply_stop_strings(tracked)
-        if request.finish_reason is not None:
-            self._finish(tracked)
-        text = tracked.text
-        if request.finish_reason is None and request.params.stop:
-            # Hold back a tail that could still grow into a stop string.
-            text = text[: max(len(text) - max(len(s) for s in request.params.stop) + 1, tracked.num_emitted_chars)]
-        new_text = text[tracked.num_emitted_chars :]
-        tracked.num_emitted_chars = len(text)
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=request.output_token_ids,
-            text=text,
-            new_token_ids=new_ids,
-            new_text=new_text,
-            finished=request.is_finished,
-            finish_reason=request.finish_reason,
-        )
+    def _output(self, request: Request) -> RequestOutput:
+        output = self._outputs[request.request_id].update()
+        if output.finished:
+            self._finish(request)
+        return output
 
-    def _apply_stop_strings(self, tracked: _Tracked) -> None:
-        stops = tracked.request.params.stop
-        if not stops:
-            return
-        # Only the tail can hold a new match: the previous text was already checked.
-        window_start = max(tracked.num_emitted_chars - max(len(s) for s in stops), 0)
-        hits = [i for s in stops if (i := tracked.text.find(s, window_start)) >= 0]
-        if hits:
-            tracked.text = tracked.text[: min(hits)]
-            tracked.request.finish_reason = FinishReason.STOP
-
-    def _finish(self, tracked: _Tracked) -> None:
-        self.scheduler.finish(tracked.request)
-        del self._requests[tracked.request.request_id]
+    def _finish(self, request: Request) -> None:
+        self.scheduler.finish(request)
+        if self.proposer is not None:
+            self.proposer.free(request.request_id)
+        del self._outputs[request.request_id]

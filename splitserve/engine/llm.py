@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
-from splitserve.config import EngineConfig
+from splitserve.config import EngineConfig, SpeculativeConfig
 from splitserve.engine.engine import LLMEngine, LoadedModel, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
+
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(SpeculativeConfig)} - {"proposer"}
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -15,12 +18,26 @@ Message = dict[str, str]
 class LLM:
     """Runs prompts to completion on one in-process engine.
 
-    ``model`` is a GGUF file or an HF folder (None: the default SmolLM2-135M-Instruct); other
-    keyword arguments are EngineConfig fields.
+    ``model`` is a GGUF file or an HF folder (None: the default SmolLM2-135M-Instruct).
+    ``proposer`` ("ngram", "draft" or "layer_skip") turns on speculative decoding; keyword
+    arguments that are SpeculativeConfig fields configure it, the rest are EngineConfig fields.
+    ``loaded`` / ``draft`` reuse models already in memory.
     """
 
-    def __init__(self, model: str | None = None, loaded: LoadedModel | None = None, **engine_args: object):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), loaded)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        model: str | None = None,
+        proposer: str | None = None,
+        loaded: LoadedModel | None = None,
+        draft: LoadedModel | None = None,
+        **engine_args: object,
+    ):
+        spec_args = {k: engine_args.pop(k) for k in list(engine_args) if k in _SPEC_FIELDS}
+        if spec_args and proposer is None:
+            raise ValueError(f"{', '.join(spec_args)} need a proposer (ngram, draft or layer_skip)")
+        speculative = SpeculativeConfig(proposer, **spec_args) if proposer else None  # type: ignore[arg-type]
+        config = EngineConfig(model=model, speculative=speculative, **engine_args)  # type: ignore[arg-type]
+        self.engine = LLMEngine(config, loaded, draft)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

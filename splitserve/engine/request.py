@@ -44,6 +44,11 @@ class Request:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = field(init=False, default=None)
     num_preemptions: int = 0
+    num_speculative_tokens: int = 0  # k: drafts verified per step (changeable between steps)
+    num_draft_tokens: int = 0  # drafts proposed so far
+    num_accepted_tokens: int = 0  # drafts the target kept
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -13,6 +13,8 @@ class SamplingParams:
     seed makes a sampled request reproducible, independent of what it is batched with.
     stop: strings that end the output (not included in it); stop_token_ids: extra token ids
     that end it (included in token_ids). EOS ends it unless ignore_eos.
+    num_speculative_tokens: drafts verified per step (0 disables speculation for this request);
+    greedy output is identical either way, sampled output has the same distribution.
     """
 
     max_tokens: int = 16
@@ -24,6 +26,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    num_speculative_tokens: int | None = None  # k drafts per step; None: the engine's default
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
@@ -39,6 +42,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        k = self.num_speculative_tokens
+        if k is not None and (not _is_int(k) or k < 0):
+            raise ValueError(f"num_speculative_tokens must be None or an integer >= 0, got {k!r}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
 

@@ -18,13 +18,26 @@ from splitserve.engine.request import Request, RequestStatus
 
 @dataclass
 class ScheduledRequest:
+    """A request's share of a step: ``num_new_tokens`` rows, the last ``num_spec_tokens`` of
+    them draft tokens to verify (KV space for all of them is already reserved)."""
+
     request: Request
     num_new_tokens: int
+    num_spec_tokens: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
         """True if this step computes the request's last token, so it samples a new one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        num_real = self.num_new_tokens - self.num_spec_tokens
+        return self.request.num_computed_tokens + num_real == self.request.num_tokens
+
+    def set_drafts(self, token_ids: list[int]) -> None:
+        """Record the proposer's drafts; fewer than reserved shrink the step's rows."""
+        assert len(token_ids) <= self.num_spec_tokens, "more drafts than reserved"
+        self.num_new_tokens -= self.num_spec_tokens - len(token_ids)
+        self.num_spec_tokens = len(token_ids)
+        self.spec_token_ids = list(token_ids)
 
 
 @dataclass
@@ -80,7 +93,8 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            total = request.num_computed_tokens + num_new
+            num_spec = self._num_spec(request, num_new, budget)
+            total = request.num_computed_tokens + num_new + num_spec
             while not self.kv_cache.can_append(request.request_id, total):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -89,10 +103,19 @@ class Scheduler:
                     break
             else:
                 self.kv_cache.append(request.request_id, total)
-                out.scheduled.append(ScheduledRequest(request, num_new))
-                budget -= num_new
+                out.scheduled.append(ScheduledRequest(request, num_new + num_spec, num_spec))
+                budget -= num_new + num_spec
                 i += 1
         return budget
+
+    @staticmethod
+    def _num_spec(request: Request, num_new: int, budget: int) -> int:
+        """Draft slots for a decoding request: its k, capped by the budget and by the tokens it
+        may still generate (a step keeps at most k + 1)."""
+        if request.num_tokens - request.num_computed_tokens != 1 or num_new != 1:
+            return 0  # still prefilling
+        remaining = request.max_tokens - request.num_output_tokens - 1
+        return max(min(request.num_speculative_tokens, remaining, budget - num_new), 0)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
