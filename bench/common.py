@@ -117,6 +117,15 @@ def _summary(rates: list[float], **times: list[float]) -> dict:
     return {"tok_s_median": statistics.median(rates), "tok_s_samples": rates, **times}
 
 
+def output_agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """How many outputs equal the reference's, request by request, and their mean common prefix."""
+    prefixes = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), min(len(r), len(o)))
+                for r, o in zip(reference, other)]
+    identical = sum(r == o for r, o in zip(reference, other))
+    return {"identical_requests": identical, "requests": len(reference),
+            "mean_common_prefix_tokens": sum(prefixes) / len(prefixes) if prefixes else 0.0}
+
+
 def machine_info() -> dict:
     cpu_model = platform.processor() or "unknown"
     try:
