@@ -1,0 +1,335 @@
+"""The MetadataStore contract, run against every backend: in-process memory, the embedded Ray
+actor (a real local Ray) and Redis (a real redis-server). Same test functions for each."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import pytest
+
+from splitserve.cluster import MetadataStore, StoreConnectionError, WorkerInfo, WorkerLoad, make_store
+from splitserve.engine.block_pool import hash_block_tokens
+
+SHORT_TTL = 0.3  # expiry tests wait EXPIRY_WAIT for it to lapse
+EXPIRY_WAIT = 0.5
+LONG_TTL = 60.0
+
+
+def worker(worker_id: str, kind: str = "prefill") -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=worker_id,
+        kind=kind,  # type: ignore[arg-type]
+        rpc_endpoint=f"{worker_id}.local:50051",
+        kv_endpoint=f"{worker_id}.local:50052",
+        node_id="node-a",
+        started_at=1_700_000_000.25,
+    )
+
+
+def load(queued: int = 0, running: int = 0, free: int = 10, total: int = 10) -> WorkerLoad:
+    return WorkerLoad(queued, running, free, total, updated_at=1_700_000_001.5)
+
+
+def chain(num_blocks: int, seed: int = 0, block_size: int = 4) -> list[bytes]:
+    """Real chained block hashes, as the engine's block pool computes them."""
+    hashes: list[bytes] = []
+    for i in range(num_blocks):
+        tokens = [seed * 1000 + i * block_size + j for j in range(block_size)]
+        hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))
+    return hashes
+
+
+# Membership
+
+
+def test_register_and_list_by_kind(store: MetadataStore) -> None:
+    infos = [worker("p1", "prefill"), worker("d1", "decode"), worker("c1", "colocated")]
+    for info in infos:
+        store.register_worker(info, LONG_TTL)
+    assert store.list_workers() == sorted(infos, key=lambda i: i.worker_id)
+    assert store.list_workers("decode") == [infos[1]]
+    assert store.list_workers("prefill") == [infos[0]]
+
+
+def test_register_again_replaces_info_and_drops_old_state(store: MetadataStore) -> None:
+    store.register_worker(worker("w1", "prefill"), LONG_TTL)
+    store.put_load("w1", load(queued=5))
+    store.add_prefix_blocks("w1", chain(2))
+    store.put_model("w1", "step", {"a": 1.0})
+    store.register_worker(worker("w1", "decode"), LONG_TTL)  # a restarted process, empty cache
+    assert store.list_workers() == [worker("w1", "decode")]
+    assert store.get_loads() == {}
+    assert store.match_prefix(chain(2)) == {}
+    assert store.get_models("step") == {}
+
+
+def test_deregister_removes_worker_and_its_entries(store: MetadataStore) -> None:
+    hashes = chain(3)
+    for worker_id in ("w1", "w2"):
+        store.register_worker(worker(worker_id), LONG_TTL)
+        store.put_load(worker_id, load())
+        store.add_prefix_blocks(worker_id, hashes)
+        store.put_model(worker_id, "step", {"a": 1.0})
+    store.deregister_worker("w1")
+    store.deregister_worker("never-registered")  # ignored
+    assert [info.worker_id for info in store.list_workers()] == ["w2"]
+    assert list(store.get_loads()) == ["w2"]
+    assert store.match_prefix(hashes) == {"w2": 3}
+    assert list(store.get_models("step")) == ["w2"]
+    assert store.heartbeat("w1", LONG_TTL) is False
+
+
+def test_worker_expires_without_heartbeat(store: MetadataStore) -> None:
+    store.register_worker(worker("short"), SHORT_TTL)
+    store.register_worker(worker("long"), LONG_TTL)
+    assert len(store.list_workers()) == 2
+    time.sleep(EXPIRY_WAIT)
+    assert [info.worker_id for info in store.list_workers()] == ["long"]
+    assert store.heartbeat("short", LONG_TTL) is False  # too late: it must register again
+    assert [info.worker_id for info in store.list_workers()] == ["long"]
+
+
+def test_heartbeat_keeps_worker_alive(store: MetadataStore) -> None:
+    ttl_s = 0.6
+    store.register_worker(worker("w1"), ttl_s)
+    start = time.monotonic()
+    while time.monotonic() - start < 2 * ttl_s:  # outlive the TTL twice over
+        time.sleep(0.15)
+        assert store.heartbeat("w1", ttl_s) is True
+    assert [info.worker_id for info in store.list_workers()] == ["w1"]
+    assert store.heartbeat("unknown", ttl_s) is False
+
+
+def test_expired_worker_load_prefix_and_models_disappear(store: MetadataStore) -> None:
+    hashes = chain(4)
+    store.register_worker(worker("short"), SHORT_TTL)
+    store.register_worker(worker("long"), LONG_TTL)
+    for worker_id in ("short", "long"):
+        store.put_load(worker_id, load(queued=7))
+        store.put_model(worker_id, "step", {"a": 2.0})
+    store.add_prefix_blocks("short", hashes)
+    store.add_prefix_blocks("long", hashes[:2])
+    assert store.match_prefix(hashes) == {"short": 4, "long": 2}
+    time.sleep(EXPIRY_WAIT)
+    assert list(store.get_loads()) == ["long"]
+    assert store.match_prefix(hashes) == {"long": 2}
+    assert list(store.get_models("step")) == ["long"]
+    store.list_workers()  # a router's poll also clears the expired worker's leftovers
+    store.register_worker(worker("short"), LONG_TTL)  # back, with an empty cache
+    assert store.match_prefix(hashes) == {"long": 2}
+    assert list(store.get_loads()) == ["long"]
+
+
+# Load
+
+
+def test_loads_round_trip_and_replace(store: MetadataStore) -> None:
+    store.register_worker(worker("p1"), LONG_TTL)
+    store.register_worker(worker("d1", "decode"), LONG_TTL)
+    store.register_worker(worker("idle"), LONG_TTL)  # never reports: not in get_loads
+    store.put_load("p1", load(queued=100, running=2, free=3, total=8))
+    store.put_load("d1", load(running=4))
+    store.put_load("d1", load(running=5, free=1))
+    assert store.get_loads() == {"p1": load(100, 2, 3, 8), "d1": load(running=5, free=1)}
+
+
+def test_load_validation() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        WorkerLoad(-1, 0, 0, 0)
+    with pytest.raises(ValueError, match="exceeds num_total_blocks"):
+        WorkerLoad(0, 0, 9, 8)
+
+
+# Prefix-block index
+
+
+def test_match_prefix_counts_leading_hashes_only(store: MetadataStore) -> None:
+    hashes = chain(6)
+    for worker_id in ("full", "gap", "tail", "other"):
+        store.register_worker(worker(worker_id), LONG_TTL)
+    store.add_prefix_blocks("full", hashes)
+    store.add_prefix_blocks("gap", [hashes[0], hashes[1], hashes[3], hashes[4]])  # lacks block 2
+    store.add_prefix_blocks("tail", hashes[1:])  # lacks the first block: no usable prefix
+    store.add_prefix_blocks("other", chain(3, seed=1))
+    assert store.match_prefix(hashes) == {"full": 6, "gap": 2}
+    assert store.match_prefix(hashes[:1]) == {"full": 1, "gap": 1}
+    assert store.match_prefix(chain(3, seed=1)) == {"other": 3}
+    assert store.match_prefix(chain(3, seed=2)) == {}
+    assert store.match_prefix([]) == {}
+
+
+def test_remove_prefix_blocks(store: MetadataStore) -> None:
+    hashes = chain(4)
+    store.register_worker(worker("w1"), LONG_TTL)
+    store.add_prefix_blocks("w1", hashes)
+    store.add_prefix_blocks("w1", hashes)  # idempotent
+    store.remove_prefix_blocks("w1", [hashes[2], chain(1, seed=9)[0]])  # an unknown hash is ignored
+    assert store.match_prefix(hashes) == {"w1": 2}
+    store.remove_prefix_blocks("w1", hashes[:1])
+    assert store.match_prefix(hashes) == {}
+    store.add_prefix_blocks("w1", hashes[:1])
+    assert store.match_prefix(hashes) == {"w1": 2}
+
+
+# Latency models
+
+
+def test_models_per_worker_and_name(store: MetadataStore) -> None:
+    store.register_worker(worker("d1", "decode"), LONG_TTL)
+    store.register_worker(worker("d2", "decode"), LONG_TTL)
+    store.put_model("d1", "step_time", {"base": 0.01, "per_token": 2e-5, "per_context": 1e-7})
+    store.put_model("d2", "step_time", {"base": 0.02, "per_token": 3e-5})
+    store.put_model("d1", "ttft", {"base": 0.1})
+    store.put_model("d2", "step_time", {"base": 0.03})  # replaces d2's coefficients
+    assert store.get_models("step_time") == {
+        "d1": {"base": 0.01, "per_token": 2e-5, "per_context": 1e-7},
+        "d2": {"base": 0.03},
+    }
+    assert store.get_models("ttft") == {"d1": {"base": 0.1}}
+    assert store.get_models("unknown") == {}
+
+
+# Leases
+
+
+def test_lease_is_exclusive_and_only_the_owner_releases(store: MetadataStore) -> None:
+    assert store.acquire_lease("xfer-1", "prefill-a", LONG_TTL) is True
+    assert store.acquire_lease("xfer-1", "prefill-b", LONG_TTL) is False
+    assert store.acquire_lease("xfer-1", "prefill-a", LONG_TTL) is False  # not re-entrant
+    assert store.acquire_lease("xfer-2", "prefill-b", LONG_TTL) is True  # leases are independent
+    assert store.release_lease("xfer-1", "prefill-b") is False
+    assert store.renew_lease("xfer-1", "prefill-b", LONG_TTL) is False
+    assert store.acquire_lease("xfer-1", "prefill-b", LONG_TTL) is False  # still a's
+    assert store.release_lease("xfer-1", "prefill-a") is True
+    assert store.release_lease("xfer-1", "prefill-a") is False  # already released
+    assert store.acquire_lease("xfer-1", "prefill-b", LONG_TTL) is True
+
+
+def test_lease_expires_and_renewal_extends_it(store: MetadataStore) -> None:
+    assert store.acquire_lease("stalled", "prefill-a", SHORT_TTL) is True
+    assert store.acquire_lease("renewed", "prefill-a", SHORT_TTL) is True
+    assert store.renew_lease("renewed", "prefill-a", LONG_TTL) is True
+    time.sleep(EXPIRY_WAIT)
+    assert store.acquire_lease("stalled", "prefill-b", LONG_TTL) is True  # the stalled one lapsed
+    assert store.release_lease("stalled", "prefill-a") is False  # a stale owner cannot free b's lease
+    assert store.renew_lease("stalled", "prefill-a", LONG_TTL) is False
+    assert store.acquire_lease("renewed", "prefill-b", LONG_TTL) is False
+
+
+# Several clients (router replicas)
+
+
+def test_two_clients_see_the_same_state(backend: str, open_store: Callable[[], MetadataStore]) -> None:
+    if backend == "memory":
+        pytest.skip("the in-process store has a single client by construction")
+    a, b = open_store(), open_store()
+    assert a is not b
+    a.register_worker(worker("w1"), LONG_TTL)
+    b.put_load("w1", load(queued=3))
+    b.add_prefix_blocks("w1", chain(2))
+    assert [info.worker_id for info in b.list_workers()] == ["w1"]
+    assert a.get_loads() == {"w1": load(queued=3)}
+    assert a.match_prefix(chain(2)) == {"w1": 2}
+    assert a.acquire_lease("xfer", "router-a", LONG_TTL) is True
+    assert b.acquire_lease("xfer", "router-b", LONG_TTL) is False
+    b.deregister_worker("w1")
+    assert a.list_workers() == []
+
+
+def test_another_process_sees_the_same_state(
+    backend: str, key_prefix: str, store: MetadataStore, request: pytest.FixtureRequest
+) -> None:
+    if backend == "memory":
+        pytest.skip("the in-process store is not shared between processes")
+    import ray
+
+    request.getfixturevalue("ray_cluster")
+    url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    store.register_worker(worker("w1", "decode"), LONG_TTL)
+    store.acquire_lease("xfer", "here", LONG_TTL)
+
+    def replica() -> tuple[list[WorkerInfo], bool]:  # nested: Ray pickles it by value
+        other = make_store(url, prefix=key_prefix)
+        try:
+            return other.list_workers(), other.acquire_lease("xfer", "there", LONG_TTL)
+        finally:
+            other.close()
+
+    infos, got_lease = ray.get(ray.remote(num_cpus=0)(replica).remote(), timeout=60)
+    assert infos == [worker("w1", "decode")]
+    assert got_lease is False
+
+
+# Bad input
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s: s.register_worker(worker("w"), 0), "ttl_s"),
+        (lambda s: s.register_worker(worker("w"), math.inf), "ttl_s"),
+        (lambda s: s.heartbeat("w", -1.0), "ttl_s"),
+        (lambda s: s.list_workers("router"), "worker kind"),  # type: ignore[arg-type]
+        (lambda s: s.add_prefix_blocks("w", b"\x00" * 16), "sequence of hashes"),
+        (lambda s: s.add_prefix_blocks("w", ["00ff"]), "non-empty bytes"),
+        (lambda s: s.match_prefix([b""]), "non-empty bytes"),
+        (lambda s: s.put_model("w", "step", {"a": math.nan}), "finite"),
+        (lambda s: s.put_model("w", "", {"a": 1.0}), "model name"),
+        (lambda s: s.acquire_lease("", "me", 1.0), "lease_id"),
+        (lambda s: s.acquire_lease("x", "me", 0.0), "ttl_s"),
+    ],
+)
+def test_bad_input_is_rejected_and_changes_nothing(
+    store: MetadataStore, call: Callable[[MetadataStore], object], message: str
+) -> None:
+    store.register_worker(worker("w"), LONG_TTL)
+    with pytest.raises(ValueError, match=message):
+        call(store)
+    assert store.list_workers() == [worker("w")]
+    assert store.acquire_lease("x", "me", LONG_TTL) is True
+
+
+def test_worker_info_validation() -> None:
+    with pytest.raises(ValueError, match="worker kind"):
+        worker("w", "router")
+    with pytest.raises(ValueError, match="worker_id"):
+        worker("")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "localhost:6379", "http://localhost:6379", "redis://localhost:notaport/0", "redis://:6379/0", "unix://"],
+)
+def test_malformed_redis_url(url: str) -> None:
+    from splitserve.cluster.redis_store import RedisStore
+
+    with pytest.raises(ValueError, match="Redis URL"):
+        RedisStore(url)
+    with pytest.raises(ValueError, match="Redis URL"):
+        make_store(url)
+
+
+def test_unreachable_redis_names_the_url_without_password(unused_port: int) -> None:
+    from splitserve.cluster.redis_store import RedisStore
+
+    url = f"redis://:hunter2@127.0.0.1:{unused_port}/0"
+    with pytest.raises(StoreConnectionError, match=r"127\.0\.0\.1") as info:
+        RedisStore(url, connect_timeout_s=1.0)
+    assert "hunter2" not in str(info.value)
+
+
+def test_make_store_picks_the_backend(redis_url: str, ray_cluster: None, key_prefix: str) -> None:
+    from splitserve.cluster.embedded_store import EmbeddedStore
+    from splitserve.cluster.redis_store import RedisStore
+
+    with make_store(redis_url, prefix=key_prefix) as remote:
+        assert isinstance(remote, RedisStore)
+    with make_store(None, prefix=key_prefix) as embedded:
+        assert isinstance(embedded, EmbeddedStore)
+        embedded.register_worker(worker("w1"), LONG_TTL)
+        assert EmbeddedStore(prefix=key_prefix).list_workers() == [worker("w1")]
+        assert EmbeddedStore(prefix=f"{key_prefix}-other").list_workers() == []  # prefixes are apart
+        embedded.destroy()
+        assert embedded.list_workers() == []
