@@ -269,16 +269,18 @@ class LLMEngine:
         request = scheduled.request
         num_accepted = len(kept) - 1
         request.num_computed_tokens += scheduled.num_new_tokens - scheduled.num_spec_tokens + num_accepted
-        request.num_draft_tokens += scheduled.num_spec_tokens
-        request.num_accepted_tokens += num_accepted
         if scheduled.num_spec_tokens:
             self.kv_cache.truncate(request.request_id, request.num_computed_tokens)
             assert self.proposer is not None
             self.proposer.on_verified(request.request_id, request.num_computed_tokens)
+        num_appended = 0
         for token_id in kept:
             self._append_token(request, token_id)
+            num_appended += 1
             if request.finish_reason is not None:
                 break
+        request.num_draft_tokens += scheduled.num_spec_tokens
+        request.num_accepted_tokens += min(num_accepted, num_appended)  # drafts past a stop are dropped
         request.first_token_time = request.first_token_time or now
         request.last_token_time = now
         self.kv_cache.cache_full_blocks(

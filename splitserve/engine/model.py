@@ -96,7 +96,9 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, as the reference implementation does."""
+    """RMSNorm computed in fp32, as the reference implementation does (one fused op in fp32)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -227,9 +229,9 @@ class Model:
         c = self.config
         h = w.qkv(rms_norm(x, w.input_norm, c.rms_norm_eps))
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        q, k, v = h.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+        qk, v = h.split([q_size + kv_size, kv_size], dim=-1)
+        qk = apply_rope(qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # Q and K at once
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
         kv[0].index_copy_(0, attn.slot_mapping, k)
         kv[1].index_copy_(0, attn.slot_mapping, v.view(-1, c.num_kv_heads, c.head_dim))
         x = x + w.o_proj(self._attention(q, kv, attn))
