@@ -30,6 +30,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/engine_throughput.py
+	$(PY) bench/speculation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
