@@ -280,6 +280,7 @@ class LLMEngine:
             if request.finish_reason is not None:
                 break
         request.num_draft_tokens += scheduled.num_spec_tokens
+        request.num_spec_steps += scheduled.num_spec_tokens > 0
         request.num_accepted_tokens += min(num_accepted, num_appended)  # drafts past a stop are dropped
         request.first_token_time = request.first_token_time or now
         request.last_token_time = now

@@ -16,14 +16,21 @@ from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 @dataclass
 class SpecStats:
-    """Speculation counters of one request: acceptance = accepted / proposed."""
+    """Speculation counters of one request: acceptance = accepted / proposed; each verification
+    step keeps its accepted drafts plus one token from the target."""
 
     num_draft_tokens: int
     num_accepted_tokens: int
+    num_steps: int
 
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_kept_tokens(self) -> float:
+        """Tokens kept per verification step (accepted + 1), 0 when nothing was verified."""
+        return (self.num_accepted_tokens + self.num_steps) / self.num_steps if self.num_steps else 0.0
 
 
 @dataclass
@@ -81,7 +88,7 @@ class OutputState:
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             last_token_time=request.last_token_time,
-            spec=SpecStats(request.num_draft_tokens, request.num_accepted_tokens),
+            spec=SpecStats(request.num_draft_tokens, request.num_accepted_tokens, request.num_spec_steps),
         )
 
     def _apply_stop_strings(self) -> None:

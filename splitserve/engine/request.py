@@ -46,6 +46,7 @@ class Request:
     num_preemptions: int = 0
     num_speculative_tokens: int = 0  # k: drafts verified per step (changeable between steps)
     num_draft_tokens: int = 0  # drafts proposed so far
+    num_spec_steps: int = 0  # steps that verified at least one draft
     num_accepted_tokens: int = 0  # drafts the target kept
     first_token_time: float | None = None
     last_token_time: float | None = None
