@@ -144,6 +144,20 @@ def machine_info() -> dict:
     }
 
 
+def prepare_machine(threads: int | None) -> dict:
+    """Set torch's thread count if asked, warn when other work is loading the CPU, and return
+    the machine description that goes into the JSON."""
+    import torch  # not at module level: vLLM's interpreter imports this module too
+
+    if threads:
+        torch.set_num_threads(threads)
+    machine = machine_info()
+    load, cores = machine["load_average_at_start"][0], machine["nproc"] or 1
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores; other work will skew these timings")
+    return machine
+
+
 def git_revision(path: Path) -> str:
     """HEAD of the repository holding path, with "+dirty" when the work tree has changes."""
     try:

@@ -28,7 +28,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization 
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    CACHE_DIR, DECODE_METHOD, PREFILL_METHOD, Workload, git_revision, machine_info, markdown_table, random_prompts,
+    CACHE_DIR, DECODE_METHOD, PREFILL_METHOD, Workload, git_revision, markdown_table, output_agreement, prepare_machine, random_prompts,
     run_protocol,
 )
 from splitserve import LLM, SamplingParams  # noqa: E402
@@ -193,13 +193,6 @@ def _run_vllm_once(args: argparse.Namespace, folder: Path, w: Workload, mode: st
 
 # -------------------------------------------------------------------------------------- report
 
-def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
-    """How far each request's greedy output matches splitserve's (same weights, fp32)."""
-    prefixes = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r)) for r, o in zip(reference, other)]
-    return {"identical_requests": sum(p == len(r) for p, r in zip(prefixes, reference)),
-            "requests": len(reference), "mean_common_prefix_tokens": sum(prefixes) / len(prefixes)}
-
-
 def decode_rate(systems: dict, name: str, batch: int) -> float | None:
     decode = systems.get(name, {}).get("decode", {})
     return decode[str(batch)]["tok_s_median"] if str(batch) in decode else None
@@ -228,13 +221,7 @@ def report(systems: dict, batches: list[int]) -> tuple[str, dict, dict]:
 
 def main() -> None:
     args = parse_args()
-    machine = machine_info()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load, cores = machine["load_average_at_start"][0], machine["nproc"] or 1
-    if load > 0.5 * cores:
-        print(f"warning: load average {load:.1f} on {cores} cores; other work will skew these timings "
-              "(--threads 1 suffers least from it)")
+    machine = prepare_machine(args.threads)
     gguf_path = default_model_path()
     systems, w = measure_all(args, gguf_path)
     outputs = {n: s.pop("outputs_at_max_batch") for n, s in systems.items() if "outputs_at_max_batch" in s}
@@ -249,7 +236,7 @@ def main() -> None:
                      "prefill_prompt_lens": [len(p) for p in w.prefill_prompts],
                      "prompts": "seeded random token ids (common.random_prompts, seeds 0 and 1)"},
         "systems": systems, "ratios": ratios, "targets": targets,
-        "agreement_with_splitserve": {n: agreement(outputs["splitserve"], o) for n, o in outputs.items()
+        "agreement_with_splitserve": {n: output_agreement(outputs["splitserve"], o) for n, o in outputs.items()
                                       if n != "splitserve"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import git_revision, machine_info, markdown_table, output_agreement
+from common import git_revision, markdown_table, output_agreement, prepare_machine
 from splitserve import LLM, SamplingParams
 from splitserve.config import EngineConfig
 from splitserve.engine.engine import LoadedModel, StepStats
@@ -336,12 +336,7 @@ def where_it_helps(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     args = parse_args()
-    machine = machine_info()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load, cores = machine["load_average_at_start"][0], machine["nproc"] or 1
-    if load > 0.5 * cores:
-        print(f"warning: load average {load:.1f} on {cores} cores; other work will skew these timings")
+    machine = prepare_machine(args.threads)
     started = time.perf_counter()
     engines = build_engines(args, *load_models(args.draft_layers if "draft" in args.proposers else None))
     print("warming up", flush=True)
