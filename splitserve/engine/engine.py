@@ -51,8 +51,8 @@ class LoadedModel:
 class StepStats:
     """What one step did and cost: the inputs of the router's step-time and acceptance models."""
 
-    step_time: float  # seconds, drafting included
-    draft_time: float
+    step_time: float  # seconds: scheduling, drafting, the forward, sampling, outputs
+    draft_time: float  # seconds spent in the proposer
     num_requests: int
     num_batched_tokens: int
     num_context_tokens: int
@@ -186,8 +186,9 @@ class LLMEngine:
         if not out.scheduled:
             return []
         num_context_tokens = sum(s.request.num_computed_tokens for s in out.scheduled)
+        draft_start = time.perf_counter()
         self._propose(out.scheduled)
-        draft_time = time.perf_counter() - start
+        draft_time = time.perf_counter() - draft_start
         kept = self._run(out.scheduled)
         now = time.monotonic()
         outputs, num_accepted = [], 0

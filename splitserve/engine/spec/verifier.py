@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.engine.sampler import compute_probs
+from splitserve.engine.sampler import compute_probs, exponential_noise
 from splitserve.engine.sampling_params import SamplingParams
 
 
@@ -29,9 +29,9 @@ def uniform(generator: torch.Generator | None, size: int, device: torch.device) 
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One draw from a probability vector by the exponential race (argmax p / E)."""
-    u = uniform(generator, probs.shape[-1], probs.device).clamp_(min=torch.finfo(probs.dtype).tiny)
-    return int((probs / -torch.log(u)).argmax())
+    """One draw from a probability vector, the same way the plain sampler draws."""
+    noise = exponential_noise((1, probs.shape[-1]), [generator], probs.device)
+    return int((probs / noise[0]).argmax())
 
 
 def verify_greedy(target_argmax: torch.Tensor, draft_token_ids: list[int]) -> list[int]:
