@@ -37,7 +37,17 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path):
 
 
 def test_stubs_import_from_the_installed_package():
-    from splitserve.protos.splitserve.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+    from splitserve.protos.splitserve.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, serving_pb2, serving_pb2_grpc
 
-    assert kv_transfer_pb2.DESCRIPTOR.package == "splitserve.v1"
+    assert kv_transfer_pb2.DESCRIPTOR.package == serving_pb2.DESCRIPTOR.package == "splitserve.v1"
     assert hasattr(kv_transfer_pb2_grpc, "KVTransferStub")
+    assert hasattr(serving_pb2_grpc, "GenerationStub")
+
+
+def test_generate_request_sampling_fields_track_presence():
+    """Unset must stay distinguishable from zero, or temperature 0 (greedy) could not be asked for."""
+    from splitserve.protos.splitserve.v1 import serving_pb2 as pb
+
+    request = pb.GenerateRequest(temperature=0.0)
+    assert request.HasField("temperature") and not request.HasField("top_p")
+    assert pb.GenerateRequest.FromString(request.SerializeToString()).HasField("temperature")
