@@ -1,0 +1,231 @@
+"""The gRPC front end: ``splitserve.v1.Generation`` (protos/splitserve/v1/serving.proto) over a
+``Frontend``.
+
+``GrpcServer`` owns a grpc.aio server with three services: Generation, grpc.health.v1 (which
+follows ``Frontend.is_ready``) and reflection. Protobuf stays here: requests become
+``GenerateInput`` and ``GenerateDelta`` becomes a response in the pure functions below, and
+errors map to statuses by type as ``splitserve.router.api`` describes. The serve command
+starts it inside the router's event loop and stops it on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.protos.splitserve.v1 import serving_pb2 as pb
+from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
+from splitserve.router.api import SLO, CapacityError, Frontend, GenerateDelta, GenerateInput, ServingError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRPC_PORT = 50051
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+# Sampling fields with proto3 presence: copied only when set, so unset keeps SamplingParams' default.
+_OPTIONAL_SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "skip_special_tokens",
+    "num_speculative_tokens",
+)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# ------------------------------------------------------------------ proto <-> api (pure)
+
+
+def sampling_params_from_pb(request: pb.GenerateRequest) -> SamplingParams:
+    """The request's SamplingParams; ValueError (SamplingParams' sentence) when out of range."""
+    values: dict[str, object] = {name: getattr(request, name) for name in _OPTIONAL_SAMPLING_FIELDS
+                                 if request.HasField(name)}
+    if request.stop:
+        values["stop"] = tuple(request.stop)
+    if request.stop_token_ids:
+        values["stop_token_ids"] = tuple(request.stop_token_ids)
+    return SamplingParams(**values)  # type: ignore[arg-type]
+
+
+def slo_from_pb(request: pb.GenerateRequest) -> SLO:
+    """The request's SLO in seconds; ValueError naming the wire field when a target is not > 0."""
+    if not request.HasField("slo"):
+        return SLO()
+    targets: dict[str, float | None] = {}
+    for name in ("ttft_ms", "tpot_ms"):
+        value = getattr(request.slo, name) if request.slo.HasField(name) else None
+        if value is not None and not value > 0:  # also refuses NaN
+            raise ValueError(f"slo.{name} must be positive when given, got {value!r}")
+        targets[name] = None if value is None else value / 1000
+    return SLO(ttft_s=targets["ttft_ms"], tpot_s=targets["tpot_ms"])
+
+
+def input_from_pb(request: pb.GenerateRequest) -> GenerateInput:
+    """A GenerateInput for the router; ValueError with a sentence for what the wire format
+    cannot rule out (no input or several, sampling values, SLO). The router checks the rest."""
+    given = [name for name, is_given in (
+        ("prompt", request.HasField("prompt")),
+        ("prompt_token_ids", len(request.prompt_token_ids) > 0),
+        ("messages", len(request.messages) > 0),
+    ) if is_given]
+    if len(given) != 1:
+        raise ValueError(
+            "a request needs exactly one of prompt, prompt_token_ids and messages; "
+            f"got {' and '.join(given) if given else 'none'}"
+        )
+    return GenerateInput(
+        params=sampling_params_from_pb(request),
+        prompt=request.prompt if request.HasField("prompt") else None,
+        prompt_token_ids=list(request.prompt_token_ids) or None,
+        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+        model=request.model or None,
+        request_id=request.request_id or None,
+        slo=slo_from_pb(request),
+    )
+
+
+def delta_to_pb(delta: GenerateDelta) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=delta.request_id,
+        token_ids=delta.token_ids,
+        text=delta.text,
+        finished=delta.finished,
+        finish_reason=delta.finish_reason or "",
+        usage=pb.Usage(prompt_tokens=delta.num_prompt_tokens, completion_tokens=delta.num_output_tokens),
+        speculation=pb.Speculation(draft_tokens=delta.num_draft_tokens, accepted_tokens=delta.num_accepted_tokens),
+    )
+
+
+def status_for_error(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and details a failed request ends with (see splitserve.router.api)."""
+    message = str(error) or type(error).__name__
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, message
+    if isinstance(error, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, message
+    if isinstance(error, ServingError):
+        return grpc.StatusCode.UNAVAILABLE, message
+    return grpc.StatusCode.INTERNAL, f"the server failed on this request ({type(error).__name__}: {message})"
+
+
+# ------------------------------------------------------------------------- services
+
+
+class _GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, frontend: Frontend):
+        self._frontend = frontend
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        try:
+            generate_input = input_from_pb(request)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        stream: AsyncIterator[GenerateDelta] | None = None
+        try:
+            stream = self._frontend.generate(generate_input)
+            async for delta in stream:
+                await context.write(delta_to_pb(delta))
+        except Exception as error:
+            if context.cancelled():  # the client left mid-write: nobody to tell
+                return
+            code, details = status_for_error(error)
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("Generate %r failed", request.request_id)
+            await context.abort(code, details)
+        finally:
+            # A client cancel (or stop) arrives as CancelledError at whichever await the handler
+            # is in. Closing the frontend's iterator here, instead of leaving it to garbage
+            # collection (which a live traceback can put off), makes the router abort the
+            # request and free its blocks now.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class _ReadinessHealth(health_async.HealthServicer):
+    """grpc.health.v1 following a readiness predicate for "" and Generation: Check asks it each
+    time; Watch streams see a change at the next ``refresh`` (GrpcServer polls)."""
+
+    def __init__(self, is_ready: Callable[[], bool]):
+        super().__init__()
+        self._is_ready = is_ready
+
+    async def refresh(self) -> None:
+        try:
+            status = _SERVING if self._is_ready() else _NOT_SERVING
+        except Exception:
+            logger.exception("is_ready() failed; reporting NOT_SERVING")
+            status = _NOT_SERVING
+        for service in ("", GENERATION_SERVICE):
+            await self.set(service, status)  # a no-op once shutdown has begun
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+class GrpcServer:
+    """Serves Generation, health and reflection for one Frontend on a grpc.aio server.
+
+    Call ``start`` and ``stop`` from the event loop the frontend runs in. health_poll_s: how
+    often health Watch streams are brought up to date with ``frontend.is_ready()``.
+    """
+
+    def __init__(self, frontend: Frontend, *, health_poll_s: float = 1.0):
+        if not health_poll_s > 0:
+            raise ValueError(f"health_poll_s must be positive, got {health_poll_s!r}")
+        self._frontend = frontend
+        self._health_poll_s = health_poll_s
+        self._server: grpc.aio.Server | None = None
+        self._health: _ReadinessHealth | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = DEFAULT_GRPC_PORT) -> int:
+        """Listen on host:port (port 0 picks a free one) and serve; return the bound port."""
+        assert self._server is None, "GrpcServer.start was already called"
+        # Without SO_REUSEPORT a second server on the same port fails here instead of silently
+        # sharing the port's connections with the first.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerationServicer_to_server(_GenerationService(self._frontend), server)
+        self._health = _ReadinessHealth(self._frontend.is_ready)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as error:  # grpc raises on a port in use or a foreign address
+            raise ValueError(f"cannot listen on {address}: {error}") from error
+        if self.port == 0:  # older grpc returned 0 instead
+            raise ValueError(f"cannot listen on {address}")
+        await self._health.refresh()
+        await server.start()
+        self._server = server
+        self._poll_task = asyncio.create_task(self._poll_readiness(), name="grpc-health-poll")
+        return self.port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Report NOT_SERVING, refuse new calls, give running ones grace_s seconds, then cancel
+        them (which aborts their requests)."""
+        if self._server is None:
+            return
+        assert self._health is not None and self._poll_task is not None
+        await self._health.enter_graceful_shutdown()
+        self._poll_task.cancel()
+        await self._server.stop(grace_s)
+        self._server = None
+
+    async def wait_for_termination(self) -> None:
+        """Return once the server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _poll_readiness(self) -> None:
+        assert self._health is not None
+        while True:
+            await asyncio.sleep(self._health_poll_s)
+            await self._health.refresh()
