@@ -4,6 +4,17 @@ It validates requests at the edge (a bad request raises ``ValueError`` before it
 state, so other requests are unaffected), runs one scheduled step at a time, drafts and
 verifies speculative tokens, samples, applies stop conditions and streams text. Usable on its
 own, without Ray; the workers wrap it.
+
+Disaggregation needs two more paths, one per side of the KV handoff:
+
+- prefill side: ``add_request(..., export_kv=True)`` runs the prompt only. Each step hands the
+  engine's ``kv_exporter`` the token ranges of such requests, and the exporter gets a call as
+  each layer's K/V land in the cache (so it can send them while later layers compute). After
+  the first token the request leaves this engine (its blocks go back), unless that token
+  already ended it; its output carries the sampler's RNG state for the decode side.
+- decode side: ``reserve`` validates a request and holds blocks for its prompt without
+  scheduling it; the KV arrive into those blocks from outside; ``start_reserved`` adds the
+  request, prompt computed and first token given, to the running batch.
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -30,8 +43,9 @@ from splitserve.engine.scheduler import ScheduledRequest, Scheduler
 from splitserve.engine.spec import DraftRequest, Proposer, make_proposer
 from splitserve.engine.spec.verifier import VerifyItem, verify_batch
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.errors import CapacityError
 
-__all__ = ["LLMEngine", "LoadedModel", "RequestOutput", "StepStats"]
+__all__ = ["KVExporter", "KVSlice", "LLMEngine", "LoadedModel", "RequestOutput", "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -60,9 +74,35 @@ class StepStats:
     num_accepted_tokens: int
 
 
+@dataclass(frozen=True)
+class KVSlice:
+    """Tokens [token_start, token_end) of an exporting request whose K/V are in the cache once a
+    step's layer is done: the ones the step computes, and before them any that a prefix-cache
+    hit supplied and were not exported yet. ``block_table`` maps the request's positions to
+    blocks."""
+
+    request_id: str
+    token_start: int
+    token_end: int
+    block_table: tuple[int, ...]
+
+
+class KVExporter(Protocol):
+    """Receives the K/V of ``export_kv`` requests as a step computes them (the prefill worker)."""
+
+    def begin_step(self, slices: list[KVSlice]) -> Callable[[int], None]:
+        """Called before a step's forward; returns the per-layer callback ``on_layer(i)``, which
+        runs once layer i's K/V of every slice are in the cache (read them before returning,
+        or copy them: later steps overwrite freed blocks)."""
+
+
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig | None = None, loaded: LoadedModel | None = None, draft: LoadedModel | None = None
+        self,
+        config: EngineConfig | None = None,
+        loaded: LoadedModel | None = None,
+        draft: LoadedModel | None = None,
+        kv_exporter: KVExporter | None = None,
     ):
         self.config = config = config or EngineConfig()
         loaded = loaded or LoadedModel.load(config)
@@ -94,16 +134,87 @@ class LLMEngine:
                 return loaded.model if spec.draft_model is None else LoadedModel.load(config, spec.draft_model).model
 
             self.proposer = make_proposer(spec, self.runner, num_blocks, config.block_size, draft_model)
+        self.kv_exporter = kv_exporter
         self.step_stats: deque[StepStats] = deque(maxlen=4096)
         self._outputs: dict[str, OutputState] = {}
+        self._reserved: dict[str, Request] = {}  # decode side: blocks held, KV still arriving
         self._ids = itertools.count()
 
     # -------------------------------------------------------------------------- requests
 
     def add_request(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        export_kv: bool = False,
     ) -> str:
-        """Validate and queue a request; return its id. Raises ValueError for bad input."""
+        """Validate and queue a request; return its id. Raises ValueError for bad input.
+
+        export_kv: prefill only; the request's K/V go to ``kv_exporter`` and it leaves after
+        its first token (see the module docstring).
+        """
+        if export_kv and self.kv_exporter is None:
+            raise ValueError("export_kv needs an engine with a kv_exporter")
+        request = self._new_request(prompt, params, request_id)
+        request.export_kv = export_kv
+        self._outputs[request.request_id] = OutputState(request, self.tokenizer)
+        self.scheduler.add(request)
+        return request.request_id
+
+    def reserve(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> list[int]:
+        """Decode side: validate a request and hold KV blocks for its prompt (and first token).
+
+        Returns the request's block table: its prompt's K/V belong in these blocks, position p
+        in slot ``table[p // block_size] * block_size + p % block_size``. Nothing runs until
+        ``start_reserved``; ``abort`` gives the blocks back. Raises ValueError for bad input and
+        CapacityError when the blocks or a sequence slot are not free now.
+        """
+        request = self._new_request(prompt, params, request_id)
+        if len(self.scheduler.running) + len(self._reserved) >= self.config.max_num_seqs:
+            raise CapacityError(f"all {self.config.max_num_seqs} sequence slots are taken")
+        num_tokens = request.num_prompt_tokens + 1
+        if not self.kv_cache.can_allocate(num_tokens):
+            raise CapacityError(
+                f"a {request.num_prompt_tokens}-token prompt needs {self.kv_cache.num_blocks_for(num_tokens)} "
+                f"KV blocks; {self.kv_cache.num_free_blocks} are free"
+            )
+        self.kv_cache.allocate(request.request_id, num_tokens)
+        self._reserved[request.request_id] = request
+        self._outputs[request.request_id] = OutputState(request, self.tokenizer)
+        return list(self.kv_cache.block_table(request.request_id))
+
+    def start_reserved(
+        self, request_id: str, first_token_id: int, generator_state: torch.Tensor | None = None
+    ) -> RequestOutput:
+        """Decode side: the prompt's K/V are in the reserved blocks; run the request from its
+        first token on. ``generator_state`` continues a seeded request's random stream where
+        the prefill side left it. Returns the first token's output (finished if it ended the
+        request, which frees the blocks)."""
+        request = self._reserved.get(request_id)
+        if request is None:
+            raise ValueError(f"request_id {request_id!r} has no reservation")
+        vocab = self.model_config.vocab_size
+        if isinstance(first_token_id, bool) or not isinstance(first_token_id, int) or not 0 <= first_token_id < vocab:
+            raise ValueError(f"first_token_id must be a token id in [0, {vocab}), got {first_token_id!r}")
+        del self._reserved[request_id]
+        if generator_state is not None and request.generator is not None:
+            request.generator.set_state(generator_state)
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv_cache.cache_full_blocks(request_id, request.token_ids, request.num_computed_tokens)
+        self.scheduler.add_running(request)
+        self._append_token(request, first_token_id)
+        request.first_token_time = request.last_token_time = time.monotonic()
+        return self._output(request)
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reserved)
+
+    def _new_request(self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None) -> Request:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -116,10 +227,7 @@ class LLMEngine:
         k = default_k if params.num_speculative_tokens is None else params.num_speculative_tokens
         self._check_speculation(k)
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
-        request = Request(request_id, prompt_ids, params, max_tokens, num_speculative_tokens=k)
-        self._outputs[request_id] = OutputState(request, self.tokenizer)
-        self.scheduler.add(request)
-        return request_id
+        return Request(request_id, prompt_ids, params, max_tokens, num_speculative_tokens=k)
 
     def set_speculation(self, request_id: str, num_speculative_tokens: int) -> None:
         """Change a running request's k (0 turns speculation off); applies from the next step."""
@@ -236,7 +344,7 @@ class LLMEngine:
     def _run(self, scheduled: list[ScheduledRequest]) -> list[list[int]]:
         """One target forward; the tokens each completing request keeps, in order."""
         items = [self._batch_item(s) for s in scheduled]
-        logits = self.runner.execute(items)
+        logits = self.runner.execute(items, on_layer=self._begin_export(scheduled))
         completing = [s for s in scheduled if s.completes]
         if not completing:
             return []
@@ -253,6 +361,22 @@ class LLMEngine:
             return [[t] for t in token_ids.tolist()]
         verify = [VerifyItem(s.spec_token_ids, s.request.params, s.request.generator) for s in completing]
         return verify_batch(logits, verify)
+
+    def _begin_export(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
+        """The exporter's per-layer callback for this step's exporting requests, if any."""
+        slices = []
+        for s in scheduled:
+            request = s.request
+            end = request.num_computed_tokens + s.num_new_tokens - s.num_spec_tokens
+            # After a preemption the request recomputes tokens it already exported: skip them.
+            if request.export_kv and end > request.num_exported_tokens:
+                table = tuple(self.kv_cache.block_table(request.request_id))
+                slices.append(KVSlice(request.request_id, request.num_exported_tokens, end, table))
+                request.num_exported_tokens = end
+        if not slices:
+            return None
+        assert self.kv_exporter is not None, "export_kv requests need a kv_exporter"
+        return self.kv_exporter.begin_step(slices)
 
     def _batch_item(self, scheduled: ScheduledRequest) -> BatchItem:
         request = scheduled.request
@@ -299,11 +423,16 @@ class LLMEngine:
 
     def _output(self, request: Request) -> RequestOutput:
         output = self._outputs[request.request_id].update()
-        if output.finished:
+        if request.export_kv:  # prefill done: the request goes on (or ends) elsewhere
+            if request.generator is not None:
+                output.generator_state = request.generator.get_state()
+            self._finish(request)
+        elif output.finished:
             self._finish(request)
         return output
 
     def _finish(self, request: Request) -> None:
+        self._reserved.pop(request.request_id, None)
         self.scheduler.finish(request)
         if self.proposer is not None:
             self.proposer.free(request.request_id)

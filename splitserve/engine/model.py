@@ -8,7 +8,7 @@ Weights are held fused (QKV in one matrix, gate and up in one) so each layer run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -204,16 +204,21 @@ class Model:
         attn: AttentionMetadata,
         logit_rows: torch.Tensor,
         layer_ids: Sequence[int] | None = None,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Run the decoder over flat rows; return fp32 logits [len(logit_rows), vocab].
 
         kv_cache: [num_layers, 2, num_slots, num_kv_heads, head_dim]. layer_ids restricts the
         pass to a subset of layers (self-speculation); skipped layers' caches are untouched.
+        on_layer(i) runs once layer i's K/V are in the cache (a prefill worker starts sending
+        them while the next layers compute).
         """
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos[positions], self.sin[positions]
         for i in range(self.config.num_layers) if layer_ids is None else layer_ids:
             x = self._decoder_layer(x, self.layers[i], kv_cache[i], attn, cos, sin)
+            if on_layer is not None:
+                on_layer(i)
         x = rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x).float()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from splitserve.engine.request import FinishReason, Request
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -49,6 +51,8 @@ class RequestOutput:
     first_token_time: float | None
     last_token_time: float | None
     spec: SpecStats
+    # Prefill side of a handoff: the seeded sampler's RNG state after the first token.
+    generator_state: torch.Tensor | None = None
 
 
 class OutputState:

@@ -50,6 +50,8 @@ class Request:
     num_accepted_tokens: int = 0  # drafts the target kept
     first_token_time: float | None = None
     last_token_time: float | None = None
+    export_kv: bool = False  # prefill only: K/V go to the engine's exporter
+    num_exported_tokens: int = 0  # prompt tokens whose K/V were handed to the exporter
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

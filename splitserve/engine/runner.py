@@ -9,7 +9,7 @@ the flat rows, so a step with only one kind needs no scatter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +48,16 @@ class ModelRunner:
             dtype=model.dtype, device=model.device,
         )
 
-    def execute(self, items: Sequence[BatchItem], layer_ids: Sequence[int] | None = None) -> torch.Tensor:
-        """Run one step; return fp32 logits of each item's last ``num_logits`` rows, in item order."""
+    def execute(
+        self,
+        items: Sequence[BatchItem],
+        layer_ids: Sequence[int] | None = None,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run one step; return fp32 logits of each item's last ``num_logits`` rows, in item order.
+
+        on_layer(i) is called as soon as layer i's K/V for this step are in ``kv_cache``.
+        """
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) > MAX_SHORT_QUERY)
         ordered = [items[i] for i in order]
         input_ids, positions, slot_mapping = self._flat_inputs(ordered)
@@ -66,7 +74,7 @@ class ModelRunner:
         logit_rows = [row for i, it in enumerate(items) for row in range(ends[i] - it.num_logits, ends[i])]
         return self.model.forward(
             self._tensor(input_ids), self._tensor(positions), self.kv_cache, attn,
-            self._tensor(np.asarray(logit_rows, dtype=np.int64)), layer_ids,
+            self._tensor(np.asarray(logit_rows, dtype=np.int64)), layer_ids, on_layer,
         )
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

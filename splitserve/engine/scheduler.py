@@ -73,6 +73,11 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """Run a request whose blocks are allocated and whose KV arrived from elsewhere."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
