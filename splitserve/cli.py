@@ -1,7 +1,8 @@
 """The `splitserve` command line.
 
-`splitserve generate "PROMPT"` runs the model in this process; `splitserve client "PROMPT"`
-asks a running splitserve server over gRPC. Each subcommand is an `_add_*` parser function plus
+`splitserve generate "PROMPT"` runs the model in this process; `splitserve serve` starts the
+workers on Ray and serves gRPC until interrupted; `splitserve client "PROMPT"` asks a running
+server. Each subcommand is an `_add_*` parser function plus
 the function it runs.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from splitserve.config import EngineConfig
@@ -112,6 +114,83 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     gen.set_defaults(run=_generate)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from splitserve.cluster.deployment import ClusterConfig
+    from splitserve.cluster.serve import Server, ServeOptions
+    from splitserve.config import SpeculativeConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = EngineConfig(model=args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks,
+                              max_num_batched_tokens=args.max_num_batched_tokens)
+        decode_engine = None
+        if args.speculative:
+            decode_engine = replace(engine, speculative=SpeculativeConfig(
+                args.speculative, num_speculative_tokens=args.num_speculative_tokens))
+        config = ClusterConfig(
+            mode=args.mode, num_prefill_workers=args.prefill_workers, num_decode_workers=args.decode_workers,
+            num_colocated_workers=args.workers, engine=engine, decode_engine=decode_engine,
+            transfer=args.transfer, kv_codec=args.kv_codec, layers_per_chunk=args.layers_per_chunk,
+            num_threads=args.threads_per_worker, host=args.host, redis_url=args.redis_url,
+            store_prefix=args.store_prefix,
+        )
+        options = ServeOptions(grpc_host=args.grpc_host, grpc_port=args.grpc_port, address=args.address,
+                               grace_s=args.grace)
+    except ValueError as error:
+        print(f"splitserve: error: {error}", file=sys.stderr)
+        return 2
+    server = Server(config, options)
+
+    def ready(s: Server) -> None:
+        print(f"splitserve: serving {s.router.model_name} ({config.mode}) on {s.address}", flush=True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.run(on_ready=ready)
+
+    asyncio.run(main())
+    print("splitserve: stopped", file=sys.stderr)
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    from splitserve.cluster.deployment import MODES
+    from splitserve.cluster.worker import TRANSFER_BACKENDS
+    from splitserve.config import PROPOSERS
+    from splitserve.router.grpc_server import DEFAULT_GRPC_PORT
+    from splitserve.transfer import CODECS
+
+    serve = commands.add_parser("serve", help="serve a model on a Ray cluster over gRPC until interrupted")
+    serve.add_argument("--mode", choices=MODES, default="disaggregated")
+    serve.add_argument("--prefill-workers", type=int, default=1)
+    serve.add_argument("--decode-workers", type=int, default=1)
+    serve.add_argument("--workers", type=int, default=1, help="colocated workers (--mode colocated)")
+    serve.add_argument("--address", default=None, help="join this Ray cluster ('auto' or HOST:PORT); default: local")
+    serve.add_argument("--redis-url", default=None, help="shared state in this Redis; default: an embedded store")
+    serve.add_argument("--store-prefix", default="splitserve", help="namespace of this deployment's shared state")
+    serve.add_argument("--grpc-host", default="127.0.0.1")
+    serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    serve.add_argument("--host", default="127.0.0.1", help="the address workers reach each other at (KV transfer)")
+    serve.add_argument("--transfer", choices=TRANSFER_BACKENDS, default="collective")
+    serve.add_argument("--kv-codec", choices=sorted(CODECS), default="raw")
+    serve.add_argument("--layers-per-chunk", type=int, default=1, help="layers per KV chunk on the wire")
+    serve.add_argument("--model", default=None, help="a .gguf file or an HF folder (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker (default: 1 GiB)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    serve.add_argument("--threads-per-worker", type=int, default=None, help="default: the CPUs split evenly")
+    serve.add_argument("--speculative", choices=PROPOSERS, default=None, help="decode-side proposer")
+    serve.add_argument("--num-speculative-tokens", type=int, default=3)
+    serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
+    serve.set_defaults(run=_serve)
+
+
 def _add_client(commands: argparse._SubParsersAction) -> None:
     from splitserve.router.client import DEFAULT_ADDRESS
 
@@ -141,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     _add_client(commands)
+    _add_serve(commands)
     return parser
 
 

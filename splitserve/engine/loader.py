@@ -86,6 +86,20 @@ def load_model(model: str | Path | None) -> tuple[ModelConfig, Weights, Tokenize
     return _load_gguf(path)
 
 
+def load_tokenizer(model: str | Path | None) -> Tokenizer:
+    """Only the tokenizer (and chat template) of a GGUF file or HF folder, without the weights:
+    what a router needs."""
+    path = default_model_path() if model is None else Path(model)
+    if path.is_dir():
+        return Tokenizer.from_hf_folder(path)
+    if not path.is_file() or path.suffix != ".gguf":
+        raise ValueError(f"model path {str(path)!r} is neither a .gguf file nor an HF folder")
+    try:
+        return Tokenizer.from_gguf(gguf.GGUFReader(path))
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read GGUF file {str(path)!r}: {error}") from error
+
+
 # ---------------------------------------------------------------------------------- GGUF
 
 

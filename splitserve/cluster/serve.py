@@ -1,0 +1,137 @@
+"""Server: a Deployment, a Router over it and the gRPC front end, started and stopped as one.
+
+``splitserve serve`` runs one in the foreground until SIGINT/SIGTERM; tests and benchmarks run
+one in a background thread (``with Server(config) as server: ...``). Shutdown order keeps
+requests whole: health turns NOT_SERVING and new requests are refused, in-flight ones get
+``grace_s`` to finish (then are cancelled, which aborts them on the workers), the gRPC server
+stops, and last the workers leave the store and their actors end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+
+import ray
+
+from splitserve.cluster.deployment import RAY_NAMESPACE, ClusterConfig, Deployment
+from splitserve.cluster.store import make_store
+from splitserve.engine.loader import default_model_path, load_tokenizer
+from splitserve.router.grpc_server import GrpcServer
+from splitserve.router.router import Router
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where the API listens and how Ray is found. address: None starts a local Ray (or uses
+    the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster."""
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    address: str | None = None
+    grace_s: float = 30.0
+    start_timeout_s: float = 600.0
+
+
+class Server:
+    """Everything ``splitserve serve`` runs, on an asyncio loop of its own thread or the caller's."""
+
+    def __init__(self, config: ClusterConfig, options: ServeOptions | None = None):
+        self.config = config
+        self.options = options or ServeOptions()
+        self.deployment = Deployment(config)
+        self.router: Router | None = None
+        self.port: int | None = None
+        self._grpc: GrpcServer | None = None
+        self._store = None
+        self._stop: asyncio.Event | None = None
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.grpc_host}:{self.port}"
+
+    # ------------------------------------------------------------------ in the foreground
+
+    async def run(self, on_ready=None) -> None:
+        """Start, call ``on_ready(self)``, serve until ``request_stop``, then shut down."""
+        self._aio = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            await self._start()
+            if on_ready is not None:
+                on_ready(self)
+            self._started.set()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    def request_stop(self) -> None:
+        """Begin a clean shutdown (thread- and signal-safe)."""
+        if self._aio is not None and self._stop is not None:
+            self._aio.call_soon_threadsafe(self._stop.set)
+
+    async def _start(self) -> None:
+        if not ray.is_initialized():
+            ray.init(address=self.options.address, namespace=RAY_NAMESPACE, log_to_driver=True)
+        await self.deployment.start(self.options.start_timeout_s)
+        model = self.config.engine.model
+        self._store = await asyncio.to_thread(make_store, self.config.redis_url, self.config.store_prefix)
+        tokenizer = await asyncio.to_thread(load_tokenizer, model)
+        self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode)
+        await self.router.refresh(force=True)
+        self.router.start()
+        self._grpc = GrpcServer(self.router)
+        self.port = await self._grpc.start(self.options.grpc_host, self.options.grpc_port)
+        logger.info("splitserve: serving %s (%s) on %s", self.router.model_name, self.config.mode, self.address)
+
+    async def _shutdown(self) -> None:
+        if self.router is not None:
+            await self.router.close(self.options.grace_s)
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s=1.0)
+        await self.deployment.stop()
+        if self._store is not None:
+            self._store.close()
+
+    # ---------------------------------------------------------------- in the background
+
+    def start(self) -> Server:
+        """Run in a background thread; return once serving (raises what start-up raised)."""
+
+        def main() -> None:
+            try:
+                asyncio.run(self.run())
+            except BaseException as e:
+                self._error = e
+                self._started.set()
+
+        self._thread = threading.Thread(target=main, name="splitserve-server", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def call(self, coro):
+        """Run a coroutine on the server's loop from another thread (tests, benchmarks)."""
+        assert self._aio is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._aio).result()

@@ -1,0 +1,286 @@
+"""Router: turns a GenerateInput into tokens streamed from the workers (the ``Frontend``).
+
+It tokenizes (applying the chat template for messages), then, disaggregated:
+
+1. picks a decode worker and asks it to ``reserve`` blocks for the prompt; a worker without
+   room answers CapacityError and the next one is asked;
+2. picks a prefill worker and asks it to ``prefill`` into that reservation; the result is the
+   first token (sent to the client at once: TTFT) and means every KV chunk landed;
+3. streams the rest from the decode worker's ``generate``.
+
+A failed handoff (TransferError, a dead worker) releases the reservation and retries, up to
+``handoff_attempts`` times, preferring other workers. Colocated, one worker's ``generate``
+does everything. Worker choice here is least-loaded (live workers from the MetadataStore,
+ranked by what this router has in flight on each, then by their reported load); the
+goodput-aware policy replaces ``_rank``.
+
+Leaving the iterator early (client cancel) aborts the request on every worker it touched,
+which frees its blocks there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from splitserve.cluster.deployment import RAY_NAMESPACE
+from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
+from splitserve.engine.tokenizer import Tokenizer
+from splitserve.errors import CapacityError, ServingError
+from splitserve.router.api import GenerateDelta, GenerateInput
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    """The Frontend over the workers listed in ``store``.
+
+    model_path: the served model file or folder (its stem is the model name clients may use).
+    workers_ttl_s: how long a read of the store's membership and loads is reused.
+    """
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        tokenizer: Tokenizer,
+        model_path: str | Path,
+        *,
+        mode: str = "disaggregated",
+        handoff_attempts: int = 3,
+        workers_ttl_s: float = 0.2,
+        get_actor: Callable[[str], Any] | None = None,
+    ):
+        if handoff_attempts < 1:
+            raise ValueError(f"handoff_attempts must be >= 1, got {handoff_attempts}")
+        self.store = store
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.handoff_attempts = handoff_attempts
+        self._model_names = {Path(model_path).stem, Path(model_path).name}
+        self._workers_ttl_s = workers_ttl_s
+        self._get_actor = get_actor or (lambda name: ray.get_actor(name, namespace=RAY_NAMESPACE))
+        self._handles: dict[str, Any] = {}
+        self._workers: list[WorkerInfo] = []
+        self._loads: dict[str, WorkerLoad] = {}
+        self._read_at = -1.0
+        self._inflight: Counter[str] = Counter()  # requests this router has at each worker
+        self._ids = itertools.count()
+        self._closing = False
+        self._active: set[asyncio.Task] = set()
+        self.num_handoff_retries = 0
+        self._poller: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------------- Frontend API
+
+    @property
+    def model_name(self) -> str:
+        return min(self._model_names, key=len)
+
+    def is_ready(self) -> bool:
+        if self._closing:
+            return False
+        kinds = {w.kind for w in self._workers}
+        needed = {"colocated"} if self.mode == "colocated" else {"prefill", "decode"}
+        return needed <= kinds
+
+    async def refresh(self, force: bool = False) -> None:
+        """Read membership and loads from the store (at most every ``workers_ttl_s``)."""
+        if not force and time.monotonic() - self._read_at < self._workers_ttl_s:
+            return
+        workers, loads = await asyncio.to_thread(lambda: (self.store.list_workers(), self.store.get_loads()))
+        self._workers, self._loads, self._read_at = workers, loads, time.monotonic()
+
+    def start(self, interval_s: float = 1.0) -> None:
+        """Keep membership fresh in the background, so health follows the workers (call on the
+        event loop that serves requests)."""
+
+        async def poll() -> None:
+            while True:
+                try:
+                    await self.refresh(force=True)
+                except Exception:  # the store is unreachable: keep the last view, retry
+                    logger.warning("router: cannot read the store", exc_info=True)
+                await asyncio.sleep(interval_s)
+
+        self._poller = asyncio.create_task(poll())
+
+    async def close(self, grace_s: float = 30.0) -> None:
+        """Refuse new requests; give in-flight ones ``grace_s`` to finish, then cancel them
+        (which aborts them on the workers)."""
+        self._closing = True
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._active:
+            _, pending = await asyncio.wait(set(self._active), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
+        if self._closing:
+            raise ServingError("the server is shutting down")
+        prompt_ids = self._prompt_token_ids(request)
+        request_id = request.request_id or f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+        task = asyncio.current_task()
+        if task is not None:
+            self._active.add(task)
+        try:
+            await self.refresh()
+            if self.mode == "colocated":
+                stream = self._colocated(request_id, prompt_ids, request)
+            else:
+                stream = self._disaggregated(request_id, prompt_ids, request)
+            async with contextlib.aclosing(stream):
+                async for delta in stream:
+                    yield delta
+        finally:
+            if task is not None:
+                self._active.discard(task)
+
+    # --------------------------------------------------------------------------- phases
+
+    def _prompt_token_ids(self, request: GenerateInput) -> list[int]:
+        if request.model and request.model not in self._model_names:
+            raise ValueError(f"unknown model {request.model!r}; this server serves {self.model_name!r}")
+        given = [request.prompt is not None, request.prompt_token_ids is not None, request.messages is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, prompt_token_ids or messages")
+        if request.messages is not None:
+            text = self.tokenizer.apply_chat_template(request.messages)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if request.prompt is not None:
+            if not request.prompt:
+                raise ValueError("prompt must not be empty")
+            return self.tokenizer.encode(request.prompt)
+        return list(request.prompt_token_ids or [])  # the worker checks them against the vocabulary
+
+    async def _colocated(self, request_id: str, prompt_ids: list[int], request: GenerateInput):
+        errors: list[str] = []
+        for worker_id in self._rank("colocated"):
+            handle = self._handle(worker_id)
+            stream = handle.generate.remote(request_id, prompt_ids, request.params)
+            try:
+                async with self._at(worker_id, handle, request_id) as state:
+                    async for ref in stream:
+                        delta = await _result(ref, worker_id)
+                        state["finished"] = delta.finished
+                        yield delta
+                return
+            except CapacityError as e:
+                errors.append(str(e))
+        raise CapacityError(_no_worker("colocated", errors))
+
+    async def _disaggregated(self, request_id: str, prompt_ids: list[int], request: GenerateInput):
+        params = request.params
+        failures: list[str] = []
+        tried: set[str] = set()
+        for attempt in range(self.handoff_attempts):
+            decode_id, destination = await self._reserve(request_id, prompt_ids, params, tried)
+            decode = self._handle(decode_id)
+            async with self._at(decode_id, decode, request_id) as state:
+                prefill_id = self._rank("prefill", avoid=tried)[0]
+                prefill = self._handle(prefill_id)
+                try:
+                    async with self._at(prefill_id, prefill, request_id) as prefill_state:
+                        result = await _result(
+                            prefill.prefill.remote(request_id, prompt_ids, params, destination), prefill_id
+                        )
+                        prefill_state["finished"] = True  # the request left the prefill worker
+                except ServingError as e:  # the handoff failed: release the blocks (on exit), retry
+                    failures.append(str(e))
+                    tried |= {decode_id, prefill_id}
+                    self.num_handoff_retries += 1
+                    logger.warning("request %s: handoff attempt %d failed: %s", request_id, attempt + 1, e)
+                    continue
+                first = GenerateDelta(
+                    request_id, [result.first_token_id], result.text, result.finished, result.finish_reason,
+                    num_prompt_tokens=result.num_prompt_tokens, num_output_tokens=1,
+                )
+                if result.finished:
+                    yield first  # on exit the reservation is released
+                    return
+                yield first
+                stream = decode.generate.remote(request_id, result.first_token_id, result.generator_state)
+                async for ref in stream:
+                    delta = await _result(ref, decode_id)
+                    state["finished"] = delta.finished
+                    yield delta
+                return
+        raise ServingError(f"request {request_id}: KV handoff failed {self.handoff_attempts} times: {failures[-1]}")
+
+    async def _reserve(self, request_id: str, prompt_ids: list[int], params: Any, avoid: set[str]):
+        errors: list[str] = []
+        for worker_id in self._rank("decode", avoid=avoid):
+            try:
+                return worker_id, await _result(self._handle(worker_id).reserve.remote(request_id, prompt_ids, params),
+                                                worker_id)
+            except CapacityError as e:
+                errors.append(str(e))
+            except ServingError as e:  # a dead decode worker: the next one may do
+                errors.append(str(e))
+        raise CapacityError(_no_worker("decode", errors))
+
+    # ------------------------------------------------------------------- worker choice
+
+    def _rank(self, kind: str, avoid: set[str] = frozenset()) -> list[str]:
+        """Live workers of a kind, least loaded first; ones in ``avoid`` go last."""
+        ids = [w.worker_id for w in self._workers if w.kind == kind]
+        if not ids:
+            raise ServingError(f"no live {kind} worker")
+
+        def key(worker_id: str) -> tuple:
+            load = self._loads.get(worker_id)
+            reported = (load.num_queued_prompt_tokens, load.num_running_requests, -load.num_free_blocks) if load else ()
+            return (worker_id in avoid, self._inflight[worker_id], reported, worker_id)
+
+        return sorted(ids, key=key)
+
+    def _handle(self, worker_id: str) -> Any:
+        if worker_id not in self._handles:
+            try:
+                self._handles[worker_id] = self._get_actor(worker_id)
+            except ValueError as e:  # listed in the store, gone from Ray
+                raise ServingError(f"worker {worker_id} is not reachable: {e}") from None
+        return self._handles[worker_id]
+
+    @contextlib.asynccontextmanager
+    async def _at(self, worker_id: str, handle: Any, request_id: str):
+        """Count the request as in flight at a worker; unless it finished there, abort it there
+        on the way out (cancel, error, or a released reservation)."""
+        state = {"finished": False}
+        self._inflight[worker_id] += 1
+        try:
+            yield state
+        finally:
+            self._inflight[worker_id] -= 1
+            if not state["finished"]:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(_result(handle.abort.remote(request_id), worker_id))
+
+
+async def _result(ref: Any, worker_id: str) -> Any:
+    """Await a worker call; its own exception comes back unwrapped, a dead worker as ServingError."""
+    try:
+        return await ref
+    except RayTaskError as e:
+        cause = e.cause
+        if isinstance(cause, ValueError | CapacityError | ServingError):
+            raise type(cause)(*cause.args) from None
+        raise ServingError(f"worker {worker_id} failed: {type(cause).__name__}: {cause}") from None
+    except RayActorError as e:
+        raise ServingError(f"worker {worker_id} died: {e}") from None
+
+
+def _no_worker(kind: str, errors: list[str]) -> str:
+    detail = f" (last refusal: {errors[-1]})" if errors else ""
+    return f"no {kind} worker can take the request now{detail}"
