@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench bench-disagg clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test-fast: setup
 bench: setup
 	$(PY) bench/engine_throughput.py
 	$(PY) bench/speculation.py
+
+bench-disagg: setup
+	$(PY) bench/disaggregated.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
