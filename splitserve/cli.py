@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     from splitserve.cluster.deployment import ClusterConfig
-    from splitserve.cluster.serve import Server, ServeOptions
+    from splitserve.cluster.serve import Server, ServeOptions, connect_ray
     from splitserve.config import SpeculativeConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -147,6 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     def ready(s: Server) -> None:
         print(f"splitserve: serving {s.router.model_name} ({config.mode}) on {s.address}", flush=True)
+
+    connect_ray(options.address)  # first: it installs a SIGTERM handler that ours replaces
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

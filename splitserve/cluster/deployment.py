@@ -11,17 +11,21 @@ the ``splitserve`` namespace, so a router on any node finds them by the worker i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from splitserve.cluster.colocated import ColocatedWorker
 from splitserve.cluster.store import DEFAULT_PREFIX, check_name
 from splitserve.cluster.worker import TRANSFER_BACKENDS, Worker, WorkerConfig, WorkerStatus
 from splitserve.config import EngineConfig
 from splitserve.decode_worker import DecodeWorker
+from splitserve.errors import CapacityError
 from splitserve.prefill_worker import PrefillWorker
 
 logger = logging.getLogger(__name__)
@@ -105,11 +109,25 @@ class Deployment:
         resources = ray.cluster_resources()
         num_gpus = resources.get("GPU", 0)
         configs = self.config.worker_configs(resources.get("CPU", 1), num_gpus)
+        on_gpus = num_gpus >= len(configs)
+        needed = {"GPU": len(configs)} if on_gpus else {"CPU": sum(wc.num_threads or 1 for wc in configs)}
+        # Resources of a deployment stopped a moment ago come back asynchronously: wait a little.
+        deadline = time.monotonic() + 30
+        while any((free := ray.available_resources()).get(n, 0) < a for n, a in needed.items()):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        for name, amount in needed.items():
+            if free.get(name, 0) < amount:
+                raise CapacityError(
+                    f"the {len(configs)} workers need {amount:g} {name}s; the Ray cluster has {free.get(name, 0):g} "
+                    f"free of {resources.get(name, 0):g} (another deployment may hold them)"
+                )
         for wc in configs:
             actor = ray.remote(WORKER_CLASSES[wc.kind]).options(
                 name=wc.worker_id, namespace=RAY_NAMESPACE,
-                num_cpus=0 if num_gpus >= len(configs) else wc.num_threads,
-                num_gpus=1 if num_gpus >= len(configs) else 0,
+                num_cpus=0 if on_gpus else wc.num_threads,
+                num_gpus=1 if on_gpus else 0,
                 max_concurrency=1000,  # async methods: concurrency is requests in flight, not threads
             )
             self.handles[wc.worker_id] = actor.remote(wc)
@@ -143,6 +161,9 @@ class Deployment:
                 logger.warning("a worker did not stop cleanly: %s", task.exception())
         for handle in handles.values():
             ray.kill(handle)
+        for handle in handles.values():  # return once they are gone, so their resources are free
+            with contextlib.suppress(RayActorError):
+                await asyncio.wait_for(_await(handle.status.remote()), 10)
 
 
 async def _await(ref: Any) -> Any:

@@ -37,6 +37,13 @@ class ServeOptions:
     start_timeout_s: float = 600.0
 
 
+def connect_ray(address: str | None) -> None:
+    """Join (or start) Ray unless this process already did. Ray installs its own SIGTERM
+    handler here, so a command line that handles signals connects before installing its own."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=True)
+
+
 class Server:
     """Everything ``splitserve serve`` runs, on an asyncio loop of its own thread or the caller's."""
 
@@ -79,8 +86,7 @@ class Server:
             self._aio.call_soon_threadsafe(self._stop.set)
 
     async def _start(self) -> None:
-        if not ray.is_initialized():
-            ray.init(address=self.options.address, namespace=RAY_NAMESPACE, log_to_driver=True)
+        connect_ray(self.options.address)
         await self.deployment.start(self.options.start_timeout_s)
         model = self.config.engine.model
         self._store = await asyncio.to_thread(make_store, self.config.redis_url, self.config.store_prefix)

@@ -45,6 +45,7 @@ class PrefillResult:
     handoff_wait_s: float  # after the first token, until the last chunk was acknowledged
     num_kv_chunks: int
     num_kv_bytes: int
+    num_kv_resends: int
 
 
 class PrefillWorker(Worker):
@@ -52,6 +53,7 @@ class PrefillWorker(Worker):
 
     def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None):
         super().__init__(config, loaded)
+        self.counters = {"handoffs": 0, "failed_handoffs": 0, "kv_chunks": 0, "kv_bytes": 0, "kv_resends": 0}
 
     def _make_engine(self, loaded: LoadedModel) -> LLMEngine:
         engine = LLMEngine(self.config.engine, loaded=loaded)
@@ -86,10 +88,15 @@ class PrefillWorker(Worker):
             try:
                 report = await asyncio.to_thread(self.streamer.finish, request_id, self.config.transfer_timeout_s)
             except TransferError as e:
+                self.counters["failed_handoffs"] += 1
                 raise ServingError(f"KV handoff of request {request_id} to {destination.worker_id} failed: {e}") from e
         finally:
             self.loop.close_stream(request_id)
             self.streamer.drop(request_id)
+        self.counters["handoffs"] += 1
+        self.counters["kv_chunks"] += report.num_chunks
+        self.counters["kv_bytes"] += report.num_bytes
+        self.counters["kv_resends"] += report.num_resends
         return PrefillResult(
             request_id=request_id,
             first_token_id=output.new_token_ids[0],
@@ -102,7 +109,16 @@ class PrefillWorker(Worker):
             handoff_wait_s=report.wait_s,
             num_kv_chunks=report.num_chunks,
             num_kv_bytes=report.num_bytes,
+            num_kv_resends=report.num_resends,
         )
+
+    def stats(self) -> dict[str, int]:
+        """Handoff counters since start: handoffs, failed_handoffs, kv_chunks, kv_bytes, kv_resends."""
+        return dict(self.counters)
+
+    def inject_corruption(self, num_sends: int = 1) -> None:
+        """Fault drill: corrupt the next ``num_sends`` KV chunks on the wire (they are re-sent)."""
+        self.streamer.inject_corruption(num_sends)
 
     async def stop(self) -> None:
         await super().stop()

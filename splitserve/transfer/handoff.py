@@ -50,6 +50,7 @@ class _Route:
     futures: list[Future] = field(default_factory=list)
     num_chunks: int = 0
     num_bytes: int = 0  # payload bytes on the wire, after the codec
+    num_resends: int = 0  # chunks sent again after a NACK (corruption) or a broken link
     error: BaseException | None = None
 
 
@@ -60,6 +61,7 @@ class HandoffReport:
 
     num_chunks: int
     num_bytes: int
+    num_resends: int
     wait_s: float
 
 
@@ -90,6 +92,7 @@ class KVStreamer:
         self._senders: dict[tuple[str, str], tuple[KVSender, ThreadPoolExecutor]] = {}
         self._routes: dict[str, _Route] = {}
         self._lock = threading.Lock()
+        self._num_corrupt_sends = 0
 
     # ------------------------------------------------------------------ request lifecycle
 
@@ -123,12 +126,18 @@ class KVStreamer:
                 raise TransferError(f"KV of request {request_id} not acknowledged within {timeout_s} s") from None
         if route.error is not None:
             raise TransferError(f"KV of request {request_id} did not land: {route.error}") from route.error
-        return HandoffReport(route.num_chunks, route.num_bytes, time.monotonic() - start)
+        return HandoffReport(route.num_chunks, route.num_bytes, route.num_resends, time.monotonic() - start)
 
     def drop(self, request_id: str) -> None:
         """Forget a request without waiting (it was aborted); queued chunks still go out."""
         with self._lock:
             self._routes.pop(request_id, None)
+
+    def inject_corruption(self, num_sends: int = 1) -> None:
+        """Fault drill: the next ``num_sends`` chunk sends flip a payload byte after checksumming
+        (the receiver NACKs them and they are re-sent)."""
+        with self._lock:
+            self._num_corrupt_sends += num_sends
 
     def close(self) -> None:
         with self._lock:
@@ -174,6 +183,10 @@ class KVStreamer:
         )
         route.num_chunks += 1
         sender, pool = self._sender(dst)
+        with self._lock:
+            corrupt, self._num_corrupt_sends = self._num_corrupt_sends > 0, max(self._num_corrupt_sends - 1, 0)
+        if corrupt:
+            sender.inject_corruption(1)
 
         def send() -> None:
             try:
@@ -182,6 +195,7 @@ class KVStreamer:
                 route.error = route.error or e
                 raise
             route.num_bytes += report.payload_nbytes
+            route.num_resends += report.attempts - 1
 
         route.futures.append(pool.submit(send))
 

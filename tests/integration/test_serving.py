@@ -1,0 +1,162 @@
+"""End to end: real Ray actors, a real store (embedded actor or redis-server), real gRPC.
+
+A Server runs prefill and decode workers (or colocated ones); the gRPC client's greedy output
+must equal the offline engine's. Faults (a corrupted chunk, a stalled receiver), cancellation
+and bad input are driven against the running workers; after every test the block counts of
+every worker are back at idle.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+import ray
+
+from splitserve.cluster.deployment import ClusterConfig
+from splitserve.cluster.serve import Server, ServeOptions
+from splitserve.config import EngineConfig
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.router.client import GenerationClient, make_request
+from tests.conftest import PROMPTS
+
+pytestmark = pytest.mark.slow
+
+ENGINE = EngineConfig(num_kv_blocks=256, max_num_batched_tokens=256)
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def expected(llm) -> list[list[int]]:
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+    return [o.token_ids for o in outputs]
+
+
+def generate_all(address: str, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    with GenerationClient(address) as client:
+        return [
+            [t for r in client.generate(make_request(p, max_tokens=max_tokens, temperature=0)) for t in r.token_ids]
+            for p in prompts
+        ]
+
+
+def wait_idle(server: Server, timeout_s: float = 15.0) -> None:
+    """Every worker's blocks free and no request left (aborts travel asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = server.call(server.deployment.worker_statuses())
+        if all(s.is_idle for s in statuses.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers not idle: {statuses}")
+        time.sleep(0.1)
+
+
+def start_server(**overrides) -> Server:
+    config = ClusterConfig(engine=ENGINE, store_prefix=f"e2e-{uuid.uuid4().hex[:8]}", **overrides)
+    return Server(config, ServeOptions(grpc_port=0, grace_s=5.0)).start()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster):
+    """Disaggregated, collective transfer, embedded store; short transfer deadline for the drills."""
+    s = start_server(transfer_timeout_s=1.5)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _idle_after(request):
+    yield
+    if "server" in request.fixturenames:
+        wait_idle(request.getfixturevalue("server"))
+
+
+def actor(server: Server, kind: str):
+    worker_id = next(w for w in server.deployment.handles if f".{kind}-" in w)
+    return server.deployment.handles[worker_id]
+
+
+# ------------------------------------------------------------------------- equivalence
+
+
+def test_greedy_output_equals_offline_engine(server, expected):
+    assert generate_all(server.address) == expected
+    stats = ray.get(actor(server, "prefill").stats.remote())
+    assert stats["handoffs"] >= len(PROMPTS) and stats["kv_bytes"] > 0
+
+
+def test_concurrent_requests_equal_offline_engine(server, expected):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: generate_all(server.address, [p])[0], PROMPTS))
+    assert results == expected
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+def test_corrupted_chunk_is_detected_and_resent(server, expected):
+    prefill = actor(server, "prefill")
+    before = ray.get(prefill.stats.remote())["kv_resends"]
+    ray.get(prefill.inject_corruption.remote(2))
+    assert generate_all(server.address, PROMPTS[:2]) == expected[:2]
+    assert ray.get(prefill.stats.remote())["kv_resends"] >= before + 2
+
+
+def test_stalled_transfer_times_out_and_the_retry_completes(server, expected):
+    # The first chunk waits 2.5 s at the receiver: past the 1.5 s deadline, so the first
+    # handoff fails, its blocks are freed on both sides, and the router's retry succeeds.
+    ray.get(actor(server, "decode").inject_stall.remote(2.5, 1))
+    before = ray.get(actor(server, "prefill").stats.remote())["failed_handoffs"]
+    assert generate_all(server.address, PROMPTS[:1]) == expected[:1]
+    assert ray.get(actor(server, "prefill").stats.remote())["failed_handoffs"] > before
+
+
+def test_transfer_that_keeps_stalling_fails_with_unavailable(server):
+    ray.get(actor(server, "decode").inject_stall.remote(2.0, 3))
+    with GenerationClient(server.address) as client, pytest.raises(grpc.RpcError) as info:
+        list(client.generate(make_request(PROMPTS[0], max_tokens=4, temperature=0)))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "handoff failed" in info.value.details()
+    time.sleep(4)  # let the stalled chunks drain (they are refused: their blocks were freed)
+
+
+# ----------------------------------------------------------------- cancel and bad input
+
+
+def test_cancelling_a_stream_frees_blocks_on_both_workers(server):
+    with GenerationClient(server.address) as client:
+        stream = client.generate(make_request(PROMPTS[2], max_tokens=400, temperature=0, ignore_eos=True))
+        for _, _ in zip(range(3), stream, strict=False):
+            pass
+        statuses = server.call(server.deployment.worker_statuses())
+        decode = next(s for s in statuses.values() if s.info.kind == "decode")
+        assert decode.num_unfinished == 1  # it was decoding when cancelled
+        stream.close()
+    wait_idle(server)
+
+
+@pytest.mark.parametrize(
+    ("request_args", "message"),
+    [
+        ({"prompt": ""}, "prompt must not be empty"),
+        ({"prompt_token_ids": [7] * 5000}, "max_model_len"),
+        ({"prompt": "hi", "temperature": -1.0}, "temperature"),
+        ({"prompt": "hi", "top_p": 0.0}, "top_p"),
+        ({"prompt": "hi", "model": "gpt-imaginary"}, "unknown model"),
+        ({"prompt_token_ids": [10**7]}, "outside the vocabulary"),
+    ],
+)
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(server, expected, request_args, message):
+    args = dict(request_args)
+    prompt = args.pop("prompt", None)
+    with GenerationClient(server.address) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.generate(make_request(prompt, max_tokens=4, **args)))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.details()
+    assert generate_all(server.address, PROMPTS[:1]) == expected[:1]

@@ -1,0 +1,60 @@
+"""End to end over every setup: the other transfer backend, colocated mode, the Redis store, and
+the `splitserve serve` command. Each test runs its own Server (they cannot share the CPUs with
+the drill server of test_serving.py, so they live in their own module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+import ray
+
+from splitserve.router.client import GenerationClient
+from tests.conftest import PROMPTS
+from tests.integration.conftest import free_port
+from tests.integration.test_serving import expected, generate_all, start_server, wait_idle  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"transfer": "grpc", "redis": True}, id="grpc-transfer-redis-store"),
+        pytest.param({"mode": "colocated", "redis": True}, id="colocated-redis-store"),
+        pytest.param({"mode": "colocated"}, id="colocated-embedded-store"),
+    ],
+)
+def test_other_setups_equal_offline_engine(ray_cluster, request, expected, overrides):
+    overrides = dict(overrides)
+    if overrides.pop("redis", False):
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+    s = start_server(**overrides)
+    try:
+        assert generate_all(s.address) == expected
+        wait_idle(s)
+    finally:
+        s.stop()
+
+
+def test_splitserve_serve_command(ray_cluster, expected):
+    """The CLI joins the running Ray, serves until SIGTERM, and stops cleanly."""
+    port = free_port()
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "splitserve.cli", "serve", "--address", address, "--grpc-port", str(port),
+           "--store-prefix", f"cli-{uuid.uuid4().hex[:8]}", "--num-kv-blocks", "256", "--grace", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        with GenerationClient(f"127.0.0.1:{port}") as client:
+            client.wait_ready(timeout_s=180)
+        assert generate_all(f"127.0.0.1:{port}", PROMPTS[:4]) == expected[:4]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "serving" in output and "stopped" in output
