@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
+PORT ?= 50051
 
 .PHONY: setup run test test-fast bench bench-disagg clean
 
@@ -19,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Serve in the background, ask once over gRPC, then stop the server with SIGTERM.
 run: setup
-	$(VENV)/bin/splitserve generate --chat "$(PROMPT)"
+	@$(VENV)/bin/splitserve serve --grpc-port $(PORT) & server=$$!; \
+	$(VENV)/bin/splitserve client --chat --wait-ready 600 --address 127.0.0.1:$(PORT) "$(PROMPT)"; rc=$$?; \
+	kill -TERM $$server; wait $$server; exit $$rc
 
 test: setup
 	$(PY) -m pytest
