@@ -181,7 +181,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="the address workers reach each other at (KV transfer)")
     serve.add_argument("--transfer", choices=TRANSFER_BACKENDS, default="collective")
     serve.add_argument("--kv-codec", choices=sorted(CODECS), default="raw")
-    serve.add_argument("--layers-per-chunk", type=int, default=1, help="layers per KV chunk on the wire")
+    serve.add_argument("--layers-per-chunk", type=int, default=6, help="layers per KV chunk on the wire")
     serve.add_argument("--model", default=None, help="a .gguf file or an HF folder (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker (default: 1 GiB)")

@@ -54,7 +54,7 @@ class ClusterConfig:
     decode_engine: EngineConfig | None = None
     transfer: str = "collective"
     kv_codec: str = "raw"
-    layers_per_chunk: int = 1
+    layers_per_chunk: int = 6
     num_threads: int | None = None
     host: str = "127.0.0.1"
     redis_url: str | None = None

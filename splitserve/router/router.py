@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -182,6 +183,8 @@ class Router:
 
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], request: GenerateInput):
         params = request.params
+        # Speculation happens on the decode side; the prefill worker samples one token.
+        prefill_params = dataclasses.replace(params, num_speculative_tokens=None)
         failures: list[str] = []
         tried: set[str] = set()
         for attempt in range(self.handoff_attempts):
@@ -193,7 +196,7 @@ class Router:
                 try:
                     async with self._at(prefill_id, prefill, request_id) as prefill_state:
                         result = await _result(
-                            prefill.prefill.remote(request_id, prompt_ids, params, destination), prefill_id
+                            prefill.prefill.remote(request_id, prompt_ids, prefill_params, destination), prefill_id
                         )
                         prefill_state["finished"] = True  # the request left the prefill worker
                 except ServingError as e:  # the handoff failed: release the blocks (on exit), retry

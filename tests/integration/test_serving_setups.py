@@ -13,7 +13,7 @@ import uuid
 import pytest
 import ray
 
-from splitserve.router.client import GenerationClient
+from splitserve.router.client import GenerationClient, make_request
 from tests.conftest import PROMPTS
 from tests.integration.conftest import free_port
 from tests.integration.test_serving import expected, generate_all, start_server, wait_idle  # noqa: F401
@@ -58,3 +58,22 @@ def test_splitserve_serve_command(ray_cluster, expected):
         output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "serving" in output and "stopped" in output
+
+
+def test_speculative_decode_worker_keeps_greedy_output(ray_cluster, expected):
+    from dataclasses import replace
+
+    from splitserve.config import SpeculativeConfig
+    from tests.integration.test_serving import ENGINE, MAX_TOKENS
+
+    spec = replace(ENGINE, speculative=SpeculativeConfig("ngram", num_speculative_tokens=3))
+    s = start_server(decode_engine=spec)
+    try:
+        with GenerationClient(s.address) as client:
+            responses = [list(client.generate(make_request(p, max_tokens=MAX_TOKENS, temperature=0,
+                                                           num_speculative_tokens=4))) for p in PROMPTS]
+        assert [[t for r in rs for t in r.token_ids] for rs in responses] == expected
+        assert sum(rs[-1].speculation.draft_tokens for rs in responses) > 0
+        wait_idle(s)
+    finally:
+        s.stop()
