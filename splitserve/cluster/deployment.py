@@ -60,6 +60,7 @@ class ClusterConfig:
     redis_url: str | None = None
     store_prefix: str = DEFAULT_PREFIX
     transfer_timeout_s: float = 30.0
+    reservation_ttl_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,7 +92,7 @@ class ClusterConfig:
                     engine=engine, transfer=self.transfer, kv_codec=self.kv_codec,
                     layers_per_chunk=self.layers_per_chunk, num_threads=threads, host=self.host,
                     redis_url=self.redis_url, store_prefix=self.store_prefix,
-                    transfer_timeout_s=self.transfer_timeout_s,
+                    transfer_timeout_s=self.transfer_timeout_s, reservation_ttl_s=self.reservation_ttl_s,
                 ))
         return configs
 

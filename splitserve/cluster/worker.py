@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class WorkerConfig:
     heartbeat_s: float = 0.5
     ttl_s: float = 3.0
     transfer_timeout_s: float = 30.0
+    reservation_ttl_s: float = 300.0  # decode side: a reservation never started is released then
 
     def __post_init__(self) -> None:
         if self.transfer not in TRANSFER_BACKENDS:
@@ -63,8 +65,9 @@ class WorkerConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if not 0 < self.heartbeat_s < self.ttl_s:
             raise ValueError(f"need 0 < heartbeat_s < ttl_s, got {self.heartbeat_s}, {self.ttl_s}")
-        if self.transfer_timeout_s <= 0:
-            raise ValueError(f"transfer_timeout_s must be positive, got {self.transfer_timeout_s}")
+        if self.transfer_timeout_s <= 0 or self.reservation_ttl_s <= 0:
+            raise ValueError(f"transfer_timeout_s and reservation_ttl_s must be positive, got "
+                             f"{self.transfer_timeout_s}, {self.reservation_ttl_s}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Worker:
     """Base of the prefill, decode and colocated workers."""
 
     kind: WorkerKind
+    publishes_prefixes = True  # mirror the prefix cache into the store's index (routers read it)
 
     def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None):
         if config.kind != self.kind:
@@ -99,6 +103,12 @@ class Worker:
         self._store = None
         self._heartbeat: threading.Thread | None = None
         self._stopped = threading.Event()
+        # Prefix-cache changes, appended on the engine thread and published by the heartbeat.
+        self._prefix_events: deque[tuple[bytes, bool]] = deque()
+        self._published: set[bytes] = set()
+        self._must_register = True
+        if self.publishes_prefixes:
+            self.engine.block_pool.on_cache_change = lambda h, cached: self._prefix_events.append((h, cached))
 
     def _make_engine(self, loaded: LoadedModel) -> LLMEngine:
         return LLMEngine(self.config.engine, loaded=loaded)
@@ -118,7 +128,7 @@ class Worker:
         )
         self._info = info
         self._store = await asyncio.to_thread(make_store, self.config.redis_url, self.config.store_prefix)
-        await asyncio.to_thread(self._report, True)
+        await asyncio.to_thread(self._report)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.worker_id}",
                                            daemon=True)
         self._heartbeat.start()
@@ -151,22 +161,50 @@ class Worker:
 
     # ---------------------------------------------------------------- membership and load
 
-    def _report(self, register: bool) -> None:
+    def _report(self) -> None:
+        """One heartbeat: stay listed (joining afresh if the membership lapsed, which wipes
+        what the store held for us), then publish the load and the prefix-cache changes."""
         assert self._store is not None
-        if register or not self._store.heartbeat(self.worker_id, self.config.ttl_s):
-            self._store.register_worker(self._info, self.config.ttl_s)
+        store, worker_id = self._store, self.worker_id
+        if self._must_register or not store.heartbeat(worker_id, self.config.ttl_s):
+            store.register_worker(self._info, self.config.ttl_s)
+            self._must_register = False
+            self._prefix_changes()
+            added, removed = list(self._published), []  # the fresh membership holds nothing yet
+        else:
+            added, removed = self._prefix_changes()
+        try:
+            if removed:
+                store.remove_prefix_blocks(worker_id, removed)
+            if added:
+                store.add_prefix_blocks(worker_id, added)
+        except Exception:
+            self._must_register = True  # resynchronize from scratch next time
+            raise
         load = self.loop.load
-        self._store.put_load(self.worker_id, WorkerLoad(
+        store.put_load(worker_id, WorkerLoad(
             num_queued_prompt_tokens=load.num_queued_prompt_tokens,
             num_running_requests=load.num_running_requests,
             num_free_blocks=load.num_free_blocks,
             num_total_blocks=load.num_total_blocks,
         ))
 
+    def _prefix_changes(self) -> tuple[list[bytes], list[bytes]]:
+        """Net prefix-cache changes since the last call (applied to ``_published``)."""
+        latest: dict[bytes, bool] = {}
+        while self._prefix_events:
+            block_hash, cached = self._prefix_events.popleft()
+            latest[block_hash] = cached
+        added = [h for h, cached in latest.items() if cached and h not in self._published]
+        removed = [h for h, cached in latest.items() if not cached and h in self._published]
+        self._published.update(added)
+        self._published.difference_update(removed)
+        return added, removed
+
     def _heartbeat_loop(self) -> None:
         while not self._stopped.wait(self.config.heartbeat_s):
             try:
-                self._report(register=False)
+                self._report()
             except Exception:  # a store hiccup must not kill the worker; the next beat retries
                 logger.warning("%s: heartbeat failed", self.worker_id, exc_info=True)
 

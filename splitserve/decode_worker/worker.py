@@ -11,6 +11,7 @@ after which no late chunk can touch them.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import torch
@@ -23,15 +24,19 @@ from splitserve.router.api import GenerateDelta
 from splitserve.transfer import make_receiver
 from splitserve.transfer.handoff import KVDestination, KVIngest
 
+logger = logging.getLogger(__name__)
+
 
 class DecodeWorker(Worker):
     kind = "decode"
+    publishes_prefixes = False  # routers place prompts by the prefill workers' caches
 
     def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None):
         super().__init__(config, loaded)
         self.ingest = KVIngest(self.engine.runner.kv_cache, config.engine.block_size)
         self.receiver = make_receiver(config.transfer, self.ingest, host=config.host)
         self._landed: dict[str, asyncio.Future] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
 
     @property
     def kv_endpoint(self) -> str:
@@ -47,6 +52,10 @@ class DecodeWorker(Worker):
             aio.call_soon_threadsafe(lambda: landed.done() or landed.set_result(None))
 
         self.ingest.expect(request_id, table, len(prompt_token_ids), on_complete)
+        # A router that vanished between reserve and generate must not strand the blocks.
+        self._expiry[request_id] = aio.call_later(
+            self.config.reservation_ttl_s, lambda: asyncio.ensure_future(self._expire(request_id))
+        )
         return KVDestination(self.worker_id, self.config.transfer, self.kv_endpoint, tuple(table),
                              self.config.kv_codec)
 
@@ -71,6 +80,7 @@ class DecodeWorker(Worker):
             ) from None
         self.ingest.cancel(request_id)  # complete: from now on its blocks are the engine's alone
         del self._landed[request_id]
+        self._expiry.pop(request_id).cancel()
         stream = self.loop.open_stream(request_id)
         try:
             first = await self.loop.call(self.engine.start_reserved, request_id, first_token_id, generator_state)
@@ -89,7 +99,16 @@ class DecodeWorker(Worker):
         landed = self._landed.pop(request_id, None)
         if landed is not None:
             landed.cancel()
+        expiry = self._expiry.pop(request_id, None)
+        if expiry is not None:
+            expiry.cancel()
         await super().abort(request_id)
+
+    async def _expire(self, request_id: str) -> None:
+        if request_id in self._landed:
+            logger.warning("%s: reservation of request %s was never started; releasing its blocks",
+                           self.worker_id, request_id)
+            await self.abort(request_id)
 
     def inject_stall(self, seconds: float, num_chunks: int = 1) -> None:
         """Fault drill: the next ``num_chunks`` incoming KV chunks wait ``seconds`` first."""

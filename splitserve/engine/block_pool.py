@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +47,9 @@ class BlockPool:
         # Free blocks in eviction order (least recently freed first); dict for O(1) removal.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[bytes, int] = {}
+        # Called with (hash, True) when content becomes reusable and (hash, False) when it is
+        # forgotten: workers mirror their prefix cache into the cluster's shared index with it.
+        self.on_cache_change: Callable[[bytes, bool], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -63,8 +66,7 @@ class BlockPool:
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
             if block.block_hash is not None:
-                del self._cached[block.block_hash]
-                block.block_hash = None
+                self._forget(block)
             block.ref_count = 1
             ids.append(block_id)
         return ids
@@ -99,16 +101,24 @@ class BlockPool:
             return  # already cached, or an identical block exists: keep the first
         block.block_hash = block_hash
         self._cached[block_hash] = block_id
+        if self.on_cache_change is not None:
+            self.on_cache_change(block_hash, True)
 
     def uncache_block(self, block_id: int) -> None:
         """Forget a block's content hash: its owner is about to overwrite part of it."""
         block = self.blocks[block_id]
         if block.block_hash is not None:
-            del self._cached[block.block_hash]
-            block.block_hash = None
+            self._forget(block)
 
     def reset_prefix_cache(self) -> None:
         """Forget all cached content hashes (weights changed, or for tests)."""
         for block in self.blocks:
-            block.block_hash = None
-        self._cached.clear()
+            if block.block_hash is not None:
+                self._forget(block)
+
+    def _forget(self, block: Block) -> None:
+        assert block.block_hash is not None
+        del self._cached[block.block_hash]
+        if self.on_cache_change is not None:
+            self.on_cache_change(block.block_hash, False)
+        block.block_hash = None

@@ -62,7 +62,7 @@ def start_server(**overrides) -> Server:
 @pytest.fixture(scope="module")
 def server(ray_cluster):
     """Disaggregated, collective transfer, embedded store; short transfer deadline for the drills."""
-    s = start_server(transfer_timeout_s=1.5)
+    s = start_server(transfer_timeout_s=1.5, reservation_ttl_s=4.0)
     yield s
     s.stop()
 
@@ -96,6 +96,28 @@ def test_concurrent_requests_equal_offline_engine(server, expected):
     assert results == expected
 
 
+def test_prefill_worker_publishes_its_prefix_cache_to_the_store(server):
+    from splitserve.cluster.store import make_store
+    from splitserve.engine.block_pool import hash_block_tokens
+
+    prompt = list(range(500, 560))  # three full blocks of 16
+    with GenerationClient(server.address) as client:
+        list(client.generate(make_request(prompt_token_ids=prompt, max_tokens=2, temperature=0)))
+    hashes, parent = [], None
+    for i in range(3):
+        parent = hash_block_tokens(parent, prompt[16 * i : 16 * (i + 1)])
+        hashes.append(parent)
+    prefill_id = next(w for w in server.deployment.handles if ".prefill-" in w)
+    store = make_store(None, server.config.store_prefix)
+    try:
+        deadline = time.monotonic() + 10
+        while store.match_prefix(hashes).get(prefill_id) != 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.match_prefix(hashes) == {prefill_id: 3}  # decode workers do not publish
+    finally:
+        store.close()
+
+
 # ------------------------------------------------------------------------------ faults
 
 
@@ -123,6 +145,15 @@ def test_transfer_that_keeps_stalling_fails_with_unavailable(server):
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "handoff failed" in info.value.details()
     time.sleep(4)  # let the stalled chunks drain (they are refused: their blocks were freed)
+
+
+def test_reservation_never_started_is_released(server):
+    decode = actor(server, "decode")
+    destination = ray.get(decode.reserve.remote("orphan", list(range(100, 140)), SamplingParams(max_tokens=4)))
+    assert len(destination.block_ids) == 3
+    statuses = server.call(server.deployment.worker_statuses())
+    assert not all(s.is_idle for s in statuses.values())
+    wait_idle(server, timeout_s=15)  # the 4 s reservation TTL releases it
 
 
 # ----------------------------------------------------------------- cancel and bad input

@@ -189,3 +189,16 @@ def test_hash_block_tokens_is_chained_and_stable():
     assert h(2**40) != h(2**40 + 1)
     # A fixed digest, not Python's salted hash(): other processes compute the same value.
     assert root.hex() == "abccad42d03c940bc2b249bf5a4e1e3d"
+
+
+def test_cache_changes_are_reported_for_the_shared_prefix_index():
+    pool = BlockPool(2, 4)
+    events = []
+    pool.on_cache_change = lambda h, cached: events.append((h, cached))
+    [a] = pool.allocate(1)
+    pool.cache_block(a, b"x")
+    pool.cache_block(a, b"x")  # already cached: no second event
+    pool.free([a])
+    assert events == [(b"x", True)]
+    pool.allocate(2)  # evicts the cached block for new content
+    assert events == [(b"x", True), (b"x", False)]
