@@ -23,6 +23,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
 from splitserve.router.api import SLO, CapacityError, Frontend, GenerateDelta, GenerateInput, ServingError
+from splitserve.router.metrics import Metrics, observe_stream
 
 logger = logging.getLogger(__name__)
 
@@ -116,17 +117,20 @@ def status_for_error(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class _GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, frontend: Frontend):
+    def __init__(self, frontend: Frontend, metrics: Metrics | None):
         self._frontend = frontend
+        self._metrics = metrics
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         try:
             generate_input = input_from_pb(request)
         except ValueError as error:
+            if self._metrics is not None:
+                self._metrics.count_error(error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         stream: AsyncIterator[GenerateDelta] | None = None
         try:
-            stream = self._frontend.generate(generate_input)
+            stream = observe_stream(self._metrics, self._frontend.generate(generate_input))
             async for delta in stream:
                 await context.write(delta_to_pb(delta))
         except Exception as error:
@@ -172,13 +176,15 @@ class GrpcServer:
     """Serves Generation, health and reflection for one Frontend on a grpc.aio server.
 
     Call ``start`` and ``stop`` from the event loop the frontend runs in. health_poll_s: how
-    often health Watch streams are brought up to date with ``frontend.is_ready()``.
+    often health Watch streams are brought up to date with ``frontend.is_ready()``. metrics:
+    where request latencies and outcomes are recorded (None: nowhere).
     """
 
-    def __init__(self, frontend: Frontend, *, health_poll_s: float = 1.0):
+    def __init__(self, frontend: Frontend, *, health_poll_s: float = 1.0, metrics: Metrics | None = None):
         if not health_poll_s > 0:
             raise ValueError(f"health_poll_s must be positive, got {health_poll_s!r}")
         self._frontend = frontend
+        self._metrics = metrics
         self._health_poll_s = health_poll_s
         self._server: grpc.aio.Server | None = None
         self._health: _ReadinessHealth | None = None
@@ -191,7 +197,7 @@ class GrpcServer:
         # Without SO_REUSEPORT a second server on the same port fails here instead of silently
         # sharing the port's connections with the first.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerationServicer_to_server(_GenerationService(self._frontend), server)
+        pb_grpc.add_GenerationServicer_to_server(_GenerationService(self._frontend, self._metrics), server)
         self._health = _ReadinessHealth(self._frontend.is_ready)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
