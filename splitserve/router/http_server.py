@@ -1,0 +1,218 @@
+"""The OpenAI-compatible HTTP front end over a ``Frontend`` (aiohttp).
+
+``HttpServer`` serves POST /v1/completions and /v1/chat/completions (JSON, or SSE with
+``stream: true``), GET /v1/models, /health (200 while ``Frontend.is_ready``, else 503) and
+/metrics (Prometheus text), so the ``openai`` client and ``vllm bench serve`` work unchanged.
+The wire format lives in ``openai_protocol``; here is the I/O. Errors map to statuses by type as
+``splitserve.router.api`` describes (400/429/503, 500 for bugs) with OpenAI's error body; an
+error after a stream has begun is sent as an SSE ``error`` event before ``[DONE]``. The first
+output is awaited before the response starts, so input errors still get their status. A client
+that disconnects cancels its handler, which closes the frontend's iterator: the request is
+aborted. The serve command starts it inside the router's event loop, after the gRPC server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from splitserve.router.api import CapacityError, Frontend, GenerateDelta, GenerateInput, ServingError
+from splitserve.router.metrics import CONTENT_TYPE, Metrics, observe_stream
+from splitserve.router.openai_protocol import Reply, ReplyOptions, chat_input, completion_input, error_body
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HTTP_PORT = 8000  # vLLM's, so clients configured for it need only the host
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+
+
+def status_for_error(error: Exception) -> tuple[int, str]:
+    """The HTTP status and message a failed request ends with (see splitserve.router.api)."""
+    message = str(error) or type(error).__name__
+    if isinstance(error, ValueError):
+        return 400, message
+    if isinstance(error, CapacityError):
+        return 429, message
+    if isinstance(error, ServingError):
+        return 503, message
+    return 500, f"the server failed on this request ({type(error).__name__}: {message})"
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response(error_body(status, message), status=status)
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Every error before a response starts becomes an OpenAI error body with its status."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:  # unknown route, wrong method
+        if error.status < 400:
+            raise
+        return error_response(error.status, error.reason)
+    except Exception as error:
+        status, message = status_for_error(error)
+        if status == 500:
+            logger.exception("%s %s failed", request.method, request.path)
+        return error_response(status, message)
+
+
+class HttpServer:
+    """Serves the OpenAI API, health and metrics for one Frontend on an aiohttp server.
+
+    metrics: where request metrics go and what /metrics shows (None: a Metrics of its own).
+    Call ``start`` and ``stop`` from the event loop the frontend runs in.
+    """
+
+    def __init__(self, frontend: Frontend, metrics: Metrics | None = None):
+        self._frontend = frontend
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._runner: web.AppRunner | None = None
+        self._active: set[asyncio.Task[Any]] = set()
+        self._is_stopping = False
+        self._created = int(time.time())
+        self.port: int | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = DEFAULT_HTTP_PORT) -> int:
+        """Listen on host:port (port 0 picks a free one) and serve; return the bound port."""
+        assert self._runner is None, "HttpServer.start was already called"
+        app = web.Application(middlewares=[_errors_as_json])
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        # handler_cancellation: a client that disconnects cancels its handler, aborting the request.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as error:
+            await runner.cleanup()
+            raise ValueError(f"cannot listen on {host}:{port}: {error}") from error
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Report 503 on /health and refuse new requests, give running ones grace_s seconds,
+        then cancel them (which aborts their requests) and close the listener."""
+        if self._runner is None:
+            return
+        self._is_stopping = True
+        if self._active:
+            _, pending = await asyncio.wait(set(self._active), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        await self._runner.cleanup()
+        self._runner = None
+
+    # ------------------------------------------------------------------------ handlers
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if not self._is_stopping and self._frontend.is_ready():
+            return web.Response(status=200)
+        return error_response(503, "not ready")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {"id": self._frontend.model_name, "object": "model", "created": self._created,
+                 "owned_by": "splitserve"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, is_chat=False)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, is_chat=True)
+
+    async def _generate(self, request: web.Request, is_chat: bool) -> web.StreamResponse:
+        try:
+            generate_input, options = await self._read_input(request, is_chat)
+        except (ValueError, ServingError) as error:
+            self.metrics.count_error(error)
+            raise
+        task = asyncio.current_task()
+        assert task is not None, "aiohttp runs each handler in a task"
+        self._active.add(task)
+        stream = observe_stream(self.metrics, self._frontend.generate(generate_input))
+        try:
+            first = await anext(stream)  # raises the input errors, before any byte is sent
+            reply = Reply(is_chat, first.request_id, generate_input.model or self._frontend.model_name,
+                          int(time.time()), options.include_usage)
+            if options.stream:
+                return await self._stream(request, reply, first, stream)
+            return await self._whole(reply, first, stream)
+        finally:
+            self._active.discard(task)
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()  # early (client left, stop): aborts the request now
+
+    async def _read_input(self, request: web.Request, is_chat: bool) -> tuple[GenerateInput, ReplyOptions]:
+        if self._is_stopping:
+            raise ServingError("the server is shutting down")
+        try:
+            body = await request.json()
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"the request body is not valid JSON: {error}") from None
+        return (chat_input if is_chat else completion_input)(body, request.headers.get("X-Request-Id"))
+
+    async def _whole(self, reply: Reply, first: GenerateDelta, stream: AsyncIterator[GenerateDelta]) -> web.Response:
+        texts, last = [first.text], first
+        while not last.finished:
+            delta = await anext(stream, None)
+            if delta is None:
+                raise ServingError(f"request {first.request_id}: the stream ended before the request finished")
+            texts.append(delta.text)
+            last = delta
+        return web.json_response(reply.response("".join(texts), last))
+
+    async def _stream(self, request: web.Request, reply: Reply, first: GenerateDelta,
+                      stream: AsyncIterator[GenerateDelta]) -> web.StreamResponse:
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        try:
+            await self._write_events(response, reply, first, stream)
+            await response.write(_DONE)
+            await response.write_eof()
+        except ConnectionResetError:  # the client left; _generate's close aborts the request
+            pass
+        return response
+
+    async def _write_events(self, response: web.StreamResponse, reply: Reply, first: GenerateDelta,
+                            stream: AsyncIterator[GenerateDelta]) -> None:
+        """A chunk per delta, then the usage chunk; an error ends the stream as an error event."""
+        delta: GenerateDelta | None = first
+        last = first
+        try:
+            while delta is not None:
+                await response.write(_sse(reply.chunk(delta, is_first=delta is first)))
+                last = delta
+                delta = None if delta.finished else await anext(stream, None)
+            if reply.include_usage:
+                await response.write(_sse(reply.usage_chunk(last)))
+        except ConnectionResetError:
+            raise
+        except Exception as error:
+            status, message = status_for_error(error)
+            if status == 500:
+                logger.exception("request %s failed mid-stream", reply.request_id)
+            await response.write(_sse(error_body(status, message)))
