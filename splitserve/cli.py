@@ -1,9 +1,9 @@
 """The `splitserve` command line.
 
 `splitserve generate "PROMPT"` runs the model in this process; `splitserve serve` starts the
-workers on Ray and serves gRPC until interrupted; `splitserve client "PROMPT"` asks a running
-server. Each subcommand is an `_add_*` parser function plus
-the function it runs.
+workers on Ray and serves gRPC (and the OpenAI-compatible HTTP API with --http-port) until
+interrupted; `splitserve client "PROMPT"` asks a running server. Each subcommand is an
+`_add_*` parser function plus the function it runs.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
             store_prefix=args.store_prefix,
         )
         options = ServeOptions(grpc_host=args.grpc_host, grpc_port=args.grpc_port, address=args.address,
-                               grace_s=args.grace)
+                               grace_s=args.grace, http_host=args.http_host, http_port=args.http_port)
     except ValueError as error:
         print(f"splitserve: error: {error}", file=sys.stderr)
         return 2
@@ -147,6 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     def ready(s: Server) -> None:
         print(f"splitserve: serving {s.router.model_name} ({config.mode}) on {s.address}", flush=True)
+        if s.http_port is not None:
+            print(f"splitserve: OpenAI-compatible API on http://{options.http_host}:{s.http_port}/v1", flush=True)
 
     connect_ray(options.address)  # first: it installs a SIGTERM handler that ours replaces
 
@@ -178,6 +180,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--store-prefix", default="splitserve", help="namespace of this deployment's shared state")
     serve.add_argument("--grpc-host", default="127.0.0.1")
     serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    serve.add_argument("--http-host", default="127.0.0.1")
+    serve.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API "
+                       "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) here; 0: a free port")
     serve.add_argument("--host", default="127.0.0.1", help="the address workers reach each other at (KV transfer)")
     serve.add_argument("--transfer", choices=TRANSFER_BACKENDS, default="collective")
     serve.add_argument("--kv-codec", choices=sorted(CODECS), default="raw")

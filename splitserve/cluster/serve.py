@@ -1,10 +1,11 @@
-"""Server: a Deployment, a Router over it and the gRPC front end, started and stopped as one.
+"""Server: a Deployment, a Router over it and the gRPC (and optional OpenAI HTTP) front ends,
+started and stopped as one.
 
 ``splitserve serve`` runs one in the foreground until SIGINT/SIGTERM; tests and benchmarks run
 one in a background thread (``with Server(config) as server: ...``). Shutdown order keeps
 requests whole: health turns NOT_SERVING and new requests are refused, in-flight ones get
-``grace_s`` to finish (then are cancelled, which aborts them on the workers), the gRPC server
-stops, and last the workers leave the store and their actors end.
+``grace_s`` to finish (then are cancelled, which aborts them on the workers), the HTTP and
+gRPC servers stop, and last the workers leave the store and their actors end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from splitserve.cluster.deployment import RAY_NAMESPACE, ClusterConfig, Deployme
 from splitserve.cluster.store import make_store
 from splitserve.engine.loader import default_model_path, load_tokenizer
 from splitserve.router.grpc_server import GrpcServer
+from splitserve.router.http_server import HttpServer
+from splitserve.router.metrics import Metrics
 from splitserve.router.router import Router
 
 logger = logging.getLogger(__name__)
@@ -28,10 +31,13 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServeOptions:
     """Where the API listens and how Ray is found. address: None starts a local Ray (or uses
-    the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster."""
+    the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster.
+    http_port: the OpenAI-compatible HTTP API's port (None: no HTTP; 0: a free port)."""
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
     address: str | None = None
     grace_s: float = 30.0
     start_timeout_s: float = 600.0
@@ -54,6 +60,9 @@ class Server:
         self.router: Router | None = None
         self.port: int | None = None
         self._grpc: GrpcServer | None = None
+        self._http: HttpServer | None = None
+        self.http_port: int | None = None
+        self.metrics = Metrics()  # both front ends record here; the router may report into it too
         self._store = None
         self._stop: asyncio.Event | None = None
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -94,13 +103,19 @@ class Server:
         self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode)
         await self.router.refresh(force=True)
         self.router.start()
-        self._grpc = GrpcServer(self.router)
+        self._grpc = GrpcServer(self.router, metrics=self.metrics)
         self.port = await self._grpc.start(self.options.grpc_host, self.options.grpc_port)
+        if self.options.http_port is not None:
+            self._http = HttpServer(self.router, self.metrics)
+            self.http_port = await self._http.start(self.options.http_host, self.options.http_port)
         logger.info("splitserve: serving %s (%s) on %s", self.router.model_name, self.config.mode, self.address)
 
     async def _shutdown(self) -> None:
         if self.router is not None:
             await self.router.close(self.options.grace_s)
+        # After router.close: in-flight HTTP requests had the same grace as gRPC ones.
+        if self._http is not None:
+            await self._http.stop(grace_s=1.0)
         if self._grpc is not None:
             await self._grpc.stop(grace_s=1.0)
         await self.deployment.stop()
