@@ -122,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     from splitserve.cluster.deployment import ClusterConfig
     from splitserve.cluster.serve import Server, ServeOptions, connect_ray
     from splitserve.config import SpeculativeConfig
+    from splitserve.errors import CapacityError, ServingError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -158,7 +159,11 @@ def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, server.request_stop)
         await server.run(on_ready=ready)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (ValueError, CapacityError, ServingError) as error:  # start-up failed; workers are stopped
+        print(f"splitserve: error: {error}", file=sys.stderr)
+        return 1
     print("splitserve: stopped", file=sys.stderr)
     return 0
 

@@ -154,6 +154,17 @@ class Worker:
             num_total_blocks=load.num_total_blocks, num_unfinished=load.num_running_requests,
         )
 
+    async def set_speculation(self, request_id: str, num_speculative_tokens: int) -> bool:
+        """Change a running request's k from the next step; False if it is not running here
+        (finished already, or not started). ValueError for a k the engine cannot do."""
+        def apply() -> bool:
+            if not self.engine.is_running(request_id):
+                return False
+            self.engine.set_speculation(request_id, num_speculative_tokens)
+            return True
+
+        return await self.loop.call(apply)
+
     async def abort(self, request_id: str) -> None:
         """Stop a request (wherever it is in this worker) and free its blocks; idempotent."""
         await self.loop.call(self.engine.abort, request_id)

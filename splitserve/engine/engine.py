@@ -210,6 +210,10 @@ class LLMEngine:
         request.first_token_time = request.last_token_time = time.monotonic()
         return self._output(request)
 
+    def is_running(self, request_id: str) -> bool:
+        """True while the request is queued or running here (not reserved, not finished)."""
+        return request_id in self._outputs and request_id not in self._reserved
+
     @property
     def num_reserved(self) -> int:
         return len(self._reserved)
