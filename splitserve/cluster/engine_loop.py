@@ -57,6 +57,7 @@ class EngineLoop:
         self._stopping = False
         self._num_steps = 0
         self._error: BaseException | None = None
+        self.on_step: Callable[[Any], None] | None = None  # gets each step's StepStats (engine thread)
         self.load = self._snapshot()
 
     def start(self, aio_loop: asyncio.AbstractEventLoop) -> None:
@@ -117,6 +118,8 @@ class EngineLoop:
                 return
             self._num_steps += 1
             self.load = self._snapshot()
+            if self.on_step is not None and engine.step_stats:
+                self.on_step(engine.step_stats[-1])
             for output in outputs:
                 self._deliver(output)
 

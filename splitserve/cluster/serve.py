@@ -100,7 +100,8 @@ class Server:
         model = self.config.engine.model
         self._store = await asyncio.to_thread(make_store, self.config.redis_url, self.config.store_prefix)
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
-        self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode)
+        self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode,
+                             block_size=self.config.engine.block_size, metrics=self.metrics)
         await self.router.refresh(force=True)
         self.router.start()
         self._grpc = GrpcServer(self.router, metrics=self.metrics)

@@ -57,6 +57,7 @@ class WorkerConfig:
     ttl_s: float = 3.0
     transfer_timeout_s: float = 30.0
     reservation_ttl_s: float = 300.0  # decode side: a reservation never started is released then
+    profile_at_start: bool = True  # a few synthetic steps seed the latency model before serving
 
     def __post_init__(self) -> None:
         if self.transfer not in TRANSFER_BACKENDS:
@@ -109,6 +110,26 @@ class Worker:
         self._must_register = True
         if self.publishes_prefixes:
             self.engine.block_pool.on_cache_change = lambda h, cached: self._prefix_events.append((h, cached))
+        # Step statistics, appended on the engine thread; the heartbeat fits and publishes them.
+        self._steps: deque = deque(maxlen=8192)
+        self.loop.on_step = self._steps.append
+        self.latency_model = self._make_latency_model()
+
+    # The latency model a worker fits from its own steps and publishes for the routers: decode
+    # and colocated workers fit the step time of a batch (goodput.DecodeStepModel), prefill
+    # workers the time of a prefill step by its batched tokens (goodput.PrefillModel).
+    latency_model_name = "decode_step"
+
+    def _make_latency_model(self):
+        from splitserve.router.goodput import DecodeStepModel
+
+        return DecodeStepModel()
+
+    def _add_step(self, stats) -> None:
+        # Decode and verification steps only: a step carrying a prefill chunk is compute-bound
+        # per token, a different regime that would skew the marginal cost of a draft.
+        if stats.num_batched_tokens == stats.num_requests + stats.num_draft_tokens:
+            self.latency_model.add_step(stats)
 
     def _make_engine(self, loaded: LoadedModel) -> LLMEngine:
         return LLMEngine(self.config.engine, loaded=loaded)
@@ -122,6 +143,8 @@ class Worker:
     async def start(self) -> WorkerStatus:
         """Start the engine thread, join the store and begin heart-beating; return the status."""
         self.loop.start(asyncio.get_running_loop())
+        if self.config.profile_at_start:
+            await self.loop.call(self._profile)
         info = WorkerInfo(
             worker_id=self.worker_id, kind=self.kind, rpc_endpoint=self.worker_id, kv_endpoint=self.kv_endpoint,
             node_id=f"{socket.gethostname()}:{os.getpid()}",
@@ -192,6 +215,14 @@ class Worker:
         except Exception:
             self._must_register = True  # resynchronize from scratch next time
             raise
+        while self._steps:
+            self._add_step(self._steps.popleft())
+        store.put_model(worker_id, self.latency_model_name, self.latency_model.to_coefficients())
+        spec = self.engine.config.speculative
+        store.put_model(worker_id, "speculation", {
+            "k_max": float(spec.max_speculative_tokens if spec else 0),
+            "k_default": float(spec.num_speculative_tokens if spec else 0),
+        })
         load = self.loop.load
         store.put_load(worker_id, WorkerLoad(
             num_queued_prompt_tokens=load.num_queued_prompt_tokens,
@@ -199,6 +230,31 @@ class Worker:
             num_free_blocks=load.num_free_blocks,
             num_total_blocks=load.num_total_blocks,
         ))
+
+    def _profile(self) -> None:
+        """A few steps over synthetic token ids, on the engine thread before any request: batch
+        sizes, prompt lengths and speculation lengths vary so every feature of the latency
+        model moves. The requests leave nothing behind (prefix hashes are dropped)."""
+        from splitserve.engine.sampling_params import SamplingParams
+
+        engine = self.engine
+        vocab = engine.model_config.vocab_size
+        spec = engine.config.speculative
+        plans = [(n, 4, 0) for n in (16, 64, 256)] + [(1, 8, 0)] * 4
+        if spec is not None:
+            plans += [(1, 8, k) for k in (1, min(4, spec.max_speculative_tokens))]
+        for i, (prompt_len, num_out, k) in enumerate(plans):
+            prompt = [(7919 * (i * 1000 + j)) % vocab for j in range(prompt_len)]
+            params = SamplingParams(max_tokens=num_out, temperature=0, ignore_eos=True,
+                                    num_speculative_tokens=k if spec is not None else None)
+            engine.add_request(prompt, params, request_id=f"profile-{self.worker_id}-{i}")
+        while engine.has_unfinished_requests():
+            num_steps = len(engine.step_stats)
+            engine.step()
+            if len(engine.step_stats) > num_steps or len(engine.step_stats) == engine.step_stats.maxlen:
+                self._steps.append(engine.step_stats[-1])
+        engine.block_pool.reset_prefix_cache()
+        self._prefix_events.clear()
 
     def _prefix_changes(self) -> tuple[list[bytes], list[bytes]]:
         """Net prefix-cache changes since the last call (applied to ``_published``)."""

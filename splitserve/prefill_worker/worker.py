@@ -69,6 +69,18 @@ class PrefillWorker(Worker):
         engine.kv_exporter = self.streamer
         return engine
 
+    latency_model_name = "prefill"
+
+    def _make_latency_model(self):
+        from splitserve.router.goodput import PrefillModel
+
+        return PrefillModel()
+
+    def _add_step(self, stats) -> None:
+        # A prefill step's time by the prompt tokens it ran: what queued prompts will cost.
+        if stats.num_batched_tokens:
+            self.latency_model.add(stats.num_batched_tokens, stats.step_time)
+
     async def prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, destination: KVDestination
     ) -> PrefillResult:

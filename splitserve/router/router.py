@@ -40,6 +40,8 @@ from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.errors import CapacityError, ServingError
 from splitserve.router.api import GenerateDelta, GenerateInput
+from splitserve.router.placement import Choice, check_slo, prompt_block_hashes, rank_decode, rank_prefill
+from splitserve.router.spec_control import SpecController
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class Router:
         handoff_attempts: int = 3,
         workers_ttl_s: float = 0.2,
         get_actor: Callable[[str], Any] | None = None,
+        block_size: int = 16,
+        metrics: Any = None,
+        spec_interval_s: float = 0.25,
     ):
         if handoff_attempts < 1:
             raise ValueError(f"handoff_attempts must be >= 1, got {handoff_attempts}")
@@ -76,10 +81,16 @@ class Router:
         self._loads: dict[str, WorkerLoad] = {}
         self._read_at = -1.0
         self._inflight: Counter[str] = Counter()  # requests this router has at each worker
+        self._inflight_tokens: Counter[str] = Counter()  # prompt tokens it has at each prefill worker
+        self._models: dict[str, dict[str, dict[str, float]]] = {}  # model name -> worker -> coefficients
+        self.block_size = block_size
+        self.metrics = metrics
+        self.spec = SpecController(spec_interval_s)
         self._ids = itertools.count()
         self._closing = False
         self._active: set[asyncio.Task] = set()
         self.num_handoff_retries = 0
+        self.num_k_changes = 0
         self._poller: asyncio.Task | None = None
 
     # ---------------------------------------------------------------------- Frontend API
@@ -99,8 +110,16 @@ class Router:
         """Read membership and loads from the store (at most every ``workers_ttl_s``)."""
         if not force and time.monotonic() - self._read_at < self._workers_ttl_s:
             return
-        workers, loads = await asyncio.to_thread(lambda: (self.store.list_workers(), self.store.get_loads()))
-        self._workers, self._loads, self._read_at = workers, loads, time.monotonic()
+        def read() -> tuple:
+            models = {name: self.store.get_models(name) for name in ("prefill", "decode_step", "speculation")}
+            return self.store.list_workers(), self.store.get_loads(), models
+
+        workers, loads, models = await asyncio.to_thread(read)
+        self._workers, self._loads, self._models, self._read_at = workers, loads, models, time.monotonic()
+        if self.metrics is not None:
+            for worker_id, load in loads.items():
+                self.metrics.set_worker_blocks(worker_id, load.num_total_blocks - load.num_free_blocks,
+                                               load.num_total_blocks)
 
     def start(self, interval_s: float = 1.0) -> None:
         """Keep membership fresh in the background, so health follows the workers (call on the
@@ -172,9 +191,11 @@ class Router:
             stream = handle.generate.remote(request_id, prompt_ids, request.params)
             try:
                 async with self._at(worker_id, handle, request_id) as state:
+                    self._track_spec(worker_id, request_id, len(prompt_ids), request.params)
                     async for ref in stream:
                         delta = await _result(ref, worker_id)
                         state["finished"] = delta.finished
+                        self._observe_spec(worker_id, handle, delta)
                         yield delta
                 return
             except CapacityError as e:
@@ -188,18 +209,21 @@ class Router:
         failures: list[str] = []
         tried: set[str] = set()
         for attempt in range(self.handoff_attempts):
-            decode_id, destination = await self._reserve(request_id, prompt_ids, params, tried)
+            decode_id, destination = await self._reserve(request_id, prompt_ids, request, tried)
             decode = self._handle(decode_id)
             async with self._at(decode_id, decode, request_id) as state:
-                prefill_id = self._rank("prefill", avoid=tried)[0]
+                prefill_id = (await self._choose_prefill(prompt_ids, request, tried)).worker_id
                 prefill = self._handle(prefill_id)
+                self._inflight_tokens[prefill_id] += len(prompt_ids)
                 try:
                     async with self._at(prefill_id, prefill, request_id) as prefill_state:
                         result = await _result(
                             prefill.prefill.remote(request_id, prompt_ids, prefill_params, destination), prefill_id
                         )
                         prefill_state["finished"] = True  # the request left the prefill worker
+                    self._inflight_tokens[prefill_id] -= len(prompt_ids)
                 except ServingError as e:  # the handoff failed: release the blocks (on exit), retry
+                    self._inflight_tokens[prefill_id] -= len(prompt_ids)
                     failures.append(str(e))
                     tried |= {decode_id, prefill_id}
                     self.num_handoff_retries += 1
@@ -213,17 +237,40 @@ class Router:
                     yield first  # on exit the reservation is released
                     return
                 yield first
+                if self.metrics is not None:
+                    self.metrics.observe_transfer(result.num_kv_bytes, result.handoff_wait_s)
+                self._track_spec(decode_id, request_id, len(prompt_ids), params)
                 stream = decode.generate.remote(request_id, result.first_token_id, result.generator_state)
                 async for ref in stream:
                     delta = await _result(ref, decode_id)
                     state["finished"] = delta.finished
+                    self._observe_spec(decode_id, decode, delta)
                     yield delta
                 return
         raise ServingError(f"request {request_id}: KV handoff failed {self.handoff_attempts} times: {failures[-1]}")
 
-    async def _reserve(self, request_id: str, prompt_ids: list[int], params: Any, avoid: set[str]):
+    async def _choose_prefill(self, prompt_ids: list[int], request: GenerateInput, avoid: set[str]) -> Choice:
+        """The prefill worker with the lowest predicted TTFT (prefix-cache hits included)."""
+        ids = [w.worker_id for w in self._workers if w.kind == "prefill"]
+        if not ids:
+            raise ServingError("no live prefill worker")
+        hashes = prompt_block_hashes(prompt_ids, self.block_size)
+        cached = await asyncio.to_thread(self.store.match_prefix, hashes) if hashes else {}
+        ranked = rank_prefill(ids, len(prompt_ids), cached, self.block_size, self._loads, self._inflight_tokens,
+                              self._models.get("prefill", {}), avoid)
+        check_slo("prefill", ranked[0], request.slo.ttft_s)
+        return ranked[0]
+
+    async def _reserve(self, request_id: str, prompt_ids: list[int], request: GenerateInput, avoid: set[str]):
+        params = request.params
+        ids = [w.worker_id for w in self._workers if w.kind == "decode"]
+        if not ids:
+            raise ServingError("no live decode worker")
+        ranked = rank_decode(ids, len(prompt_ids), self.block_size, self._loads, self._inflight,
+                             self._models.get("decode_step", {}), avoid)
+        check_slo("decode", ranked[0], request.slo.tpot_s)
         errors: list[str] = []
-        for worker_id in self._rank("decode", avoid=avoid):
+        for worker_id in (c.worker_id for c in ranked):
             try:
                 return worker_id, await _result(self._handle(worker_id).reserve.remote(request_id, prompt_ids, params),
                                                 worker_id)
@@ -232,6 +279,30 @@ class Router:
             except ServingError as e:  # a dead decode worker: the next one may do
                 errors.append(str(e))
         raise CapacityError(_no_worker("decode", errors))
+
+    # ------------------------------------------------------------------------ speculation
+
+    def _track_spec(self, worker_id: str, request_id: str, num_prompt_tokens: int, params: Any) -> None:
+        spec = self._models.get("speculation", {}).get(worker_id, {})
+        if spec.get("k_max", 0) <= 0:
+            return
+        pinned = params.num_speculative_tokens
+        initial = pinned if pinned is not None else int(spec.get("k_default", 0))
+        self.spec.add(worker_id, request_id, num_prompt_tokens, initial, pinned)
+
+    def _observe_spec(self, worker_id: str, handle: Any, delta: GenerateDelta) -> None:
+        """Feed a delta's counters to the controller; push any k it changed to the worker."""
+        if delta.finished:
+            self.spec.remove(worker_id, delta.request_id)
+            return
+        k_max = int(self._models.get("speculation", {}).get(worker_id, {}).get("k_max", 0))
+        changed = self.spec.observe(worker_id, delta.request_id, len(delta.token_ids), delta.num_draft_tokens,
+                                    delta.num_accepted_tokens, k_max, self._models.get("decode_step", {}).get(worker_id))
+        for request_id, k in changed.items():
+            handle.set_speculation.remote(request_id, k)  # applies from the worker's next step
+            self.num_k_changes += 1
+            if self.metrics is not None:
+                self.metrics.observe_k(k)
 
     # ------------------------------------------------------------------- worker choice
 
@@ -266,6 +337,7 @@ class Router:
             yield state
         finally:
             self._inflight[worker_id] -= 1
+            self.spec.remove(worker_id, request_id)
             if not state["finished"]:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(_result(handle.abort.remote(request_id), worker_id))

@@ -191,3 +191,20 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(server, expe
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in info.value.details()
     assert generate_all(server.address, PROMPTS[:1]) == expected[:1]
+
+
+def test_request_that_cannot_meet_its_slo_is_refused_with_resource_exhausted(server, expected):
+    with GenerationClient(server.address) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.generate(make_request(PROMPTS[4], max_tokens=4, temperature=0, ttft_ms=0.001)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "predicted TTFT" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.generate(make_request(PROMPTS[4], max_tokens=4, temperature=0, tpot_ms=0.001)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "predicted TPOT" in info.value.details()
+    # A reachable SLO is served.
+    with GenerationClient(server.address) as client:
+        out = list(client.generate(make_request(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                                ttft_ms=60_000, tpot_ms=60_000)))
+    assert [t for r in out for t in r.token_ids] == expected[0]

@@ -70,10 +70,16 @@ def test_speculative_decode_worker_keeps_greedy_output(ray_cluster, expected):
     s = start_server(decode_engine=spec)
     try:
         with GenerationClient(s.address) as client:
-            responses = [list(client.generate(make_request(p, max_tokens=MAX_TOKENS, temperature=0,
-                                                           num_speculative_tokens=4))) for p in PROMPTS]
-        assert [[t for r in rs for t in r.token_ids] for rs in responses] == expected
-        assert sum(rs[-1].speculation.draft_tokens for rs in responses) > 0
+            def run(k):
+                return [list(client.generate(make_request(p, max_tokens=MAX_TOKENS, temperature=0,
+                                                          num_speculative_tokens=k))) for p in PROMPTS]
+
+            pinned4, pinned0, adaptive = run(4), run(0), run(None)
+        for responses in (pinned4, pinned0, adaptive):
+            assert [[t for r in rs for t in r.token_ids] for rs in responses] == expected
+        assert sum(rs[-1].speculation.draft_tokens for rs in pinned4) > 0
+        assert sum(rs[-1].speculation.draft_tokens for rs in pinned0) == 0
+        assert s.router.num_k_changes > 0  # the router chose k for the unpinned requests
         wait_idle(s)
     finally:
         s.stop()

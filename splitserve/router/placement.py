@@ -1,0 +1,104 @@
+"""Placement and admission: predicted TTFT and TPOT per worker, from the latency models the
+workers publish and the loads they report (pure functions; the Router feeds them).
+
+- Prefill worker: predicted TTFT = its fitted prefill time of (prompt tokens queued there,
+  including what this router sent and not yet finished, plus this prompt's tokens that are not
+  already in its prefix cache). A repeated system prompt therefore goes where its blocks are.
+- Decode worker: predicted TPOT = its fitted step time with one more request in the batch;
+  workers that reported no room for the prompt's blocks are asked last.
+- Admission: a request whose best prediction exceeds its SLO is refused (RESOURCE_EXHAUSTED)
+  rather than queued where it would miss anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from splitserve.cluster.store import WorkerLoad
+from splitserve.engine.block_pool import hash_block_tokens
+from splitserve.router.goodput import DecodeStepModel, PrefillModel
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One candidate worker with its prediction (inf when it has no model yet)."""
+
+    worker_id: str
+    predicted_s: float
+
+
+def prompt_block_hashes(prompt_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """The chained hashes of the prompt's full blocks (the shared prefix index's keys)."""
+    hashes, parent = [], None
+    for i in range(len(prompt_ids) // block_size):
+        parent = hash_block_tokens(parent, prompt_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
+def rank_prefill(
+    worker_ids: Sequence[str],
+    num_prompt_tokens: int,
+    cached_blocks: Mapping[str, int],
+    block_size: int,
+    loads: Mapping[str, WorkerLoad],
+    inflight_tokens: Mapping[str, int],
+    models: Mapping[str, Mapping[str, float]],
+    avoid: frozenset[str] | set[str] = frozenset(),
+) -> list[Choice]:
+    """Prefill workers by predicted TTFT, best first (``avoid``: tried already, last)."""
+    choices = []
+    for worker_id in worker_ids:
+        hit = min(cached_blocks.get(worker_id, 0) * block_size, num_prompt_tokens - 1)
+        load = loads.get(worker_id)
+        queued = max(load.num_queued_prompt_tokens if load else 0, inflight_tokens.get(worker_id, 0))
+        coefficients = models.get(worker_id)
+        predicted = math.inf
+        if coefficients:
+            predicted = PrefillModel.from_coefficients(coefficients).predict(queued + num_prompt_tokens - hit)
+        choices.append(Choice(worker_id, predicted))
+    return sorted(choices, key=lambda c: (c.worker_id in avoid, c.predicted_s, c.worker_id))
+
+
+def rank_decode(
+    worker_ids: Sequence[str],
+    num_prompt_tokens: int,
+    block_size: int,
+    loads: Mapping[str, WorkerLoad],
+    inflight: Mapping[str, int],
+    models: Mapping[str, Mapping[str, float]],
+    avoid: frozenset[str] | set[str] = frozenset(),
+) -> list[Choice]:
+    """Decode workers by predicted TPOT with one more request; those that reported too few free
+    blocks for the prompt go last (their own answer, CapacityError or ValueError, is the truth)."""
+    needed_blocks = -(-(num_prompt_tokens + 1) // block_size)
+    choices = []
+    full = set()
+    for worker_id in worker_ids:
+        load = loads.get(worker_id)
+        if load is not None and load.num_free_blocks < needed_blocks:
+            full.add(worker_id)
+        batch = max(load.num_running_requests if load else 0, inflight.get(worker_id, 0)) + 1
+        coefficients = models.get(worker_id)
+        predicted = math.inf
+        if coefficients:
+            context = batch * num_prompt_tokens  # the newcomer's prompt as the typical context
+            predicted = DecodeStepModel.from_coefficients(coefficients).predict(batch, batch, context, 0)
+        choices.append(Choice(worker_id, predicted))
+    return sorted(choices, key=lambda c: (c.worker_id in avoid, c.worker_id in full, c.predicted_s, c.worker_id))
+
+
+def check_slo(kind: str, best: Choice | None, slo_s: float | None) -> None:
+    """CapacityError when even the best worker's prediction misses the request's SLO."""
+    from splitserve.errors import CapacityError
+
+    if slo_s is None or best is None or math.isinf(best.predicted_s):
+        return
+    if best.predicted_s > slo_s:
+        what = "TTFT" if kind == "prefill" else "TPOT"
+        raise CapacityError(
+            f"predicted {what} {best.predicted_s * 1000:.0f} ms on the best {kind} worker exceeds the request's "
+            f"SLO of {slo_s * 1000:.0f} ms; retry later or relax the SLO"
+        )

@@ -1,0 +1,92 @@
+"""SpecController: the router's per-request speculation lengths, recomputed as stats arrive.
+
+For each decode worker it tracks the requests this router runs there: their context length,
+their acceptance (``AcceptanceTracker`` over the drafted/accepted counters the worker streams
+back), whether the client pinned k, and the k currently applied. ``observe`` takes a request's
+latest counters; at most every ``interval_s`` per worker it reruns ``choose_k`` over that
+worker's batch with the worker's fitted step-time model and returns the k values that changed,
+which the router pushes to the worker (``set_speculation``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from splitserve.router.goodput import AcceptanceTracker, DecodeStepModel, SpecRequest, choose_k
+
+PROPOSER = "decode"  # one acceptance prior per decode-side proposer kind; the workers share one here
+
+
+@dataclass
+class _Tracked:
+    context_tokens: int
+    k: int
+    pinned_k: int | None
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+
+class SpecController:
+    def __init__(self, interval_s: float = 0.25, margin: float = 0.05, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self.margin = margin
+        self.clock = clock
+        self.acceptance = AcceptanceTracker()
+        self._workers: dict[str, dict[str, _Tracked]] = {}
+        self._decided_at: dict[str, float] = {}
+
+    def add(self, worker_id: str, request_id: str, num_prompt_tokens: int, initial_k: int,
+            pinned_k: int | None) -> None:
+        self._workers.setdefault(worker_id, {})[request_id] = _Tracked(num_prompt_tokens + 1, initial_k, pinned_k)
+
+    def remove(self, worker_id: str, request_id: str) -> None:
+        self._workers.get(worker_id, {}).pop(request_id, None)
+        self.acceptance.forget(request_id)
+
+    def observe(
+        self,
+        worker_id: str,
+        request_id: str,
+        num_new_tokens: int,
+        num_draft_tokens: int,
+        num_accepted_tokens: int,
+        k_max: int,
+        step_model: Mapping[str, float] | None,
+    ) -> dict[str, int]:
+        """Record a request's progress (cumulative counters); return changed k per request id."""
+        batch = self._workers.get(worker_id, {})
+        tracked = batch.get(request_id)
+        if tracked is None:
+            return {}
+        tracked.context_tokens += num_new_tokens
+        drafted = num_draft_tokens - tracked.num_draft_tokens
+        if drafted > 0:
+            accepted = num_accepted_tokens - tracked.num_accepted_tokens
+            self.acceptance.update(request_id, PROPOSER, drafted, min(max(accepted, 0), drafted))
+        tracked.num_draft_tokens, tracked.num_accepted_tokens = num_draft_tokens, num_accepted_tokens
+        now = self.clock()
+        if k_max <= 0 or not step_model or now - self._decided_at.get(worker_id, -1e9) < self.interval_s:
+            return {}
+        self._decided_at[worker_id] = now
+        return self.decide(worker_id, k_max, DecodeStepModel.from_coefficients(step_model))
+
+    def decide(self, worker_id: str, k_max: int, model: DecodeStepModel) -> dict[str, int]:
+        batch = self._workers.get(worker_id, {})
+        requests = [
+            SpecRequest(rid, self.acceptance.estimate(rid, PROPOSER), t.context_tokens, k_max,
+                        None if t.pinned_k is None else min(t.pinned_k, k_max))
+            for rid, t in batch.items()
+        ]
+        if not requests:
+            return {}
+        chosen = choose_k(requests, model.predict, margin=self.margin)
+        changed = {rid: k for rid, k in chosen.items() if batch[rid].k != k and batch[rid].pinned_k is None}
+        for rid, k in changed.items():
+            batch[rid].k = k
+        return changed
+
+    def k_of(self, worker_id: str, request_id: str) -> int | None:
+        tracked = self._workers.get(worker_id, {}).get(request_id)
+        return None if tracked is None else tracked.k
