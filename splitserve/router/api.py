@@ -23,7 +23,7 @@ from typing import Protocol
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError, ServingError
 
-__all__ = ["SLO", "CapacityError", "Frontend", "GenerateDelta", "GenerateInput", "ServingError"]
+__all__ = ["SLO", "CapacityError", "Frontend", "GenerateDelta", "GenerateInput", "RequestReport", "ServingError"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,22 @@ class GenerateInput:
 
 
 @dataclass(frozen=True)
+class RequestReport:
+    """How a finished request was served (the router fills it on the last delta); seconds."""
+
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    k_history: tuple[int, ...] = ()
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    decode_s: float = 0.0
+    handoff_attempts: int = 0
+
+
+@dataclass(frozen=True)
 class GenerateDelta:
     """What one streamed message carries: the tokens and text added since the last one."""
 
@@ -70,6 +86,7 @@ class GenerateDelta:
     num_output_tokens: int = 0  # so far, this delta included
     num_draft_tokens: int = 0  # speculation counters so far (0 without speculation)
     num_accepted_tokens: int = 0
+    report: RequestReport | None = None  # on the last delta of a request the router completed
 
 
 class Frontend(Protocol):

@@ -22,7 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
-from splitserve.router.api import SLO, CapacityError, Frontend, GenerateDelta, GenerateInput, ServingError
+from splitserve.router.api import (
+    SLO, CapacityError, Frontend, GenerateDelta, GenerateInput, RequestReport, ServingError,
+)
 from splitserve.router.metrics import Metrics, observe_stream
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,16 @@ def delta_to_pb(delta: GenerateDelta) -> pb.GenerateResponse:
         finish_reason=delta.finish_reason or "",
         usage=pb.Usage(prompt_tokens=delta.num_prompt_tokens, completion_tokens=delta.num_output_tokens),
         speculation=pb.Speculation(draft_tokens=delta.num_draft_tokens, accepted_tokens=delta.num_accepted_tokens),
+        report=report_to_pb(delta.report) if delta.report is not None else None,
+    )
+
+
+def report_to_pb(report: RequestReport) -> pb.RequestReport:
+    return pb.RequestReport(
+        prefill_worker=report.prefill_worker, decode_worker=report.decode_worker, k_history=report.k_history,
+        draft_tokens=report.num_draft_tokens, accepted_tokens=report.num_accepted_tokens, queue_s=report.queue_s,
+        prefill_s=report.prefill_s, transfer_s=report.transfer_s, decode_s=report.decode_s,
+        handoff_attempts=report.handoff_attempts,
     )
 
 

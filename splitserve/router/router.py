@@ -39,7 +39,7 @@ from splitserve.cluster.deployment import RAY_NAMESPACE
 from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.errors import CapacityError, ServingError
-from splitserve.router.api import GenerateDelta, GenerateInput
+from splitserve.router.api import GenerateDelta, GenerateInput, RequestReport
 from splitserve.router.placement import Choice, check_slo, prompt_block_hashes, rank_decode, rank_prefill
 from splitserve.router.spec_control import SpecController
 
@@ -91,6 +91,8 @@ class Router:
         self._active: set[asyncio.Task] = set()
         self.num_handoff_retries = 0
         self.num_k_changes = 0
+        self._k_history: dict[str, list[int]] = {}
+        self._where: Counter[str] = Counter()  # request id -> workers it is at (for cleanup)
         self._poller: asyncio.Task | None = None
 
     # ---------------------------------------------------------------------- Frontend API
@@ -149,6 +151,7 @@ class Router:
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
         if self._closing:
             raise ServingError("the server is shutting down")
+        arrival = time.monotonic()
         prompt_ids = self._prompt_token_ids(request)
         request_id = request.request_id or f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         task = asyncio.current_task()
@@ -157,9 +160,9 @@ class Router:
         try:
             await self.refresh()
             if self.mode == "colocated":
-                stream = self._colocated(request_id, prompt_ids, request)
+                stream = self._colocated(request_id, prompt_ids, request, arrival)
             else:
-                stream = self._disaggregated(request_id, prompt_ids, request)
+                stream = self._disaggregated(request_id, prompt_ids, request, arrival)
             async with contextlib.aclosing(stream):
                 async for delta in stream:
                     yield delta
@@ -184,7 +187,7 @@ class Router:
             return self.tokenizer.encode(request.prompt)
         return list(request.prompt_token_ids or [])  # the worker checks them against the vocabulary
 
-    async def _colocated(self, request_id: str, prompt_ids: list[int], request: GenerateInput):
+    async def _colocated(self, request_id: str, prompt_ids: list[int], request: GenerateInput, arrival: float):
         errors: list[str] = []
         for worker_id in self._rank("colocated"):
             handle = self._handle(worker_id)
@@ -192,17 +195,25 @@ class Router:
             try:
                 async with self._at(worker_id, handle, request_id) as state:
                     self._track_spec(worker_id, request_id, len(prompt_ids), request.params)
+                    first_at = None
                     async for ref in stream:
                         delta = await _result(ref, worker_id)
                         state["finished"] = delta.finished
+                        first_at = first_at or time.monotonic()
                         self._observe_spec(worker_id, handle, delta)
+                        if delta.finished:
+                            delta = dataclasses.replace(delta, report=RequestReport(
+                                decode_worker=worker_id, k_history=tuple(self._k_history.get(request_id, ())),
+                                num_draft_tokens=delta.num_draft_tokens, num_accepted_tokens=delta.num_accepted_tokens,
+                                prefill_s=first_at - arrival, decode_s=time.monotonic() - first_at, handoff_attempts=0,
+                            ))
                         yield delta
                 return
             except CapacityError as e:
                 errors.append(str(e))
         raise CapacityError(_no_worker("colocated", errors))
 
-    async def _disaggregated(self, request_id: str, prompt_ids: list[int], request: GenerateInput):
+    async def _disaggregated(self, request_id: str, prompt_ids: list[int], request: GenerateInput, arrival: float):
         params = request.params
         # Speculation happens on the decode side; the prefill worker samples one token.
         prefill_params = dataclasses.replace(params, num_speculative_tokens=None)
@@ -214,6 +225,7 @@ class Router:
             async with self._at(decode_id, decode, request_id) as state:
                 prefill_id = (await self._choose_prefill(prompt_ids, request, tried)).worker_id
                 prefill = self._handle(prefill_id)
+                queue_s = time.monotonic() - arrival
                 self._inflight_tokens[prefill_id] += len(prompt_ids)
                 try:
                     async with self._at(prefill_id, prefill, request_id) as prefill_state:
@@ -221,20 +233,31 @@ class Router:
                             prefill.prefill.remote(request_id, prompt_ids, prefill_params, destination), prefill_id
                         )
                         prefill_state["finished"] = True  # the request left the prefill worker
-                    self._inflight_tokens[prefill_id] -= len(prompt_ids)
                 except ServingError as e:  # the handoff failed: release the blocks (on exit), retry
-                    self._inflight_tokens[prefill_id] -= len(prompt_ids)
                     failures.append(str(e))
                     tried |= {decode_id, prefill_id}
                     self.num_handoff_retries += 1
                     logger.warning("request %s: handoff attempt %d failed: %s", request_id, attempt + 1, e)
                     continue
+                finally:
+                    self._inflight_tokens[prefill_id] -= len(prompt_ids)
+                first_at = time.monotonic()
+
+                def report(last: GenerateDelta) -> RequestReport:
+                    return RequestReport(
+                        prefill_worker=prefill_id, decode_worker=decode_id,
+                        k_history=tuple(self._k_history.get(request_id, ())),
+                        num_draft_tokens=last.num_draft_tokens, num_accepted_tokens=last.num_accepted_tokens,
+                        queue_s=queue_s, prefill_s=result.prefill_s, transfer_s=result.handoff_wait_s,
+                        decode_s=time.monotonic() - first_at, handoff_attempts=attempt + 1,
+                    )
+
                 first = GenerateDelta(
                     request_id, [result.first_token_id], result.text, result.finished, result.finish_reason,
                     num_prompt_tokens=result.num_prompt_tokens, num_output_tokens=1,
                 )
                 if result.finished:
-                    yield first  # on exit the reservation is released
+                    yield dataclasses.replace(first, report=report(first))  # on exit the reservation is released
                     return
                 yield first
                 if self.metrics is not None:
@@ -245,7 +268,7 @@ class Router:
                     delta = await _result(ref, decode_id)
                     state["finished"] = delta.finished
                     self._observe_spec(decode_id, decode, delta)
-                    yield delta
+                    yield dataclasses.replace(delta, report=report(delta)) if delta.finished else delta
                 return
         raise ServingError(f"request {request_id}: KV handoff failed {self.handoff_attempts} times: {failures[-1]}")
 
@@ -300,6 +323,7 @@ class Router:
                                     delta.num_accepted_tokens, k_max, self._models.get("decode_step", {}).get(worker_id))
         for request_id, k in changed.items():
             handle.set_speculation.remote(request_id, k)  # applies from the worker's next step
+            self._k_history.setdefault(request_id, []).append(k)
             self.num_k_changes += 1
             if self.metrics is not None:
                 self.metrics.observe_k(k)
@@ -319,6 +343,12 @@ class Router:
 
         return sorted(ids, key=key)
 
+    def _inflight_anywhere(self, request_id: str) -> bool:
+        if self._where[request_id] > 0:
+            return True
+        del self._where[request_id]
+        return False
+
     def _handle(self, worker_id: str) -> Any:
         if worker_id not in self._handles:
             try:
@@ -333,11 +363,15 @@ class Router:
         on the way out (cancel, error, or a released reservation)."""
         state = {"finished": False}
         self._inflight[worker_id] += 1
+        self._where[request_id] += 1
         try:
             yield state
         finally:
             self._inflight[worker_id] -= 1
+            self._where[request_id] -= 1
             self.spec.remove(worker_id, request_id)
+            if not self._inflight_anywhere(request_id):
+                self._k_history.pop(request_id, None)
             if not state["finished"]:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(_result(handle.abort.remote(request_id), worker_id))

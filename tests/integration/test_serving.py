@@ -134,8 +134,11 @@ def test_stalled_transfer_times_out_and_the_retry_completes(server, expected):
     # handoff fails, its blocks are freed on both sides, and the router's retry succeeds.
     ray.get(actor(server, "decode").inject_stall.remote(2.5, 1))
     before = ray.get(actor(server, "prefill").stats.remote())["failed_handoffs"]
-    assert generate_all(server.address, PROMPTS[:1]) == expected[:1]
+    with GenerationClient(server.address) as client:
+        out = list(client.generate(make_request(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)))
+    assert [t for r in out for t in r.token_ids] == expected[0]
     assert ray.get(actor(server, "prefill").stats.remote())["failed_handoffs"] > before
+    assert out[-1].report.handoff_attempts == 2
 
 
 def test_transfer_that_keeps_stalling_fails_with_unavailable(server):
@@ -208,3 +211,15 @@ def test_request_that_cannot_meet_its_slo_is_refused_with_resource_exhausted(ser
         out = list(client.generate(make_request(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
                                                 ttft_ms=60_000, tpot_ms=60_000)))
     assert [t for r in out for t in r.token_ids] == expected[0]
+
+
+def test_last_message_reports_how_the_request_was_served(server, expected):
+    with GenerationClient(server.address) as client:
+        out = list(client.generate(make_request(PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0)))
+    assert [t for r in out for t in r.token_ids] == expected[2]
+    assert all(not r.HasField("report") for r in out[:-1])
+    report = out[-1].report
+    assert ".prefill-" in report.prefill_worker and ".decode-" in report.decode_worker
+    assert report.handoff_attempts == 1
+    assert report.prefill_s > 0 and report.decode_s > 0 and report.queue_s >= 0 and report.transfer_s >= 0
+    assert report.prefill_s + report.decode_s < 60
