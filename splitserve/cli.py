@@ -123,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     from splitserve.cluster.serve import Server, ServeOptions, connect_ray
     from splitserve.config import SpeculativeConfig
     from splitserve.errors import CapacityError, ServingError
+    from splitserve.router.api import SLO
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -139,8 +140,11 @@ def _serve(args: argparse.Namespace) -> int:
             num_threads=args.threads_per_worker, host=args.host, redis_url=args.redis_url,
             store_prefix=args.store_prefix,
         )
+        slo = SLO(ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
+                  tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None)
         options = ServeOptions(grpc_host=args.grpc_host, grpc_port=args.grpc_port, address=args.address,
-                               grace_s=args.grace, http_host=args.http_host, http_port=args.http_port)
+                               grace_s=args.grace, http_host=args.http_host, http_port=args.http_port,
+                               default_slo=slo)
     except ValueError as error:
         print(f"splitserve: error: {error}", file=sys.stderr)
         return 2
@@ -199,6 +203,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--threads-per-worker", type=int, default=None, help="default: the CPUs split evenly")
     serve.add_argument("--speculative", choices=PROPOSERS, default=None, help="decode-side proposer")
     serve.add_argument("--num-speculative-tokens", type=int, default=3)
+    serve.add_argument("--slo-ttft-ms", type=float, default=None,
+                       help="default TTFT SLO for requests that set none (refused when predicted to miss)")
+    serve.add_argument("--slo-tpot-ms", type=float, default=None, help="default TPOT SLO, likewise")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
     serve.set_defaults(run=_serve)
 

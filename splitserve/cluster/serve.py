@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -23,6 +23,7 @@ from splitserve.engine.loader import default_model_path, load_tokenizer
 from splitserve.router.grpc_server import GrpcServer
 from splitserve.router.http_server import HttpServer
 from splitserve.router.metrics import Metrics
+from splitserve.router.api import SLO
 from splitserve.router.router import Router
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ logger = logging.getLogger(__name__)
 class ServeOptions:
     """Where the API listens and how Ray is found. address: None starts a local Ray (or uses
     the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster.
-    http_port: the OpenAI-compatible HTTP API's port (None: no HTTP; 0: a free port)."""
+    http_port: the OpenAI-compatible HTTP API's port (None: no HTTP; 0: a free port).
+    default_slo: latency targets for requests that set none (admission refuses what it predicts
+    would miss them)."""
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
@@ -41,6 +44,7 @@ class ServeOptions:
     address: str | None = None
     grace_s: float = 30.0
     start_timeout_s: float = 600.0
+    default_slo: SLO = field(default_factory=SLO)
 
 
 def connect_ray(address: str | None) -> None:
@@ -101,7 +105,8 @@ class Server:
         self._store = await asyncio.to_thread(make_store, self.config.redis_url, self.config.store_prefix)
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
         self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode,
-                             block_size=self.config.engine.block_size, metrics=self.metrics)
+                             block_size=self.config.engine.block_size, metrics=self.metrics,
+                             default_slo=self.options.default_slo)
         await self.router.refresh(force=True)
         self.router.start()
         self._grpc = GrpcServer(self.router, metrics=self.metrics)

@@ -39,7 +39,7 @@ from splitserve.cluster.deployment import RAY_NAMESPACE
 from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.errors import CapacityError, ServingError
-from splitserve.router.api import GenerateDelta, GenerateInput, RequestReport
+from splitserve.router.api import SLO, GenerateDelta, GenerateInput, RequestReport
 from splitserve.router.placement import Choice, check_slo, prompt_block_hashes, rank_decode, rank_prefill
 from splitserve.router.spec_control import SpecController
 
@@ -66,6 +66,7 @@ class Router:
         block_size: int = 16,
         metrics: Any = None,
         spec_interval_s: float = 0.25,
+        default_slo: SLO | None = None,
     ):
         if handoff_attempts < 1:
             raise ValueError(f"handoff_attempts must be >= 1, got {handoff_attempts}")
@@ -84,6 +85,7 @@ class Router:
         self._inflight_tokens: Counter[str] = Counter()  # prompt tokens it has at each prefill worker
         self._models: dict[str, dict[str, dict[str, float]]] = {}  # model name -> worker -> coefficients
         self.block_size = block_size
+        self.default_slo = default_slo or SLO()
         self.metrics = metrics
         self.spec = SpecController(spec_interval_s)
         self._ids = itertools.count()
@@ -153,6 +155,10 @@ class Router:
             raise ServingError("the server is shutting down")
         arrival = time.monotonic()
         prompt_ids = self._prompt_token_ids(request)
+        request = dataclasses.replace(request, slo=SLO(
+            request.slo.ttft_s if request.slo.ttft_s is not None else self.default_slo.ttft_s,
+            request.slo.tpot_s if request.slo.tpot_s is not None else self.default_slo.tpot_s,
+        ))
         request_id = request.request_id or f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         task = asyncio.current_task()
         if task is not None:

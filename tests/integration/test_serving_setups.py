@@ -36,9 +36,43 @@ def test_other_setups_equal_offline_engine(ray_cluster, request, expected, overr
     s = start_server(**overrides)
     try:
         assert generate_all(s.address) == expected
+        if "redis_url" in overrides and s.config.mode == "disaggregated":
+            check_second_router_replica(s, overrides["redis_url"], expected)
         wait_idle(s)
     finally:
         s.stop()
+
+
+def check_second_router_replica(server, redis_url: str, expected) -> None:
+    """Another router on the same Redis sees the same workers and serves through them; its
+    default SLO applies to requests that set none."""
+    import asyncio
+
+    from splitserve.cluster.redis_store import RedisStore
+    from splitserve.engine.loader import default_model_path, load_tokenizer
+    from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.errors import CapacityError
+    from splitserve.router.api import SLO, GenerateInput
+    from splitserve.router.router import Router
+
+    async def run() -> None:
+        store = RedisStore(redis_url, prefix=server.config.store_prefix)
+        try:
+            replica = Router(store, load_tokenizer(None), default_model_path())
+            await replica.refresh(force=True)
+            assert replica.is_ready()
+            assert {w.worker_id for w in replica._workers} == set(server.deployment.handles)
+            params = SamplingParams(max_tokens=len(expected[0]), temperature=0)
+            deltas = [d async for d in replica.generate(GenerateInput(params, prompt=PROMPTS[0]))]
+            assert [t for d in deltas for t in d.token_ids] == expected[0]
+            strict = Router(store, load_tokenizer(None), default_model_path(), default_slo=SLO(ttft_s=1e-6))
+            await strict.refresh(force=True)
+            with pytest.raises(CapacityError, match="TTFT"):
+                [d async for d in strict.generate(GenerateInput(params, prompt=PROMPTS[0]))]
+        finally:
+            store.close()
+
+    asyncio.run(run())
 
 
 def test_splitserve_serve_command(ray_cluster, expected):
