@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 PORT ?= 50051
 
-.PHONY: setup run test test-fast bench bench-disagg clean
+.PHONY: setup run test test-fast bench bench-disagg bench-spec-policy clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ bench: setup
 
 bench-disagg: setup
 	$(PY) bench/disaggregated.py
+
+bench-spec-policy: setup
+	$(PY) bench/speculation_policy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -148,19 +148,31 @@ def local_prefill(engine: LLMEngine, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def stream_request(client: GenerationClient, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed request: arrival times of its messages (from the send) and tokens in each."""
-    request = make_request(prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    times, tokens, ids, error = [], [], [], None
+def stream_request(client: GenerationClient, prompt: list[int], max_tokens: int,
+                   num_speculative_tokens: int | None = None) -> dict:
+    """One streamed request (greedy, EOS ignored; num_speculative_tokens None: the server's k):
+    arrival times of its messages (from the send), tokens in each, and the router's report
+    from the last message (None when it carried none)."""
+    request = make_request(prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                           num_speculative_tokens=num_speculative_tokens)
+    times, tokens, ids, report, error = [], [], [], None, None
     sent = time.perf_counter()
     try:
         for response in client.generate(request, timeout_s=REQUEST_TIMEOUT_S):
             times.append(time.perf_counter() - sent)
             tokens.append(len(response.token_ids))
             ids.extend(response.token_ids)
+            if response.HasField("report"):
+                report = {f.name: _plain(getattr(response.report, f.name)) for f in response.report.DESCRIPTOR.fields}
     except grpc.RpcError as e:
         error = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
-    return {"sent_s": sent, "chunk_times_s": times, "chunk_tokens": tokens, "token_ids": ids, "error": error}
+    return {"sent_s": sent, "chunk_times_s": times, "chunk_tokens": tokens, "token_ids": ids, "report": report,
+            "error": error}
+
+
+def _plain(value: object) -> object:
+    """A protobuf scalar as is, a repeated field as a list (for JSON)."""
+    return value if isinstance(value, int | float | str) else list(value)  # type: ignore[call-overload]
 
 
 def direct_handoff(server: Server, prompt: list[int], request_id: str) -> dict:
@@ -316,12 +328,14 @@ def time_decode(engine: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[
 
 
 def run_load(client: GenerationClient, workload: list[dict], rate: float) -> list[dict]:
-    """Send each request at its arrival time from its own thread; wait for all to end."""
+    """Send each request at its arrival time from its own thread; wait for all to end. A request
+    may carry num_speculative_tokens (pinned k; absent or None: the server chooses)."""
     records: list[dict | None] = [None] * len(workload)
 
     def send(i: int, lag: float) -> None:
         r = workload[i]
-        records[i] = {**stream_request(client, r["prompt"], r["max_tokens"]), "dispatch_lag_s": lag}
+        record = stream_request(client, r["prompt"], r["max_tokens"], r.get("num_speculative_tokens"))
+        records[i] = {**record, "dispatch_lag_s": lag}
 
     threads, start = [], time.perf_counter()
     for i, r in enumerate(workload):
