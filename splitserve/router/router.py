@@ -318,6 +318,7 @@ class Router:
         pinned = params.num_speculative_tokens
         initial = pinned if pinned is not None else int(spec.get("k_default", 0))
         self.spec.add(worker_id, request_id, num_prompt_tokens, initial, pinned)
+        self._k_history[request_id] = [initial]
 
     def _observe_spec(self, worker_id: str, handle: Any, delta: GenerateDelta) -> None:
         """Feed a delta's counters to the controller; push any k it changed to the worker."""
