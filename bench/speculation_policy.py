@@ -196,15 +196,16 @@ def run_policy(server: Server, client: GenerationClient, requests: list[dict], r
 
 
 def speculation_summary(records: list[dict], initial_k: int) -> dict:
-    """From the router's reports: the k it set (the initial k, then k_history; mean over each
-    request's settings, then over requests), drafts per verification step and acceptance."""
+    """From the router's reports: the k it set (k_history: the initial k, then each change; an
+    empty history means ``initial_k`` throughout; mean over each request's settings, then over
+    requests), drafts per verification step and acceptance."""
     done = [(r["report"], len(r["token_ids"])) for r in records if r["report"] is not None and not r["error"]]
     drafts = sum(rep["draft_tokens"] for rep, _ in done)
     accepted = sum(rep["accepted_tokens"] for rep, _ in done)
     steps = sum(n - 1 - rep["accepted_tokens"] for rep, n in done)  # the first token comes from the prefill
     return {
-        "k_set_mean": mean([statistics.fmean([initial_k, *rep["k_history"]]) for rep, _ in done]),
-        "k_final_mean": mean([([initial_k, *rep["k_history"]])[-1] for rep, _ in done]),
+        "k_set_mean": mean([statistics.fmean(rep["k_history"] or [initial_k]) for rep, _ in done]),
+        "k_final_mean": mean([(rep["k_history"] or [initial_k])[-1] for rep, _ in done]),
         "drafts_per_step": drafts / steps if steps else None,
         "acceptance_rate": accepted / drafts if drafts else None,
         "num_draft_tokens": drafts, "num_accepted_tokens": accepted, "num_verify_steps": steps,
