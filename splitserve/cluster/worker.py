@@ -249,9 +249,9 @@ class Worker:
                                     num_speculative_tokens=k if spec is not None else None)
             engine.add_request(prompt, params, request_id=f"profile-{self.worker_id}-{i}")
         while engine.has_unfinished_requests():
-            num_steps = len(engine.step_stats)
+            last = engine.step_stats[-1] if engine.step_stats else None
             engine.step()
-            if len(engine.step_stats) > num_steps or len(engine.step_stats) == engine.step_stats.maxlen:
+            if engine.step_stats and engine.step_stats[-1] is not last:  # a step that ran records stats
                 self._steps.append(engine.step_stats[-1])
         engine.block_pool.reset_prefix_cache()
         self._prefix_events.clear()

@@ -93,8 +93,7 @@ class Router:
         self._active: set[asyncio.Task] = set()
         self.num_handoff_retries = 0
         self.num_k_changes = 0
-        self._k_history: dict[str, list[int]] = {}
-        self._where: Counter[str] = Counter()  # request id -> workers it is at (for cleanup)
+        self._k_history: dict[str, list[int]] = {}  # per request in flight, for its report
         self._poller: asyncio.Task | None = None
 
     # ---------------------------------------------------------------------- Frontend API
@@ -173,6 +172,7 @@ class Router:
                 async for delta in stream:
                     yield delta
         finally:
+            self._k_history.pop(request_id, None)
             if task is not None:
                 self._active.discard(task)
 
@@ -350,12 +350,6 @@ class Router:
 
         return sorted(ids, key=key)
 
-    def _inflight_anywhere(self, request_id: str) -> bool:
-        if self._where[request_id] > 0:
-            return True
-        del self._where[request_id]
-        return False
-
     def _handle(self, worker_id: str) -> Any:
         if worker_id not in self._handles:
             try:
@@ -370,15 +364,11 @@ class Router:
         on the way out (cancel, error, or a released reservation)."""
         state = {"finished": False}
         self._inflight[worker_id] += 1
-        self._where[request_id] += 1
         try:
             yield state
         finally:
             self._inflight[worker_id] -= 1
-            self._where[request_id] -= 1
             self.spec.remove(worker_id, request_id)
-            if not self._inflight_anywhere(request_id):
-                self._k_history.pop(request_id, None)
             if not state["finished"]:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(_result(handle.abort.remote(request_id), worker_id))
