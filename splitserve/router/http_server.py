@@ -156,7 +156,7 @@ class HttpServer:
         try:
             first = await anext(stream)  # raises the input errors, before any byte is sent
             reply = Reply(is_chat, first.request_id, generate_input.model or self._frontend.model_name,
-                          int(time.time()), options.include_usage)
+                          int(time.time()), options.include_usage, options.continuous_usage)
             if options.stream:
                 return await self._stream(request, reply, first, stream)
             return await self._whole(reply, first, stream)

@@ -6,8 +6,9 @@ for what splitserve cannot serve; ``Reply`` writes ``GenerateDelta``s back as Op
 responses; ``error_body`` is OpenAI's error object. ``http_server`` does the I/O.
 
 Accepted beyond OpenAI's fields (as vLLM): ``top_k`` (-1: off), ``ignore_eos``,
-``stop_token_ids``, ``skip_special_tokens``, ``num_speculative_tokens``, ``slo_ttft_ms`` and
-``slo_tpot_ms``. Other unknown fields are ignored, as vLLM does, so clients that send extras
+``stop_token_ids``, ``skip_special_tokens``, ``num_speculative_tokens``, ``slo_ttft_ms``,
+``slo_tpot_ms`` and ``stream_options.continuous_usage_stats`` (with ``include_usage``: every
+streamed chunk carries the usage so far, so a client counts each chunk's tokens). Other unknown fields are ignored, as vLLM does, so clients that send extras
 work. Fields that would change the output in ways splitserve does not implement (n > 1, echo,
 logprobs, penalties, logit_bias, tools...) are refused unless they hold their neutral value.
 finish_reason is "stop", "length", or "abort" when the server aborted the request (as vLLM
@@ -42,10 +43,12 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 @dataclass(frozen=True)
 class ReplyOptions:
-    """How the client wants the answer: streamed (SSE) or whole, with a usage chunk at the end."""
+    """How the client wants the answer: streamed (SSE) or whole, with a usage chunk at the end
+    and, with continuous_usage, the usage so far on every chunk (vLLM's extension)."""
 
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False
 
 
 def completion_input(body: Any, request_id: str | None = None) -> tuple[GenerateInput, ReplyOptions]:
@@ -148,7 +151,10 @@ def reply_options(body: Mapping[str, Any]) -> ReplyOptions:
         raise ValueError("stream_options is only allowed when stream is true")
     if options is not None and not isinstance(options, dict):
         raise ValueError(f"stream_options must be an object, got {options!r}")
-    return ReplyOptions(stream=stream, include_usage=bool((options or {}).get("include_usage")))
+    include_usage = bool((options or {}).get("include_usage"))
+    # As vLLM: continuous usage only comes with include_usage.
+    continuous_usage = include_usage and bool((options or {}).get("continuous_usage_stats"))
+    return ReplyOptions(stream=stream, include_usage=include_usage, continuous_usage=continuous_usage)
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -185,6 +191,7 @@ class Reply:
     model: str
     created: int
     include_usage: bool = False
+    continuous_usage: bool = False
 
     @property
     def id(self) -> str:
@@ -200,6 +207,8 @@ class Reply:
             choice["text"] = delta.text
         choice |= {"logprobs": None, "finish_reason": delta.finish_reason if delta.finished else None}
         chunk = self._head("chat.completion.chunk" if self.is_chat else "text_completion") | {"choices": [choice]}
+        if self.continuous_usage:
+            return chunk | {"usage": usage(delta)}
         return chunk | {"usage": None} if self.include_usage else chunk
 
     def usage_chunk(self, last: GenerateDelta) -> dict[str, Any]:

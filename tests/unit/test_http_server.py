@@ -69,6 +69,15 @@ def test_what_vllm_bench_serve_sends_is_accepted():
     assert (generate_input.messages, generate_input.params.max_tokens) == ([{"role": "user", "content": "Hi"}], 8)
 
 
+@pytest.mark.parametrize(("stream_options", "expected"), [
+    ({"include_usage": True, "continuous_usage_stats": True}, ReplyOptions(True, True, continuous_usage=True)),
+    ({"include_usage": True, "continuous_usage_stats": False}, ReplyOptions(True, True)),
+    ({"continuous_usage_stats": True}, ReplyOptions(True)),  # as vLLM: only with include_usage
+])
+def test_continuous_usage_stats(stream_options: dict[str, bool], expected: ReplyOptions):
+    assert completion_input({"prompt": "Hi", "stream": True, "stream_options": stream_options})[1] == expected
+
+
 def test_chat_max_tokens():
     messages = [{"role": "user", "content": "Hi", "name": "dropped"}]
     assert chat_input({"messages": messages})[0] == GenerateInput(
@@ -131,6 +140,9 @@ def test_reply_shapes():
     assert chat.usage_chunk(last) == {"id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 7,
                                       "model": "m", "choices": [],
                                       "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    continuous = Reply(False, "r", "m", 7, include_usage=True, continuous_usage=True)
+    assert continuous.chunk(last, is_first=False)["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     completion = Reply(False, "r", "m", 7)
     assert completion.chunk(first, is_first=True) == {
         "id": "cmpl-r", "object": "text_completion", "created": 7, "model": "m",
@@ -259,6 +271,16 @@ def test_streamed_completion_equals_the_offline_llm(served: Served, llm):
     assert usage_chunk.choices == []
     assert (usage_chunk.usage.prompt_tokens, usage_chunk.usage.completion_tokens) == (
         len(expected.prompt_token_ids), MAX_TOKENS)
+
+
+def test_continuous_usage_counts_every_chunks_tokens(served: Served):
+    chunks = list(served.client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    *token_chunks, usage_chunk = chunks
+    counts = [c.usage.completion_tokens for c in token_chunks]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == MAX_TOKENS
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == MAX_TOKENS
 
 
 def test_stream_without_include_usage_has_no_usage(served: Served):
