@@ -197,10 +197,11 @@ class Router:
         errors: list[str] = []
         for worker_id in self._rank("colocated"):
             handle = self._handle(worker_id)
-            stream = handle.generate.remote(request_id, prompt_ids, request.params)
+            params = self._start_params(worker_id, request_id, len(prompt_ids), request.params)
+            stream = handle.generate.remote(request_id, prompt_ids, params)
             try:
                 async with self._at(worker_id, handle, request_id) as state:
-                    self._track_spec(worker_id, request_id, len(prompt_ids), request.params)
+                    self._track_spec(worker_id, request_id, len(prompt_ids), request.params, params)
                     first_at = None
                     async for ref in stream:
                         delta = await _result(ref, worker_id)
@@ -226,7 +227,7 @@ class Router:
         failures: list[str] = []
         tried: set[str] = set()
         for attempt in range(self.handoff_attempts):
-            decode_id, destination = await self._reserve(request_id, prompt_ids, request, tried)
+            decode_id, decode_params, destination = await self._reserve(request_id, prompt_ids, request, tried)
             decode = self._handle(decode_id)
             async with self._at(decode_id, decode, request_id) as state:
                 prefill_id = (await self._choose_prefill(prompt_ids, request, tried)).worker_id
@@ -268,7 +269,7 @@ class Router:
                 yield first
                 if self.metrics is not None:
                     self.metrics.observe_transfer(result.num_kv_bytes, result.handoff_wait_s)
-                self._track_spec(decode_id, request_id, len(prompt_ids), params)
+                self._track_spec(decode_id, request_id, len(prompt_ids), params, decode_params)
                 stream = decode.generate.remote(request_id, result.first_token_id, result.generator_state)
                 async for ref in stream:
                     delta = await _result(ref, decode_id)
@@ -300,9 +301,10 @@ class Router:
         check_slo("decode", ranked[0], request.slo.tpot_s)
         errors: list[str] = []
         for worker_id in (c.worker_id for c in ranked):
+            started = self._start_params(worker_id, request_id, len(prompt_ids), params)
             try:
-                return worker_id, await _result(self._handle(worker_id).reserve.remote(request_id, prompt_ids, params),
-                                                worker_id)
+                reserve = self._handle(worker_id).reserve.remote(request_id, prompt_ids, started)
+                return worker_id, started, await _result(reserve, worker_id)
             except CapacityError as e:
                 errors.append(str(e))
             except ServingError as e:  # a dead decode worker: the next one may do
@@ -311,12 +313,23 @@ class Router:
 
     # ------------------------------------------------------------------------ speculation
 
-    def _track_spec(self, worker_id: str, request_id: str, num_prompt_tokens: int, params: Any) -> None:
+    def _start_params(self, worker_id: str, request_id: str, num_prompt_tokens: int, params: Any) -> Any:
+        """The request's parameters for this worker: an unpinned request starts at the k the
+        controller would give it in the worker's current batch (not the worker's default)."""
+        if params.num_speculative_tokens is not None:
+            return params
+        k = self.spec.initial_k(worker_id, request_id, num_prompt_tokens, self._k_max(worker_id),
+                                self._models.get("decode_step", {}).get(worker_id))
+        return params if k is None else dataclasses.replace(params, num_speculative_tokens=k)
+
+    def _track_spec(self, worker_id: str, request_id: str, num_prompt_tokens: int, params: Any, started: Any) -> None:
+        """Follow a request the worker now runs with ``started`` (params: what the client asked)."""
         spec = self._models.get("speculation", {}).get(worker_id, {})
         if spec.get("k_max", 0) <= 0:
             return
         pinned = params.num_speculative_tokens
-        initial = pinned if pinned is not None else int(spec.get("k_default", 0))
+        initial = started.num_speculative_tokens
+        initial = int(spec.get("k_default", 0)) if initial is None else initial
         self.spec.add(worker_id, request_id, num_prompt_tokens, initial, pinned)
         self._k_history[request_id] = [initial]
 
@@ -325,7 +338,7 @@ class Router:
         if delta.finished:
             self.spec.remove(worker_id, delta.request_id)
             return
-        k_max = int(self._models.get("speculation", {}).get(worker_id, {}).get("k_max", 0))
+        k_max = self._k_max(worker_id)
         changed = self.spec.observe(worker_id, delta.request_id, len(delta.token_ids), delta.num_draft_tokens,
                                     delta.num_accepted_tokens, k_max, self._models.get("decode_step", {}).get(worker_id))
         for request_id, k in changed.items():
@@ -334,6 +347,9 @@ class Router:
             self.num_k_changes += 1
             if self.metrics is not None:
                 self.metrics.observe_k(k)
+
+    def _k_max(self, worker_id: str) -> int:
+        return int(self._models.get("speculation", {}).get(worker_id, {}).get("k_max", 0))
 
     # ------------------------------------------------------------------- worker choice
 

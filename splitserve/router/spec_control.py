@@ -72,13 +72,20 @@ class SpecController:
         self._decided_at[worker_id] = now
         return self.decide(worker_id, k_max, DecodeStepModel.from_coefficients(step_model))
 
+    def initial_k(self, worker_id: str, request_id: str, num_prompt_tokens: int, k_max: int,
+                  step_model: Mapping[str, float] | None) -> int | None:
+        """The k a new unpinned request should start at on this worker: ``choose_k`` over the
+        worker's batch with the request added (its acceptance at the proposer's mean). None
+        without a fitted model or speculation there: the worker's default applies."""
+        if k_max <= 0 or not step_model:
+            return None
+        newcomer = SpecRequest(request_id, self.acceptance.estimate(request_id, PROPOSER), num_prompt_tokens + 1, k_max)
+        requests = [*self._spec_requests(worker_id, k_max), newcomer]
+        return choose_k(requests, DecodeStepModel.from_coefficients(step_model).predict, margin=self.margin)[request_id]
+
     def decide(self, worker_id: str, k_max: int, model: DecodeStepModel) -> dict[str, int]:
         batch = self._workers.get(worker_id, {})
-        requests = [
-            SpecRequest(rid, self.acceptance.estimate(rid, PROPOSER), t.context_tokens, k_max,
-                        None if t.pinned_k is None else min(t.pinned_k, k_max))
-            for rid, t in batch.items()
-        ]
+        requests = self._spec_requests(worker_id, k_max)
         if not requests:
             return {}
         chosen = choose_k(requests, model.predict, margin=self.margin)
@@ -86,6 +93,13 @@ class SpecController:
         for rid, k in changed.items():
             batch[rid].k = k
         return changed
+
+    def _spec_requests(self, worker_id: str, k_max: int) -> list[SpecRequest]:
+        return [
+            SpecRequest(rid, self.acceptance.estimate(rid, PROPOSER), t.context_tokens, k_max,
+                        None if t.pinned_k is None else min(t.pinned_k, k_max))
+            for rid, t in self._workers.get(worker_id, {}).items()
+        ]
 
     def k_of(self, worker_id: str, request_id: str) -> int | None:
         tracked = self._workers.get(worker_id, {}).get(request_id)

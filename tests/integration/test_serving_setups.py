@@ -115,5 +115,42 @@ def test_speculative_decode_worker_keeps_greedy_output(ray_cluster, expected):
         assert sum(rs[-1].speculation.draft_tokens for rs in pinned0) == 0
         assert s.router.num_k_changes > 0  # the router chose k for the unpinned requests
         wait_idle(s)
+        assert_router_lowers_k_under_load(s)
     finally:
         s.stop()
+
+
+def assert_router_lowers_k_under_load(s) -> None:
+    """On a text the model copies (ngram drafts mostly accepted) a request alone keeps a long
+    speculation; with many such requests in the decode batch the fitted step time makes
+    verification rows dear, and the router hands out less k."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    copy = [{"role": "user", "content": "Repeat the following text exactly, word for word.\n\n" + COPY_TEXT}]
+
+    def k_history(_: int) -> list[int]:
+        with GenerationClient(s.address) as client:
+            responses = list(client.generate(make_request(messages=copy, max_tokens=48, temperature=0)))
+        return list(responses[-1].report.k_history)
+
+    alone = k_history(0)
+    with ThreadPoolExecutor(24) as pool:
+        loaded = list(pool.map(k_history, range(24)))
+    assert max(alone) >= 3, alone
+    mean_final_k_loaded = sum(h[-1] for h in loaded) / len(loaded)
+    assert mean_final_k_loaded < sum(alone) / len(alone), (alone, loaded)
+    wait_idle(s)
+
+
+COPY_TEXT = (
+    "def moving_average(values, window):\n"
+    "    averages = []\n"
+    "    total = 0.0\n"
+    "    for i, value in enumerate(values):\n"
+    "        total += value\n"
+    "        if i >= window:\n"
+    "            total -= values[i - window]\n"
+    "        if i >= window - 1:\n"
+    "            averages.append(total / window)\n"
+    "    return averages\n"
+)

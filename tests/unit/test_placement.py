@@ -119,3 +119,15 @@ def test_pinned_requests_are_never_changed_and_removal_forgets():
     controller.remove("d", "pinned")
     assert controller.k_of("d", "pinned") is None
     assert controller.observe("d", "pinned", 1, 4, 4, 8, DECODE) == {}
+
+
+def test_a_new_request_starts_at_the_k_its_worker_batch_would_give_it():
+    clock = Clock()
+    idle, busy = SpecController(clock=clock), SpecController(clock=clock)
+    assert idle.initial_k("d", "new", 20, 8, None) is None  # no fitted model: the worker's default
+    assert idle.initial_k("d", "new", 20, 0, DECODE) is None  # no speculation on that worker
+    for i in range(64):
+        busy.add("d", f"r{i}", 20, 0, None)
+    alone, crowded = idle.initial_k("d", "new", 20, 8, DECODE), busy.initial_k("d", "new", 20, 8, DECODE)
+    assert alone is not None and crowded is not None and alone > crowded
+    assert busy.k_of("d", "new") is None  # asking does not add the request
