@@ -319,7 +319,7 @@ class Router:
         if params.num_speculative_tokens is not None:
             return params
         k = self.spec.initial_k(worker_id, request_id, num_prompt_tokens, self._k_max(worker_id),
-                                self._models.get("decode_step", {}).get(worker_id))
+                                self._models.get("decode_step", {}).get(worker_id), self._inflight[worker_id])
         return params if k is None else dataclasses.replace(params, num_speculative_tokens=k)
 
     def _track_spec(self, worker_id: str, request_id: str, num_prompt_tokens: int, params: Any, started: Any) -> None:

@@ -73,14 +73,20 @@ class SpecController:
         return self.decide(worker_id, k_max, DecodeStepModel.from_coefficients(step_model))
 
     def initial_k(self, worker_id: str, request_id: str, num_prompt_tokens: int, k_max: int,
-                  step_model: Mapping[str, float] | None) -> int | None:
+                  step_model: Mapping[str, float] | None, num_in_flight: int = 0) -> int | None:
         """The k a new unpinned request should start at on this worker: ``choose_k`` over the
-        worker's batch with the request added (its acceptance at the proposer's mean). None
-        without a fitted model or speculation there: the worker's default applies."""
+        worker's batch with the request added (its acceptance at the proposer's mean), counting
+        those of the ``num_in_flight`` requests the router has there that are not in the batch yet
+        (still in prefill) as more like it. None without a fitted model or speculation there:
+        the worker's default applies."""
         if k_max <= 0 or not step_model:
             return None
-        newcomer = SpecRequest(request_id, self.acceptance.estimate(request_id, PROPOSER), num_prompt_tokens + 1, k_max)
-        requests = [*self._spec_requests(worker_id, k_max), newcomer]
+        batch = self._spec_requests(worker_id, k_max)
+        alpha = self.acceptance.estimate(request_id, PROPOSER)
+        arriving = [SpecRequest(f"{request_id}#{i}", alpha, num_prompt_tokens + 1, k_max)
+                    for i in range(max(num_in_flight - len(batch), 0))]
+        newcomer = SpecRequest(request_id, alpha, num_prompt_tokens + 1, k_max)
+        requests = [*batch, *arriving, newcomer]
         return choose_k(requests, DecodeStepModel.from_coefficients(step_model).predict, margin=self.margin)[request_id]
 
     def decide(self, worker_id: str, k_max: int, model: DecodeStepModel) -> dict[str, int]:

@@ -131,3 +131,5 @@ def test_a_new_request_starts_at_the_k_its_worker_batch_would_give_it():
     alone, crowded = idle.initial_k("d", "new", 20, 8, DECODE), busy.initial_k("d", "new", 20, 8, DECODE)
     assert alone is not None and crowded is not None and alone > crowded
     assert busy.k_of("d", "new") is None  # asking does not add the request
+    # Requests still in prefill for that worker count as batch members like the newcomer.
+    assert idle.initial_k("d", "new", 20, 8, DECODE, num_in_flight=64) == crowded
