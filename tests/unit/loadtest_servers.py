@@ -4,7 +4,8 @@ Generation service (grpc.aio, from the committed stubs) and an OpenAI-compatible
 
 Each request waits ``ttft_s``, sends its first token, then ``tokens_per_chunk`` tokens every
 ``itl_s`` until ``max_tokens``: TTFT = ttft_s and TPOT = itl_s / tokens_per_chunk, whatever the
-load. Above ``capacity`` requests in flight, a request is refused (RESOURCE_EXHAUSTED / 429).
+load. Above ``capacity`` requests in flight, a request is refused (RESOURCE_EXHAUSTED / 429),
+or with ``queue`` waits (first come, first served) for one to end.
 A prompt containing "FAIL" fails before its first token (UNAVAILABLE / 500), "MIDFAIL" after
 it, and "HANG" never answers.
 """
@@ -37,15 +38,17 @@ class Service:
     itl_s: float = 0.01
     tokens_per_chunk: int = 1
     capacity: int | None = None
+    queue: bool = False
     in_flight: int = 0
     max_in_flight: int = 0
     num_refused: int = 0
     bodies: list[Any] = field(default_factory=list)  # gRPC requests or HTTP bodies, in arrival order
+    _semaphore: asyncio.Semaphore | None = None
 
     def admit(self, body: Any) -> bool:
         """Record the request; False when it must be refused for capacity."""
         self.bodies.append(body)
-        if self.capacity is not None and self.in_flight >= self.capacity:
+        if self.capacity is not None and self.in_flight >= self.capacity and not self.queue:
             self.num_refused += 1
             return False
         return True
@@ -53,6 +56,21 @@ class Service:
     async def chunks(self, prompt: str, max_tokens: int) -> AsyncIterator[int]:
         """The number of tokens of each chunk, at the service's pace; counts the request in
         flight while it runs."""
+        if self.queue:
+            async with self._slots():
+                async for tokens in self._serve(prompt, max_tokens):
+                    yield tokens
+        else:
+            async for tokens in self._serve(prompt, max_tokens):
+                yield tokens
+
+    def _slots(self) -> asyncio.Semaphore:
+        if self._semaphore is None:
+            assert self.capacity is not None, "a queue needs a capacity"
+            self._semaphore = asyncio.Semaphore(self.capacity)
+        return self._semaphore
+
+    async def _serve(self, prompt: str, max_tokens: int) -> AsyncIterator[int]:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
