@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 PORT ?= 50051
 
-.PHONY: setup run test test-fast bench bench-disagg bench-spec-policy clean
+.PHONY: setup run test test-fast bench bench-disagg bench-spec-policy bench-goodput clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-disagg: setup
 
 bench-spec-policy: setup
 	$(PY) bench/speculation_policy.py
+
+# Needs vLLM's CPU build beside splitserve: ../shared/tools/vllm-cpu-venv /root/vllm-venv
+bench-goodput: setup
+	$(PY) bench/goodput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
