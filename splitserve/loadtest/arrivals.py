@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def parse_arrival(text: str) -> Arrival:
     if kind in ("poisson", "constant"):
         if has_args:
             raise ValueError(f"arrival {text!r}: {kind} takes no arguments (the rate is set separately)")
-        return Arrival(kind)
+        return Arrival(cast(ArrivalKind, kind))
     if kind == "gamma":
         try:
             return Arrival("gamma", cv=float(args))

@@ -201,11 +201,16 @@ def _sent_rate(records: list[RequestRecord]) -> float | None:
     return _per_s(len(sends) - 1, max(sends) - min(sends)) if len(sends) > 1 else None
 
 
-def _sorted_keys(value: Any) -> Any:
+def _sorted_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """data with the keys of every dict in it (nested ones, and those inside lists, too) in sorted order."""
+    return {key: _sorted_value(data[key]) for key in sorted(data)}
+
+
+def _sorted_value(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+        return _sorted_keys(value)
     if isinstance(value, list):
-        return [_sorted_keys(item) for item in value]
+        return [_sorted_value(item) for item in value]
     return value
 
 

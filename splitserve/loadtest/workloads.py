@@ -22,18 +22,22 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast, get_args
 
 import numpy as np
 
 from splitserve.loadtest.records import RequestSpec
 from splitserve.loadtest.texts import PromptWriter, TextTokenizer, code_corpus, prose_corpus
 
+if TYPE_CHECKING:
+    from splitserve.engine.tokenizer import Tokenizer
+
 WorkloadKind = Literal["chat", "code", "fixed", "prefix", "file"]
 USAGE = "chat, code, fixed:IN/OUT, prefix:SHARED/IN/OUT or file:PATH"
 Z90 = NormalDist().inv_cdf(0.9)  # 1.2816: the standard normal's 90th percentile
 DEFAULT_MIN_PROMPT_TOKENS = 4
 _LENGTH_STREAM, _TEXT_STREAM = 0, 1  # separate random streams: text changes never move the lengths
+_COUNTS_OF = {"fixed": ("input_tokens", "output_tokens"), "prefix": ("shared_tokens", "input_tokens", "output_tokens")}
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,16 @@ class WorkloadSpec:
     output_tokens: int | None = None   # fixed, prefix
     shared_tokens: int | None = None   # prefix: the text every prompt starts with
     path: Path | None = None           # file
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(WorkloadKind):
+            raise ValueError(f"unknown workload kind {self.kind!r}: expected {USAGE}")
+        for name in _COUNTS_OF.get(self.kind, ()):
+            value = getattr(self, name)
+            if value is None or value < 1:
+                raise ValueError(f"workload {self.kind}: token counts must be >= 1, got {name}={value}")
+        if (self.kind == "file") != (self.path is not None):
+            raise ValueError(f"workload {self.kind}: a path goes with file workloads, and only with them")
 
     def __str__(self) -> str:
         if self.kind == "fixed":
@@ -62,7 +76,7 @@ def parse_workload(text: str) -> WorkloadSpec:
     if kind in ("chat", "code"):
         if has_args:
             raise ValueError(f"workload {text!r}: {kind} takes no arguments (use --scale to shrink it)")
-        return WorkloadSpec(kind)
+        return WorkloadSpec(cast(WorkloadKind, kind))
     if kind == "fixed":
         num_in, num_out = _token_counts(text, args, ("IN", "OUT"))
         return WorkloadSpec("fixed", input_tokens=num_in, output_tokens=num_out)
@@ -82,10 +96,7 @@ def _token_counts(text: str, args: str, names: tuple[str, ...]) -> list[int]:
     parts = args.split("/")
     if len(parts) != len(names) or not all(part.strip().isdigit() for part in parts):
         raise ValueError(f"workload {text!r}: expected {usage} as {len(names)} whole numbers separated by '/'")
-    counts = [int(part) for part in parts]
-    if min(counts) < 1:
-        raise ValueError(f"workload {text!r}: every token count in {usage} must be at least 1")
-    return counts
+    return [int(part) for part in parts]
 
 
 @dataclass(frozen=True)
@@ -282,11 +293,11 @@ def _file_entry(line: str, where: str) -> FileEntry:
     return FileEntry(where, prompt, prompt_tokens, max_tokens)
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def load_tokenizer(path: str | None = None) -> TextTokenizer:
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """The tokenizer of a GGUF file or Hugging Face folder; None: the default model's (SmolLM2)."""
     from splitserve.engine.loader import load_tokenizer as load_model_tokenizer  # imports torch: only when asked
 
