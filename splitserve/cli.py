@@ -2,8 +2,9 @@
 
 `splitserve generate "PROMPT"` runs the model in this process; `splitserve serve` starts the
 workers on Ray and serves gRPC (and the OpenAI-compatible HTTP API with --http-port) until
-interrupted; `splitserve client "PROMPT"` asks a running server. Each subcommand is an
-`_add_*` parser function plus the function it runs.
+interrupted; `splitserve client "PROMPT"` asks a running server; `splitserve loadtest` measures
+a server under load (splitserve.loadtest.cli). Each subcommand is an `_add_*` parser function
+plus the function it runs.
 """
 
 from __future__ import annotations
@@ -240,11 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_client(commands)
     _add_serve(commands)
+    _add_loadtest(commands)
     return parser
 
 
+def _add_loadtest(commands: argparse._SubParsersAction) -> None:
+    from splitserve.loadtest.cli import add_parser
+
+    add_parser(commands)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given: loadtest keeps it with its results
     return args.run(args)
 
 

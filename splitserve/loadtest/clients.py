@@ -10,7 +10,7 @@
 
 Both send the prompt as text with ``max_tokens``, ``ignore_eos`` (so the server produces every
 token asked for) and temperature 0. A client is an async context manager: entering it connects
-(and, over HTTP without a model name, asks GET /v1/models for one) and raises ``ValueError``
+(and, over HTTP without a model name, asks GET /v1/models for one) and raises ``TargetError``
 with a sentence when the server cannot be reached. ``send`` raises ``RequestFailed`` for a
 request the server refused or failed; the runner owns deadlines and cancellation.
 
@@ -43,6 +43,10 @@ Clock = Callable[[], float]
 """Seconds since the run's start, on a monotonic clock."""
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
+
+
+class TargetError(Exception):
+    """The target cannot be used: it does not answer, or lists no model."""
 
 
 class RequestFailed(Exception):
@@ -101,7 +105,7 @@ class GrpcClient:
                  slo_ttft_ms: float | None, slo_tpot_ms: float | None):
         self.target, self.model = target, model
         self._address, self._timeout_s = address, timeout_s
-        self._slo = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}
+        self._slo_ttft_ms, self._slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GenerationStub | None = None
 
@@ -111,8 +115,8 @@ class GrpcClient:
             await asyncio.wait_for(self._channel.channel_ready(), self._timeout_s)
         except TimeoutError:
             await self._channel.close()
-            raise ValueError(f"cannot reach {self.target}: no connection within {self._timeout_s:g} s") from None
-        self._stub = pb_grpc.GenerationStub(self._channel)
+            raise TargetError(f"cannot reach {self.target}: no connection within {self._timeout_s:g} s") from None
+        self._stub = pb_grpc.GenerationStub(self._channel)  # type: ignore[no-untyped-call]
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -123,7 +127,7 @@ class GrpcClient:
     async def send(self, spec: RequestSpec, record: RequestRecord, clock: Clock) -> None:
         assert self._stub is not None, "enter the client (async with) before sending"
         request = make_request(spec.prompt, model=self.model or "", max_tokens=spec.max_tokens, temperature=0.0,
-                               ignore_eos=True, **self._slo)
+                               ignore_eos=True, ttft_ms=self._slo_ttft_ms, tpot_ms=self._slo_tpot_ms)
         call = self._stub.Generate(request)
         last: pb.GenerateResponse | None = None
         try:
@@ -193,13 +197,13 @@ class OpenAIClient:
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=self._timeout_s)) as response:
                 body = await response.json(content_type=None)
                 if response.status != 200:
-                    raise ValueError(f"GET {url} answered {response.status}: {_error_message(body)}")
+                    raise TargetError(f"GET {url} answered {response.status}: {_error_message(body)}")
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise ValueError(f"cannot reach {url}: {error or type(error).__name__}") from None
+            raise TargetError(f"cannot reach {url}: {error or type(error).__name__}") from None
         models = body.get("data") if isinstance(body, dict) else None
         if not models or not isinstance(models[0], dict) or not isinstance(models[0].get("id"), str):
-            raise ValueError(f"GET {url} lists no model; give one with --model")
-        return models[0]["id"]
+            raise TargetError(f"GET {url} lists no model; give one with --model")
+        return str(models[0]["id"])
 
     def body(self, spec: RequestSpec) -> dict[str, Any]:
         """The /v1/completions request for spec."""
@@ -296,7 +300,7 @@ def _error_message(body: Any) -> str:
     if isinstance(body, dict):
         error = body.get("error", body)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+            return str(error["message"])
         if isinstance(error, str):
             return error
     return json.dumps(body)[:500]

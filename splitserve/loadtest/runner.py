@@ -61,7 +61,7 @@ class RunProgress:
 
     def __init__(self, is_good: Callable[[RequestRecord], bool], console: Console | None = None):
         self._is_good = is_good
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=console)
         self._task = self._progress.add_task("", visible=False, counts="")
         self._counts = {"sent": 0, "ok": 0, "refused": 0, "failed": 0, "good": 0}
@@ -91,8 +91,7 @@ class RunProgress:
         c = self._counts
         num_done = c["ok"] + c["refused"] + c["failed"]
         attainment = f"{c['good'] / num_done:.0%}" if num_done else "-"
-        counts = (f"sent {c['sent']}  ok {c['ok']}  refused {c['refused']}  failed {c['failed']}  "
-                  f"attainment {attainment}")
+        counts = f"sent {c['sent']} ok {c['ok']} refused {c['refused']} failed {c['failed']} SLO met {attainment}"
         self._progress.update(self._task, advance=advance, counts=counts)
 
 
@@ -124,7 +123,8 @@ async def run(client: Client, specs: Sequence[RequestSpec], arrival: Arrival, ra
 
 @dataclass
 class _Sender:
-    """Sends one request at a time for a run, records it, and bounds it by the deadline."""
+    """Sends a run's requests, one ``send`` call each: records the request, bounds it by the
+    deadline and reports it to the progress display."""
 
     client: Client
     now: Callable[[], float]
@@ -195,8 +195,9 @@ async def _finish(tasks: set[asyncio.Task[None]], now: Callable[[], float], dead
     if pending:
         await asyncio.wait(pending)
     for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
 
 
 # ------------------------------------------------------------------------------ saved runs
@@ -252,7 +253,7 @@ def save_sweep(out_dir: Path, runs: Sequence[dict[str, Any]], meta: dict[str, An
     sweep = sweep_summary(list(runs), meta=meta) | (extra or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "sweep.json", sweep)
-    plot_sweep(sweep, out_dir, label=out_dir.name)
+    plot_sweep(sweep, out_dir, label=str(meta.get("target", out_dir.name)))
     return sweep
 
 
@@ -275,7 +276,7 @@ async def search(setup: RunSetup, start_rate: float, out_dir: Path, *, steps: in
 
     async def attainment(rate: float) -> float:
         runs.append(await run_and_save(setup, rate, out_dir / rate_folder(rate)))
-        return float(runs[-1]["attainment"]["joint"])
+        return float(runs[-1]["attainment"]["joint"] or 0.0)  # None: no request was sent
 
     lower, upper = await bracket(attainment, start_rate, steps=steps)
     search_info = {"start_rate": start_rate, "steps": steps, "lower_rate": lower, "upper_rate": upper}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from splitserve.loadtest.clients import (
-    GrpcClient, OpenAIClient, RequestFailed, make_client, with_total,
+    GrpcClient, OpenAIClient, RequestFailed, TargetError, make_client, with_total,
 )
 from splitserve.loadtest.records import Chunk, RequestRecord, RequestSpec
 from splitserve.router.api import GenerateDelta, GenerateInput
@@ -70,7 +70,7 @@ def test_bad_targets_say_what_a_target_is(target: str):
 def test_unreachable_servers_are_a_sentence():
     async def check() -> None:
         for target in ("grpc://127.0.0.1:1", "http://127.0.0.1:1/v1"):
-            with pytest.raises(ValueError, match="cannot reach"):
+            with pytest.raises(TargetError, match="cannot reach"):
                 async with make_client(target, timeout_s=0.5):
                     pass
 
