@@ -1,5 +1,5 @@
 """The load tester's streaming clients against stand-in servers with known service times (gRPC
-and OpenAI SSE, tests/unit/loadtest_servers.py) and splitserve's own HTTP front end: measured
+and OpenAI SSE, tests/unit/loadtest_servers.py) and splitserve's own front ends (gRPC, HTTP): measured
 TTFT/TPOT, token counts per chunk (with and without continuous usage), the server's report,
 refusals and failures."""
 
@@ -16,7 +16,8 @@ from splitserve.loadtest.clients import (
     GrpcClient, OpenAIClient, RequestFailed, TargetError, make_client, with_total,
 )
 from splitserve.loadtest.records import Chunk, RequestRecord, RequestSpec
-from splitserve.router.api import GenerateDelta, GenerateInput
+from splitserve.router.api import CapacityError, GenerateDelta, GenerateInput, RequestReport
+from splitserve.router.grpc_server import GrpcServer
 from splitserve.router.http_server import HttpServer
 from tests.unit.loadtest_servers import MODEL, Service, StandInOpenAI, start_grpc
 
@@ -195,31 +196,65 @@ def test_http_refusals_and_failures(prompt: str, capacity: int | None, status: s
 
 
 class PacedFrontend:
-    """A splitserve Frontend that streams max_tokens deltas of one token, itl_s apart."""
+    """A splitserve Frontend that streams max_tokens deltas of one token, ITL_S apart, the last
+    with a report; or raises fail_with before the first."""
 
     model_name = "paced"
+
+    def __init__(self, fail_with: Exception | None = None):
+        self.fail_with = fail_with
 
     def is_ready(self) -> bool:
         return True
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
+        if self.fail_with is not None:
+            raise self.fail_with
         n = request.params.max_tokens
         for i in range(1, n + 1):
             await asyncio.sleep(ITL_S)
-            yield GenerateDelta("r", [7], "x", i == n, "length" if i == n else None, 5, i)
+            report = RequestReport(decode_worker="colocated-0", k_history=(2,)) if i == n else None
+            yield GenerateDelta("r", [7], "x", i == n, "length" if i == n else None, 5, i, report=report)
 
 
-def test_splitserves_http_front_end_sends_continuous_usage():
+async def start_front_end(kind: str, frontend: PacedFrontend) -> tuple[str, Callable[[], Awaitable[None]]]:
+    """splitserve's gRPC or HTTP front end over frontend: its target and its stop."""
+    server = GrpcServer(frontend) if kind == "grpc" else HttpServer(frontend)
+    port = await server.start("127.0.0.1", 0)
+    target = f"grpc://127.0.0.1:{port}" if kind == "grpc" else f"http://127.0.0.1:{port}/v1"
+    return target, lambda: server.stop(0)
+
+
+@pytest.mark.parametrize("kind", ["grpc", "http"])
+def test_splitserves_own_front_ends(kind: str):
     async def check() -> None:
-        server = HttpServer(PacedFrontend())
-        port = await server.start("127.0.0.1", 0)
+        target, stop = await start_front_end(kind, PacedFrontend())
         try:
-            async with make_client(f"http://127.0.0.1:{port}/v1") as client:
-                assert client.model == "paced"
+            async with make_client(target) as client:
                 record = await send(client, spec(max_tokens=5))
         finally:
-            await server.stop(0)
-        assert [c.tokens for c in record.chunks] == [1] * 5
+            await stop()
+        assert [c.tokens for c in record.chunks] == [1] * 5  # HTTP: from the continuous usage
+        if kind == "grpc":
+            assert (record.server["decode_worker"], record.server["k_history"]) == ("colocated-0", [2])
+
+    run(check)
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("grpc", "RESOURCE_EXHAUSTED: no worker can meet the TTFT SLO"),
+    ("http", "HTTP 429: no worker can meet the TTFT SLO"),
+])
+def test_splitserves_refusals_are_refused(kind: str, message: str):
+    async def check() -> None:
+        target, stop = await start_front_end(kind, PacedFrontend(CapacityError("no worker can meet the TTFT SLO")))
+        try:
+            async with make_client(target, model="paced") as client:
+                with pytest.raises(RequestFailed) as info:
+                    await send(client, spec())
+        finally:
+            await stop()
+        assert (info.value.status, str(info.value)) == ("refused", message)
 
     run(check)
 
