@@ -85,7 +85,7 @@ def make_client(target: str, *, model: str | None = None, api_key: str | None = 
     parts = urlsplit(target)
     if parts.scheme == "grpc" and parts.hostname and parts.port and parts.path in ("", "/"):
         if api_key is not None:
-            raise ValueError("--api-key is for HTTP targets; splitserve's gRPC API takes none")
+            raise ValueError("an API key is for HTTP targets; splitserve's gRPC API takes none")
         return GrpcClient(target, parts.netloc, model=model, timeout_s=timeout_s,
                           slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)
     if parts.scheme in ("http", "https") and parts.hostname:
