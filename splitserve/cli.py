@@ -129,7 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = EngineConfig(model=args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks,
-                              max_num_batched_tokens=args.max_num_batched_tokens)
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              enable_prefix_caching=args.enable_prefix_caching)
         decode_engine = None
         if args.speculative:
             decode_engine = replace(engine, speculative=SpeculativeConfig(
@@ -201,6 +202,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker (default: 1 GiB)")
     serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV blocks of prompt prefixes seen before (default: on)")
     serve.add_argument("--threads-per-worker", type=int, default=None, help="default: the CPUs split evenly")
     serve.add_argument("--speculative", choices=PROPOSERS, default=None, help="decode-side proposer")
     serve.add_argument("--num-speculative-tokens", type=int, default=3)

@@ -80,7 +80,8 @@ def test_splitserve_serve_command(ray_cluster, expected):
     port = free_port()
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "splitserve.cli", "serve", "--address", address, "--grpc-port", str(port),
-           "--store-prefix", f"cli-{uuid.uuid4().hex[:8]}", "--num-kv-blocks", "256", "--grace", "5"]
+           "--store-prefix", f"cli-{uuid.uuid4().hex[:8]}", "--num-kv-blocks", "256", "--grace", "5",
+           "--no-enable-prefix-caching"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
