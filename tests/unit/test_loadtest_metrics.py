@@ -1,4 +1,4 @@
-"""Load-test scoring: the timing identities of BENCHMARKS.md, attainment, goodput and the summary schema.
+"""Load-test scoring: the timing identities of docs/loadtest.md, attainment, goodput and the summary schema.
 
 The summary's schema is pinned by a golden file. After an intended change to `summarize`, regenerate
 it with ``SPLITSERVE_REGENERATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_loadtest_metrics.py -k golden``,
