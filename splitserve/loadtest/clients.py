@@ -240,10 +240,14 @@ async def _read_stream(events: AsyncIterator[dict[str, Any]], record: RequestRec
             record.chunks.append(Chunk(now, tokens))
             counted += tokens
         finish_reason = choices[0].get("finish_reason") or finish_reason
+        if isinstance(event.get("splitserve_report"), dict):  # splitserve's HTTP front end
+            record.server = event["splitserve_report"]
     if finish_reason is None:
         raise RequestFailed("failed", "the stream ended before the request finished")
     if total is not None:
         record.chunks[:] = with_total(record.chunks, total)
+    if record.server:
+        record.server |= {"finish_reason": finish_reason}
     if finish_reason == "abort":
         raise RequestFailed("failed", "the server aborted the request")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError, ServingError
@@ -71,6 +71,16 @@ class RequestReport:
     transfer_s: float = 0.0
     decode_s: float = 0.0
     handoff_attempts: int = 0
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The report by the field names of serving.proto's RequestReport, which both front ends
+        send (gRPC in that message, HTTP as the last chunk's ``splitserve_report``)."""
+        return {
+            "prefill_worker": self.prefill_worker, "decode_worker": self.decode_worker,
+            "k_history": list(self.k_history), "draft_tokens": self.num_draft_tokens,
+            "accepted_tokens": self.num_accepted_tokens, "queue_s": self.queue_s, "prefill_s": self.prefill_s,
+            "transfer_s": self.transfer_s, "decode_s": self.decode_s, "handoff_attempts": self.handoff_attempts,
+        }
 
 
 @dataclass(frozen=True)

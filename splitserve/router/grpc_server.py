@@ -105,12 +105,7 @@ def delta_to_pb(delta: GenerateDelta) -> pb.GenerateResponse:
 
 
 def report_to_pb(report: RequestReport) -> pb.RequestReport:
-    return pb.RequestReport(
-        prefill_worker=report.prefill_worker, decode_worker=report.decode_worker, k_history=report.k_history,
-        draft_tokens=report.num_draft_tokens, accepted_tokens=report.num_accepted_tokens, queue_s=report.queue_s,
-        prefill_s=report.prefill_s, transfer_s=report.transfer_s, decode_s=report.decode_s,
-        handoff_attempts=report.handoff_attempts,
-    )
+    return pb.RequestReport(**report.wire_fields())
 
 
 def status_for_error(error: Exception) -> tuple[grpc.StatusCode, str]:

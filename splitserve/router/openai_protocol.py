@@ -182,6 +182,13 @@ def usage(delta: GenerateDelta) -> dict[str, int]:
             "total_tokens": delta.num_prompt_tokens + delta.num_output_tokens}
 
 
+def served_report(delta: GenerateDelta) -> dict[str, Any]:
+    """``{"splitserve_report": {...}}`` on the last delta (how the request was served: workers,
+    k history, phase seconds; serving.proto's RequestReport fields), else nothing. An extra
+    field, which OpenAI clients ignore."""
+    return {} if delta.report is None else {"splitserve_report": delta.report.wire_fields()}
+
+
 @dataclass(frozen=True)
 class Reply:
     """Writes one request's output as OpenAI's objects: text_completion(s) or chat.completion(s)."""
@@ -207,6 +214,7 @@ class Reply:
             choice["text"] = delta.text
         choice |= {"logprobs": None, "finish_reason": delta.finish_reason if delta.finished else None}
         chunk = self._head("chat.completion.chunk" if self.is_chat else "text_completion") | {"choices": [choice]}
+        chunk |= served_report(delta)
         if self.continuous_usage:
             return chunk | {"usage": usage(delta)}
         return chunk | {"usage": None} if self.include_usage else chunk
@@ -225,7 +233,7 @@ class Reply:
             choice["text"] = text
         choice |= {"logprobs": None, "finish_reason": last.finish_reason}
         return self._head("chat.completion" if self.is_chat else "text_completion") | {
-            "choices": [choice], "usage": usage(last)}
+            "choices": [choice], "usage": usage(last)} | served_report(last)
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}

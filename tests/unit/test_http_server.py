@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitserve.config import EngineConfig
 from splitserve.engine.engine import LLMEngine, LoadedModel
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.router.api import SLO, CapacityError, GenerateDelta, GenerateInput, ServingError
+from splitserve.protos.splitserve.v1 import serving_pb2 as pb
+from splitserve.router.api import SLO, CapacityError, GenerateDelta, GenerateInput, RequestReport, ServingError
 from splitserve.router.http_server import HttpServer, status_for_error
 from splitserve.router.metrics import Metrics
 from splitserve.router.openai_protocol import (
@@ -150,6 +151,22 @@ def test_reply_shapes():
     assert completion.response("Hello", last)["choices"] == [
         {"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "length"}]
     assert chat.response("Hello", last)["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
+
+
+def test_the_last_chunk_carries_the_request_report():
+    report = RequestReport(prefill_worker="p-0", decode_worker="d-0", k_history=(3, 1), num_draft_tokens=4,
+                           num_accepted_tokens=2, queue_s=0.1, prefill_s=0.2, transfer_s=0.01, decode_s=1.5,
+                           handoff_attempts=1)
+    first = GenerateDelta("r", [1], "Hel", num_prompt_tokens=3, num_output_tokens=1)
+    last = GenerateDelta("r", [2], "lo", True, "length", num_prompt_tokens=3, num_output_tokens=2, report=report)
+    reply = Reply(False, "r", "m", 7)
+    assert "splitserve_report" not in reply.chunk(first, is_first=True)
+    wire = {"prefill_worker": "p-0", "decode_worker": "d-0", "k_history": [3, 1], "draft_tokens": 4,
+            "accepted_tokens": 2, "queue_s": 0.1, "prefill_s": 0.2, "transfer_s": 0.01, "decode_s": 1.5,
+            "handoff_attempts": 1}
+    assert reply.chunk(last, is_first=False)["splitserve_report"] == wire
+    assert reply.response("Hello", last)["splitserve_report"] == wire
+    assert set(wire) == {f.name for f in pb.RequestReport.DESCRIPTOR.fields}  # the gRPC message's names
 
 
 @pytest.mark.parametrize(("error", "status"), [

@@ -235,8 +235,9 @@ def test_splitserves_own_front_ends(kind: str):
         finally:
             await stop()
         assert [c.tokens for c in record.chunks] == [1] * 5  # HTTP: from the continuous usage
-        if kind == "grpc":
-            assert (record.server["decode_worker"], record.server["k_history"]) == ("colocated-0", [2])
+        # The report reaches the record the same way over both (HTTP: the last chunk's splitserve_report).
+        assert (record.server["decode_worker"], record.server["k_history"]) == ("colocated-0", [2])
+        assert record.server["finish_reason"] == "length"
 
     run(check)
 
