@@ -352,13 +352,11 @@ def report(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> str:
     """Mean E2E latency against rate, one line per policy, one panel per workload."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib, then rerun)"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     workloads = result["workloads"]
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
     for ax, (name, w) in zip(axes[0], workloads.items()):
