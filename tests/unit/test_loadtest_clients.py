@@ -127,6 +127,12 @@ def test_grpc_counts_several_tokens_per_message_and_sends_the_slo_when_asked():
     ("MIDFAIL", None, "failed", "UNAVAILABLE: decode-1 died", 1),
 ])
 def test_grpc_refusals_and_failures(prompt: str, capacity: int | None, status: str, message: str, num_chunks: int):
+    check = expect_failure(prompt, status, message, num_chunks)
+    run(lambda: with_grpc(Service(ttft_s=0.0, itl_s=0.0, capacity=capacity), check))
+
+
+def expect_failure(prompt: str, status: str, message: str, num_chunks: int) -> Callable[[Any], Awaitable[None]]:
+    """A check that sending prompt raises RequestFailed(status, message) after num_chunks chunks."""
     async def check(client: Any) -> None:
         record = RequestRecord(0, 0.0, 0.0, 2, 6)
         with pytest.raises(RequestFailed) as info:
@@ -134,7 +140,7 @@ def test_grpc_refusals_and_failures(prompt: str, capacity: int | None, status: s
         assert (info.value.status, str(info.value)) == (status, message)
         assert len(record.chunks) == num_chunks
 
-    run(lambda: with_grpc(Service(ttft_s=0.0, itl_s=0.0, capacity=capacity), check))
+    return check
 
 
 # ------------------------------------------------------------------------------- HTTP
@@ -185,13 +191,7 @@ def test_http_sends_the_model_and_slo_given():
     ("MIDFAIL", None, "failed", "decode-1 died", 1),
 ])
 def test_http_refusals_and_failures(prompt: str, capacity: int | None, status: str, message: str, num_chunks: int):
-    async def check(client: Any) -> None:
-        record = RequestRecord(0, 0.0, 0.0, 2, 6)
-        with pytest.raises(RequestFailed) as info:
-            await client.send(spec(prompt), record, time.monotonic)
-        assert (info.value.status, str(info.value)) == (status, message)
-        assert len(record.chunks) == num_chunks
-
+    check = expect_failure(prompt, status, message, num_chunks)
     run(lambda: with_http(StandInOpenAI(Service(ttft_s=0.0, itl_s=0.0, capacity=capacity)), check))
 
 
