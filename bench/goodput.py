@@ -48,9 +48,10 @@ STARTED = time.perf_counter()
 VENV_BIN = Path(sys.executable).parent
 DEFAULT_VLLM = Path("/root/vllm-venv/bin/vllm")
 DISAGGREGATED = "splitserve disaggregated 1P+1D"
+ADMISSION = "splitserve disaggregated 1P+1D, SLO admission"
 COLOCATED, COLOCATED_2 = "splitserve colocated 1x2 threads", "splitserve colocated 2x1 thread"
 VLLM = "vLLM CPU"
-SYSTEMS = (DISAGGREGATED, COLOCATED, COLOCATED_2, VLLM)
+SYSTEMS = (DISAGGREGATED, ADMISSION, COLOCATED, COLOCATED_2, VLLM)
 TARGET_RATIO = 2.0  # issue: disaggregated goodput >= 2x colocated and >= 2x vLLM CPU
 QUICK = {"rates": "1,3", "num_requests": 6, "duration": 10.0, "out": Path(tempfile.gettempdir()) / "goodput-quick"}
 
@@ -68,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttft-slo-scale", type=float, default=5.0)
     p.add_argument("--tpot-slo-scale", type=float, default=2.0)
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="use this TTFT SLO instead of the profile's")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="use this TPOT SLO instead of the profile's")
     p.add_argument("--vllm", type=Path, default=DEFAULT_VLLM, help="the vllm command of a vLLM CPU venv "
                    "(../shared/tools/vllm-cpu-venv DIR builds one)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to come up")
@@ -108,9 +111,11 @@ def slo_profile(args: argparse.Namespace) -> dict:
                              for _ in range(5))
     return {
         "median_prompt_tokens": len(prompt), "isolated_prefill_s": prefill, "batch1_decode_step_s": step,
-        "ttft_ms": 1000 * args.ttft_slo_scale * prefill, "tpot_ms": 1000 * args.tpot_slo_scale * step,
-        "ttft_source": f"{args.ttft_slo_scale:g} x isolated prefill of the median prompt (1 thread)",
-        "tpot_source": f"{args.tpot_slo_scale:g} x batch-1 decode step (1 thread)",
+        "ttft_ms": args.slo_ttft_ms or 1000 * args.ttft_slo_scale * prefill,
+        "tpot_ms": args.slo_tpot_ms or 1000 * args.tpot_slo_scale * step,
+        "ttft_source": "--slo-ttft-ms" if args.slo_ttft_ms else
+                       f"{args.ttft_slo_scale:g} x isolated prefill of the median prompt (1 thread)",
+        "tpot_source": "--slo-tpot-ms" if args.slo_tpot_ms else f"{args.tpot_slo_scale:g} x batch-1 decode step (1 thread)",
     }
 
 
@@ -136,6 +141,7 @@ class System:
     command: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    send_slo: bool = False  # the requests carry the SLO, so the router refuses what it predicts to miss
 
     @property
     def target(self) -> str:
@@ -149,6 +155,8 @@ def systems(args: argparse.Namespace) -> list[System]:
     known = {
         DISAGGREGATED: System(DISAGGREGATED, [*splitserve, "--mode", "disaggregated", "--prefill-workers", "1",
                                               "--decode-workers", "1", "--http-port", "8101"], 8101),
+        ADMISSION: System(ADMISSION, [*splitserve, "--mode", "disaggregated", "--prefill-workers", "1",
+                                      "--decode-workers", "1", "--http-port", "8105"], 8105, send_slo=True),
         COLOCATED: System(COLOCATED, [*splitserve, "--mode", "colocated", "--workers", "1", "--http-port", "8102"],
                           8102),
         COLOCATED_2: System(COLOCATED_2, [*splitserve, "--mode", "colocated", "--workers", "2",
@@ -228,7 +236,7 @@ def sweep(system: System, args: argparse.Namespace, slo: dict, out: Path) -> dic
         "--num-requests", str(args.num_requests), "--duration", str(args.duration), "--arrival", "poisson",
         "--seed", str(args.seed),
         "--slo-ttft-ms", f"{slo['ttft_ms']:.1f}", "--slo-tpot-ms", f"{slo['tpot_ms']:.1f}",
-        "--out", str(out), "--no-progress",
+        "--out", str(out), "--no-progress", *(["--send-slo"] if system.send_slo else []),
     ]
     log("  " + " ".join(command))
     subprocess.run(command, check=True)
@@ -258,7 +266,7 @@ def ratios(result: dict) -> list[dict]:
         return []
     ours = goodput_of(measured[DISAGGREGATED])
     rows = []
-    for baseline in (COLOCATED, COLOCATED_2, VLLM):
+    for baseline in (COLOCATED, COLOCATED_2, VLLM):  # disaggregated as a user runs it, no SLO sent
         if baseline not in measured:
             continue
         theirs = goodput_of(measured[baseline])
