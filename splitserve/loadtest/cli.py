@@ -31,11 +31,11 @@ from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.clients import DEFAULT_CONNECT_TIMEOUT_S, Client, TargetError, make_client
 from splitserve.loadtest.metrics import SLO, meets_slo, scaled_slos
 from splitserve.loadtest.records import RequestSpec
-from splitserve.loadtest.report import summary_table, sweep_table
+from splitserve.loadtest.report import format_rate, rescale_table, summary_table, sweep_table
 from splitserve.loadtest.runner import (
     DEFAULT_DRAIN_S, DEFAULT_TIMEOUT_S, RunProgress, RunSetup, run_and_save, search, sweep,
 )
-from splitserve.loadtest.saved import format_rate, load_results, replot, rescale, rescale_table
+from splitserve.loadtest.saved import load_results, replot, rescale
 from splitserve.loadtest.workloads import generate, load_tokenizer, parse_workload
 
 T = TypeVar("T")

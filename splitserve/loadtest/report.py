@@ -77,6 +77,27 @@ def _goodput_caption(sweep: dict[str, Any]) -> str:
     return f"goodput {_number(goodput)} req/s (highest rate with >= {threshold} attainment, interpolated)"
 
 
+def rescale_table(rows: list[dict[str, Any]]) -> Table:
+    """The rows of ``saved.rescale``: attainment per SLO for a run, goodput per SLO for a sweep."""
+    is_sweep = "goodput_rps" in rows[0]
+    table = Table(title="SLO scale")
+    measures = ("goodput",) if is_sweep else ("attainment", "TTFT att.", "TPOT att.")
+    for column in ("scale", "TTFT SLO", "TPOT SLO", *measures):
+        table.add_column(column, justify="right")
+    for row in rows:
+        cells = [f"x{row['factor']:g}", _bound(row["slo"]["ttft_ms"]), _bound(row["slo"]["tpot_ms"])]
+        if is_sweep:
+            cells.append((">= " if row["goodput_is_lower_bound"] else "") + format_rate(row["goodput_rps"]))
+        else:
+            cells += [_percent(row["attainment"][key]) for key in ("joint", "ttft", "tpot")]
+        table.add_row(*cells)
+    return table
+
+
+def format_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g} req/s"
+
+
 def format_summary(summary: dict[str, Any], width: int = 100) -> str:
     """summary_table as plain ASCII text, for logs."""
     table = summary_table(summary)

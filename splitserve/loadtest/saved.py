@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from splitserve.loadtest.metrics import SLO, rescore, summarize, sweep_summary
 from splitserve.loadtest.records import RequestRecord, read_jsonl
 from splitserve.loadtest.runner import write_json
@@ -91,23 +89,6 @@ def _rescored_sweep(results: Results, slo: SLO) -> dict[str, Any]:
     return sweep_summary(runs, meta=results.sweep["meta"])
 
 
-def rescale_table(rows: list[dict[str, Any]]) -> Table:
-    """The rows of ``rescale``: attainment per SLO for a run, goodput per SLO for a sweep."""
-    is_sweep = "goodput_rps" in rows[0]
-    table = Table(title="SLO scale")
-    measures = ("goodput",) if is_sweep else ("attainment", "TTFT att.", "TPOT att.")
-    for column in ("scale", "TTFT SLO", "TPOT SLO", *measures):
-        table.add_column(column, justify="right")
-    for row in rows:
-        cells = [f"x{row['factor']:g}", _ms(row["slo"]["ttft_ms"]), _ms(row["slo"]["tpot_ms"])]
-        if is_sweep:
-            cells.append((">= " if row["goodput_is_lower_bound"] else "") + format_rate(row["goodput_rps"]))
-        else:
-            cells += [_percent(row["attainment"][key]) for key in ("joint", "ttft", "tpot")]
-        table.add_row(*cells)
-    return table
-
-
 def replot(results: Results) -> list[Path]:
     """Draw every run's plots and the sweep's again; the files written."""
     from splitserve.loadtest.plots import plot_run, plot_sweep
@@ -117,15 +98,3 @@ def replot(results: Results) -> list[Path]:
         label = str(results.sweep["meta"].get("target", results.folder.name))
         written.append(plot_sweep(results.sweep, results.folder, label=label))
     return written
-
-
-def format_rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g} req/s"
-
-
-def _ms(value: float | None) -> str:
-    return "any" if value is None else f"{value:g} ms"
-
-
-def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.1f}%"
