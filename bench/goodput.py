@@ -36,11 +36,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 from common import git_revision, markdown_table, prepare_machine  # noqa: E402
+from disaggregated import local_prefill, time_decode  # noqa: E402  (the same isolated timings)
 
 from splitserve.config import EngineConfig  # noqa: E402
 from splitserve.engine.engine import LLMEngine, LoadedModel  # noqa: E402
 from splitserve.engine.loader import default_model_path  # noqa: E402
-from splitserve.engine.sampling_params import SamplingParams  # noqa: E402
 from splitserve.loadtest import workloads  # noqa: E402
 from splitserve.loadtest.plots import plot_compare  # noqa: E402
 
@@ -105,10 +105,9 @@ def slo_profile(args: argparse.Namespace) -> dict:
     config = EngineConfig(enable_prefix_caching=False)  # repeats of one prompt must each prefill
     engine = LLMEngine(config, loaded=LoadedModel.load(config))
     prompt = tokenizer.encode(median.prompt)
-    time_request(engine, prompt, 1)  # warm-up
-    prefill = statistics.median(time_request(engine, prompt, 1) for _ in range(5))
-    step = statistics.median((time_request(engine, prompt, 33) - time_request(engine, prompt, 1)) / 32
-                             for _ in range(5))
+    local_prefill(engine, prompt)  # warm-up
+    prefill = statistics.median(local_prefill(engine, prompt) for _ in range(5))
+    step = statistics.median((full - first) / 32 for full, first in (time_decode(engine, prompt, 33) for _ in range(5)))
     return {
         "median_prompt_tokens": len(prompt), "isolated_prefill_s": prefill, "batch1_decode_step_s": step,
         "ttft_ms": args.slo_ttft_ms or 1000 * args.ttft_slo_scale * prefill,
@@ -123,14 +122,6 @@ def generate_workload(args: argparse.Namespace, tokenizer) -> list:
     spec = workloads.parse_workload(args.workload)
     return workloads.generate(spec, args.num_requests, tokenizer, seed=args.seed, scale=args.scale,
                               max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
-
-
-def time_request(engine: LLMEngine, prompt: list[int], max_tokens: int) -> float:
-    start = time.perf_counter()
-    engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------- systems
