@@ -373,7 +373,8 @@ def summarize_load(records: list[dict], workload: list[dict], slo: dict) -> dict
     return {
         "num_requests": len(metrics), "num_failed": len(metrics) - len(good),
         "ttft_s": pcts("ttft_s"), "tpot_s": pcts("tpot_s"), "e2e_s": pcts("e2e_s"),
-        "throughput_rps": len(good) / span, "output_tok_s": sum(m["output_tokens"] for m in good) / span,
+        "span_s": span, "throughput_rps": len(good) / span,
+        "output_tok_s": sum(m["output_tokens"] for m in good) / span,
         "attainment": sum(meets) / len(metrics),
         "ttft_attainment": sum(m["ok"] and m["ttft_s"] <= slo["ttft_s"] for m in metrics) / len(metrics),
         "tpot_attainment": sum(m["ok"] and m["tpot_s"] <= slo["tpot_s"] for m in metrics) / len(metrics),

@@ -4,13 +4,15 @@ One Server per workload (disaggregated, 1 prefill + 1 decode worker, 1 thread ea
 speculation on the decode worker, k up to 8; prefix caching off). The policy is per request: a
 pinned k (``num_speculative_tokens=k``) or adaptive (unset: the router chooses each request's k
 from acceptance and the decode step model). At each rate (low, medium, high) every policy runs
-the same seeded Poisson arrivals and prompts against the same server, one run after another.
+the same seeded Poisson arrivals and prompts against the same server, one run after another, in
+``--rounds`` rounds (new arrivals each round; the policy order rotated, so each policy runs in every
+position and the host's slow drift lands on all of them); a policy's numbers pool its rounds.
 
 Workloads: ``lookup`` (bench/speculation.py's extractive prompts: repeat or summarize a passage
 given in the prompt, so n-gram drafts are accepted) and ``chat`` (open questions through the chat
 template and tests/conftest.py's prompts); 64 tokens each, greedy, EOS ignored.
 
-    .venv/bin/python bench/speculation_policy.py            # the full run, ~11 min (make bench-spec-policy)
+    .venv/bin/python bench/speculation_policy.py            # the full run, ~35 min (make bench-spec-policy)
     .venv/bin/python bench/speculation_policy.py --quick    # smoke, ~3 min; JSON to the temp dir
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import statistics
@@ -27,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -55,7 +59,7 @@ SATURATION_SLACK = 0.05  # target: adaptive mean E2E at most 5% above k=0's at t
 ENGINE = EngineConfig(enable_prefix_caching=False)  # every policy sends the same prompts
 DECODE_ENGINE = dataclasses.replace(ENGINE, speculative=SpeculativeConfig(
     "ngram", num_speculative_tokens=K_DEFAULT, max_speculative_tokens=K_MAX))
-QUICK = {"duration": 3.0, "min_requests": 2, "profile_requests": 2, "max_tokens": 32,
+QUICK = {"duration": 3.0, "min_requests": 2, "profile_requests": 2, "max_tokens": 32, "rounds": 1,
          "out": Path(tempfile.gettempdir()) / "speculation_policy-quick.json"}  # never over the real results
 
 
@@ -69,6 +73,8 @@ def parse_args() -> argparse.Namespace:
                        help=f"{name} rate: req/s, or F'x' = F / the isolated k=0 latency of the workload")
     p.add_argument("--duration", type=float, default=14.0, help="seconds of arrivals per run (x rate = requests)")
     p.add_argument("--min-requests", type=int, default=8, help="requests per run at least")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs of every policy per rate (new arrivals each round, policy order rotated)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (EOS ignored)")
     p.add_argument("--profile-requests", type=int, default=4, help="isolated k=0 requests for the profile")
     p.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: --ttft-slo-scale x profile)")
@@ -90,8 +96,10 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--workloads takes names from {', '.join(WORKLOADS)}")
     if 0 not in args.ks or not all(0 <= k <= K_MAX for k in args.ks):
         p.error(f"--ks must include 0 (the reference) and stay within 0..{K_MAX}")
-    if args.duration <= 0 or args.min_requests < 1 or args.max_tokens < 2 or args.profile_requests < 1:
-        p.error("need --duration > 0, --min-requests >= 1, --max-tokens >= 2 and --profile-requests >= 1")
+    if (args.duration <= 0 or args.min_requests < 1 or args.max_tokens < 2 or args.profile_requests < 1
+            or args.rounds < 1):
+        p.error("need --duration > 0, --min-requests >= 1, --max-tokens >= 2, --profile-requests >= 1 "
+                "and --rounds >= 1")
     return args
 
 
@@ -216,24 +224,55 @@ def mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def pool(runs: list[dict], initial_k: int) -> dict:
+    """One policy's rounds at one rate as one sample: means and percentiles over all their
+    requests, attainment over all requests, per-second rates over the summed spans."""
+    metrics = [m for run in runs for m in run["per_request"]]
+    good = [m for m in metrics if m["ok"]]
+    span = math.fsum(run["span_s"] for run in runs)
+    met = sum(run["attainment"] * run["num_requests"] for run in runs)
+    return {
+        "num_requests": len(metrics), "num_failed": len(metrics) - len(good),
+        **{key: {f"p{q}": float(np.percentile(values, q)) if values else None for q in (50, 90, 99)}
+           for key, values in ((key, [m[key] for m in good]) for key in ("ttft_s", "tpot_s", "e2e_s"))},
+        "e2e_mean_s": mean([m["e2e_s"] for m in good]), "tpot_mean_s": mean([m["tpot_s"] for m in good]),
+        "e2e_mean_s_by_round": [run["e2e_mean_s"] for run in runs],
+        "throughput_rps": len(good) / span, "attainment": met / len(metrics), "slo_met_rps": met / span,
+        **speculation_summary([rec for run in runs for rec in run["requests"]], initial_k),
+        "num_k_changes": sum(run["num_k_changes"] for run in runs),
+    }
+
+
 def measure_rate(server: Server, client: GenerationClient, prompts: list[list[int]], rate: float, seed: int,
                  args: argparse.Namespace, slo: dict) -> dict:
+    """``--rounds`` rounds; in round i every policy runs the same new arrivals (seed + 100 i), in
+    the policy order rotated by i."""
     num = max(args.min_requests, round(rate * args.duration))
-    requests = arrivals(prompts, num, args.max_tokens, seed)
-    runs = {}
-    for name, k in policies(args).items():
-        runs[name] = run_policy(server, client, requests, rate, k, slo)
-        r = runs[name]
-        log(f"  {name}: mean E2E {r['e2e_mean_s'] or float('nan'):.2f} s, {r['throughput_rps']:.2f} req/s, "
-            f"attainment {r['attainment']:.0%}, failed {r['num_failed']}")
-    reference = [r["token_ids"] for r in runs["k=0"]["requests"]]
+    ks = policies(args)
+    names = list(ks)
+    rounds = []
+    for i in range(args.rounds):
+        requests = arrivals(prompts, num, args.max_tokens, seed + 100 * i)
+        order = names[i % len(names):] + names[:i % len(names)]
+        runs = {}
+        for name in order:
+            runs[name] = r = run_policy(server, client, requests, rate, ks[name], slo)
+            log(f"  round {i + 1}/{args.rounds} {name}: mean E2E {r['e2e_mean_s'] or float('nan'):.2f} s, "
+                f"{r['throughput_rps']:.2f} req/s, attainment {r['attainment']:.0%}, failed {r['num_failed']}")
+        rounds.append({"seed": seed + 100 * i, "order": order,
+                       "arrivals_unit_s": [r["arrival_unit_s"] for r in requests],
+                       "prompt_indices": [r["prompt_index"] for r in requests],
+                       "policies": {name: runs[name] for name in names}})
+
+    def outputs(name: str) -> list[list[int]]:
+        return [rec["token_ids"] for r in rounds for rec in r["policies"][name]["requests"]]
+
     return {
-        "rate_rps": rate, "num_requests": num, "seed": seed,
-        "arrivals_unit_s": [r["arrival_unit_s"] for r in requests],
-        "prompt_indices": [r["prompt_index"] for r in requests],
-        "policies": runs,
-        "agreement_with_k0": {name: output_agreement(reference, [r["token_ids"] for r in run["requests"]])
-                              for name, run in runs.items() if name != "k=0"},
+        "rate_rps": rate, "num_requests": num, "num_rounds": args.rounds,
+        "policies": {name: pool([r["policies"][name] for r in rounds], K_DEFAULT if k is None else k)
+                     for name, k in ks.items()},
+        "agreement_with_k0": {name: output_agreement(outputs("k=0"), outputs(name)) for name in names if name != "k=0"},
+        "rounds": rounds,
     }
 
 
@@ -279,8 +318,15 @@ def targets(workloads: dict) -> list[dict]:
             fixed = {p: v for p, v in e2e.items() if p != ADAPTIVE and v is not None}
             best = min(fixed, key=fixed.__getitem__)
             ratio = e2e[ADAPTIVE] / fixed[best] if ok else None
+            # the same ratio round by round (paired: both ran the same arrivals minutes apart)
+            by_round = [r["policies"][ADAPTIVE]["e2e_mean_s"] / r["policies"][best]["e2e_mean_s"]
+                        for r in w["rates"][rate_name]["rounds"]
+                        if r["policies"][ADAPTIVE]["e2e_mean_s"] and r["policies"][best]["e2e_mean_s"]]
+            text = _ratio(ratio, "x best fixed")
+            if ok and len(by_round) > 1:
+                text += f" (by round: {', '.join(f'{v:.2f}' for v in by_round)})"
             out.append({"rate": rate_name, "workload": workload, "target": f"adaptive <= best fixed ({best})",
-                        "value": ratio, "text": _ratio(ratio, "x best fixed"), "met": ok and ratio <= 1.0})
+                        "value": ratio, "by_round": by_round, "text": text, "met": ok and ratio <= 1.0})
             if rate_name == "low" and workload == "lookup":
                 speedup = e2e["k=0"] / e2e[ADAPTIVE] if ok else None
                 out.append({"rate": rate_name, "workload": workload,
@@ -307,14 +353,16 @@ def workload_table(w: dict) -> str:
     def num(v: float | None, spec: str) -> str:
         return "—" if v is None else format(v, spec)
 
-    header = ["rate", "req/s", "policy", "mean E2E ms", "vs k=0", "p99 E2E ms", "mean TPOT ms", "TTFT p50 ms",
+    header = ["rate", "req/s", "policy", "mean E2E ms", "by round", "vs k=0", "p99 E2E ms", "mean TPOT ms",
+              "TTFT p50 ms",
               "done req/s", "SLO attain.", "SLO-met req/s", "k set", "drafts/step", "accept", "k changes", "failed"]
     body = []
     for rate_name, r in w["rates"].items():
         k0 = r["policies"]["k=0"]["e2e_mean_s"]
         for policy, s in r["policies"].items():
             vs = s["e2e_mean_s"] / k0 if s["e2e_mean_s"] is not None and k0 else None
-            body.append([rate_name, f"{r['rate_rps']:.3g}", policy, ms(s["e2e_mean_s"]), num(vs, ".2f"),
+            body.append([rate_name, f"{r['rate_rps']:.3g}", policy, ms(s["e2e_mean_s"]),
+                         " / ".join(map(ms, s["e2e_mean_s_by_round"])), num(vs, ".2f"),
                          ms(s["e2e_s"]["p99"]), ms(s["tpot_mean_s"]), ms(s["ttft_s"]["p50"]),
                          f"{s['throughput_rps']:.2f}", f"{s['attainment']:.0%}", f"{s['slo_met_rps']:.2f}",
                          num(s["k_set_mean"], ".1f"), num(s["drafts_per_step"], ".2f"),
@@ -334,8 +382,9 @@ def report(result: dict) -> str:
                   f"{p['isolated_ttft_s'] * 1e3:.0f} ms, TPOT {p['isolated_tpot_s'] * 1e3:.1f} ms (median of "
                   f"{p['num_requests']}); SLO TTFT <= {p['ttft_s'] * 1e3:.0f} ms ({p['ttft_source']}), TPOT <= "
                   f"{p['tpot_s'] * 1e3:.0f} ms ({p['tpot_source']})",
-                  "rates: " + ", ".join(f"{n} {r['rate_rps']:.3g} req/s ({r['given']}, {r['num_requests']} requests)"
-                                        for n, r in w["rates"].items()), "", workload_table(w), ""]
+                  "rates: " + ", ".join(f"{n} {r['rate_rps']:.3g} req/s ({r['given']}, {r['num_rounds']} x "
+                                        f"{r['num_requests']} requests)" for n, r in w["rates"].items()),
+                  "", workload_table(w), ""]
         for rate_name, r in w["rates"].items():
             same = ", ".join(f"{p} {a['identical_requests']}/{a['requests']}"
                              for p, a in r["agreement_with_k0"].items())
@@ -351,7 +400,8 @@ def report(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> str:
-    """Mean E2E latency against rate, one line per policy, one panel per workload."""
+    """Mean E2E latency against rate, one line per policy, one panel per workload; the bars span
+    the policy's round means."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,8 +412,12 @@ def plot(result: dict, path: Path) -> str:
     for ax, (name, w) in zip(axes[0], workloads.items()):
         rates = [r["rate_rps"] for r in w["rates"].values()]
         for policy in next(iter(w["rates"].values()))["policies"]:
-            points = [(r["rate_rps"], r["policies"][policy]["e2e_mean_s"]) for r in w["rates"].values()]
-            ax.plot(*zip(*[(x, y) for x, y in points if y is not None]), marker="o", label=policy)
+            runs = [(r["rate_rps"], r["policies"][policy]) for r in w["rates"].values()]
+            points = [(x, s["e2e_mean_s"], [v for v in s["e2e_mean_s_by_round"] if v is not None])
+                      for x, s in runs if s["e2e_mean_s"] is not None]
+            xs, ys, by_round = zip(*points)
+            spread = [[y - min(v) for y, v in zip(ys, by_round)], [max(v) - y for y, v in zip(ys, by_round)]]
+            ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=policy)
         ax.set(xscale="log", title=name, xlabel="request rate (req/s, log scale)", ylabel="mean E2E latency (s)")
         ax.set_xticks(rates, [f"{n}\n{r:.2g}" for n, r in zip(w["rates"], rates)])
         ax.set_xticks([], minor=True)
