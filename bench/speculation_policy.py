@@ -372,12 +372,11 @@ def paired_interval(rounds: list[dict], fixed: list[str], resamples: int = BOOTS
     rng = np.random.default_rng(seed)
     ratios = np.empty(resamples)
     for j in range(resamples):
-        sums, count = np.zeros(len(names)), 0
+        sums = np.zeros(len(names))
         for b in rng.integers(0, len(blocks), size=len(blocks)):
             block = blocks[b]
             sums += block[:, rng.integers(0, block.shape[1], size=block.shape[1])].sum(axis=1)
-            count += block.shape[1]
-        ratios[j] = sums[0] / sums[1:].min()  # the request count cancels
+        ratios[j] = sums[0] / sums[1:].min()  # sums, not means: the request count cancels
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
 
