@@ -146,14 +146,15 @@ def _serve(args: argparse.Namespace) -> int:
                   tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None)
         options = ServeOptions(grpc_host=args.grpc_host, grpc_port=args.grpc_port, address=args.address,
                                grace_s=args.grace, http_host=args.http_host, http_port=args.http_port,
-                               default_slo=slo)
+                               default_slo=slo, router_only=args.router_only)
+        server = Server(config, options)
     except ValueError as error:
         print(f"splitserve: error: {error}", file=sys.stderr)
         return 2
-    server = Server(config, options)
 
     def ready(s: Server) -> None:
-        print(f"splitserve: serving {s.router.model_name} ({config.mode}) on {s.address}", flush=True)
+        role = ", router replica" if options.router_only else ""
+        print(f"splitserve: serving {s.router.model_name} ({config.mode}{role}) on {s.address}", flush=True)
         if s.http_port is not None:
             print(f"splitserve: OpenAI-compatible API on http://{options.http_host}:{s.http_port}/v1", flush=True)
 
@@ -211,6 +212,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="default TTFT SLO for requests that set none (refused when predicted to miss)")
     serve.add_argument("--slo-tpot-ms", type=float, default=None, help="default TPOT SLO, likewise")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
+    serve.add_argument("--router-only", action="store_true",
+                       help="a router replica: start no workers, serve over those another `splitserve serve` "
+                       "started (same --redis-url, --store-prefix, --mode and --model; join its Ray with --address); "
+                       "worker options are ignored")
     serve.set_defaults(run=_serve)
 
 

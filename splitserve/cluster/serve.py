@@ -1,5 +1,6 @@
 """Server: a Deployment, a Router over it and the gRPC (and optional OpenAI HTTP) front ends,
-started and stopped as one.
+started and stopped as one; or, with ``router_only``, a router replica: the Router and front
+ends alone, over workers another Server started on the same Redis and Ray cluster.
 
 ``splitserve serve`` runs one in the foreground until SIGINT/SIGTERM; tests and benchmarks run
 one in a background thread (``with Server(config) as server: ...``). Shutdown order keeps
@@ -35,7 +36,9 @@ class ServeOptions:
     the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster.
     http_port: the OpenAI-compatible HTTP API's port (None: no HTTP; 0: a free port).
     default_slo: latency targets for requests that set none (admission refuses what it predicts
-    would miss them)."""
+    would miss them). router_only: start no workers; route over the ones listed in the config's
+    Redis (``redis_url`` and ``store_prefix``), which another Server started, and leave them
+    running at shutdown."""
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
@@ -45,6 +48,7 @@ class ServeOptions:
     grace_s: float = 30.0
     start_timeout_s: float = 600.0
     default_slo: SLO = field(default_factory=SLO)
+    router_only: bool = False
 
 
 def connect_ray(address: str | None) -> None:
@@ -60,7 +64,10 @@ class Server:
     def __init__(self, config: ClusterConfig, options: ServeOptions | None = None):
         self.config = config
         self.options = options or ServeOptions()
-        self.deployment = Deployment(config)
+        if self.options.router_only and config.redis_url is None:
+            raise ValueError("a router replica needs the Redis its workers use (--redis-url, redis_url): "
+                             "the embedded store lives with the Server that started them")
+        self.deployment = None if self.options.router_only else Deployment(config)
         self.router: Router | None = None
         self.port: int | None = None
         self._grpc: GrpcServer | None = None
@@ -100,7 +107,8 @@ class Server:
 
     async def _start(self) -> None:
         connect_ray(self.options.address)
-        await self.deployment.start(self.options.start_timeout_s)
+        if self.deployment is not None:
+            await self.deployment.start(self.options.start_timeout_s)
         model = self.config.engine.model
         self._store = await asyncio.to_thread(make_store, self.config.redis_url, self.config.store_prefix)
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
@@ -108,6 +116,9 @@ class Server:
                              block_size=self.config.engine.block_size, metrics=self.metrics,
                              default_slo=self.options.default_slo)
         await self.router.refresh(force=True)
+        if not self.router.is_ready():  # a replica may start before its workers; health says so
+            logger.warning("splitserve: no live %s workers under store prefix %r yet; health stays NOT_SERVING "
+                           "until they join", self.config.mode, self.config.store_prefix)
         self.router.start()
         self._grpc = GrpcServer(self.router, metrics=self.metrics)
         self.port = await self._grpc.start(self.options.grpc_host, self.options.grpc_port)
@@ -124,7 +135,8 @@ class Server:
             await self._http.stop(grace_s=1.0)
         if self._grpc is not None:
             await self._grpc.stop(grace_s=1.0)
-        await self.deployment.stop()
+        if self.deployment is not None:
+            await self.deployment.stop()
         if self._store is not None:
             self._store.close()
 

@@ -44,35 +44,51 @@ def test_other_setups_equal_offline_engine(ray_cluster, request, expected, overr
 
 
 def check_second_router_replica(server, redis_url: str, expected) -> None:
-    """Another router on the same Redis sees the same workers and serves through them; its
+    """A router replica (a router_only Server on the same Redis and Ray) sees the same workers,
+    serves through them over its own gRPC and leaves them running when it stops; a Router's
     default SLO applies to requests that set none."""
     import asyncio
 
     from splitserve.cluster.redis_store import RedisStore
+    from splitserve.cluster.serve import Server, ServeOptions
     from splitserve.engine.loader import default_model_path, load_tokenizer
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.errors import CapacityError
     from splitserve.router.api import SLO, GenerateInput
     from splitserve.router.router import Router
 
+    replica = Server(server.config, ServeOptions(grpc_port=0, grace_s=5.0, router_only=True)).start()
+    try:
+        assert replica.deployment is None and replica.router.is_ready()
+        assert {w.worker_id for w in replica.router._workers} == set(server.deployment.handles)
+        assert generate_all(replica.address, PROMPTS[:2]) == expected[:2]
+    finally:
+        replica.stop()
+    assert generate_all(server.address, PROMPTS[:1]) == expected[:1]  # the workers outlived the replica
+
     async def run() -> None:
         store = RedisStore(redis_url, prefix=server.config.store_prefix)
         try:
-            replica = Router(store, load_tokenizer(None), default_model_path())
-            await replica.refresh(force=True)
-            assert replica.is_ready()
-            assert {w.worker_id for w in replica._workers} == set(server.deployment.handles)
-            params = SamplingParams(max_tokens=len(expected[0]), temperature=0)
-            deltas = [d async for d in replica.generate(GenerateInput(params, prompt=PROMPTS[0]))]
-            assert [t for d in deltas for t in d.token_ids] == expected[0]
             strict = Router(store, load_tokenizer(None), default_model_path(), default_slo=SLO(ttft_s=1e-6))
             await strict.refresh(force=True)
+            params = SamplingParams(max_tokens=len(expected[0]), temperature=0)
             with pytest.raises(CapacityError, match="TTFT"):
                 [d async for d in strict.generate(GenerateInput(params, prompt=PROMPTS[0]))]
         finally:
             store.close()
 
     asyncio.run(run())
+
+
+def test_a_router_replica_needs_the_workers_redis(capsys):
+    from splitserve import cli
+    from splitserve.cluster.deployment import ClusterConfig
+    from splitserve.cluster.serve import Server, ServeOptions
+
+    with pytest.raises(ValueError, match="needs the Redis its workers use"):
+        Server(ClusterConfig(), ServeOptions(router_only=True))
+    assert cli.main(["serve", "--router-only"]) == 2
+    assert "needs the Redis its workers use (--redis-url" in capsys.readouterr().err
 
 
 def test_splitserve_serve_command(ray_cluster, expected):
