@@ -473,14 +473,19 @@ def plot(result: dict, path: Path) -> str:
 # ------------------------------------------------------------------------------------ main
 
 
+def publish(result: dict, path: Path) -> None:
+    """Score the targets, write the JSON to ``path`` and the plot beside it, print the tables."""
+    result["targets"] = targets(result["workloads"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(report(result))
+    print(plot(result, path.with_suffix(".png")))
+
+
 def main() -> None:
     args = parse_args()
     if args.report:
-        result = json.loads(args.report.read_text())
-        result["targets"] = targets(result["workloads"])
-        args.report.write_text(json.dumps(result, indent=1))
-        print(report(result))
-        print(plot(result, args.report.with_suffix(".png")))
+        publish(json.loads(args.report.read_text()), args.report)
         return
     machine = prepare_machine(None)
     tokenizer = load_tokenizer(None)
@@ -497,12 +502,8 @@ def main() -> None:
                    "cluster": {w: dataclasses.asdict(cluster_config(w)) for w in args.workloads}},
         "workloads": workloads,
     }
-    result["targets"] = targets(workloads)
     result["wall_time_s"] = time.perf_counter() - STARTED
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(report(result))
-    print(plot(result, args.out.with_suffix(".png")))
+    publish(result, args.out)
     print(f"wrote {args.out} ({result['wall_time_s'] / 60:.1f} min)", file=sys.stderr)
 
 
