@@ -1,16 +1,50 @@
-"""Configuration: one frozen dataclass per role, validated when it is built.
+"""Configuration: every setting of splitserve, in frozen dataclasses validated when built.
 
-Components take the scalars they need (``BlockPool(num_blocks, block_size)``), never the
-root config; these classes exist so that a bad setting fails at start-up with a sentence.
+``EngineConfig`` (one engine), ``TransferConfig`` (KV handoff between workers), ``StoreConfig``
+(the shared state and membership), ``WorkerConfig`` (one worker: the three embedded),
+``ClusterConfig`` (what ``splitserve serve`` runs: worker counts and the shared sub-configs)
+and ``ServeConfig`` (where the API listens). Each value is stated and checked once, here; the
+command line reads its defaults from these classes. Components take the scalars they need
+(``BlockPool(num_blocks, block_size)``), never the root config; these classes exist so that a
+bad setting fails at start-up with a sentence.
+
+This module imports nothing heavy (no torch, no Ray), so a router process can read it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+TRANSFER_BACKENDS: tuple[str, ...] = ("collective", "grpc")
+KV_CODECS: tuple[str, ...] = ("fp16", "int8", "raw")  # splitserve.transfer.codec implements each
+MODES: tuple[str, ...] = ("disaggregated", "colocated")
+WORKER_KINDS: tuple[str, ...] = ("prefill", "decode", "colocated")
+DEFAULT_STORE_PREFIX = "splitserve"
+DEFAULT_GRPC_PORT = 50051
+
+
+def check_name(what: str, value: object) -> None:
+    """ValueError unless ``value`` is a non-empty string without surrounding spaces."""
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise ValueError(f"{what} must be a non-empty string without surrounding spaces, got {value!r}")
+
+
+def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not 0 < value < math.inf:
+            raise ValueError(f"{name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -39,10 +73,10 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V one token occupies over all layers, at 4 bytes per element."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        """Bytes of K and V one token occupies over all layers, at ``element_size`` bytes per
+        element (4 for float32, 2 for bfloat16/float16)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element_size
 
 
 PROPOSERS = ("ngram", "draft", "layer_skip")
@@ -103,8 +137,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
         positive = ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -116,4 +149,169 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        import torch  # here, not at the top: the router reads this module without torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How a prompt's KV moves from the prefill worker to the decode worker.
+
+    backend: "collective" (torch.distributed point-to-point: Gloo on CPU, NCCL on GPU) or
+    "grpc". kv_codec: the wire encoding of K/V. host: the address other workers reach this
+    one's KV receiver at. timeout_s: a handoff's deadline (each chunk's send, and the decode
+    side's wait). reservation_ttl_s: a decode reservation that is never started is released
+    after this long.
+    """
+
+    backend: str = "collective"
+    kv_codec: str = "raw"
+    layers_per_chunk: int = 6
+    host: str = "127.0.0.1"
+    timeout_s: float = 30.0
+    reservation_ttl_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check_choice("transfer backend", self.backend, TRANSFER_BACKENDS)
+        _check_choice("kv_codec", self.kv_codec, KV_CODECS)
+        check_name("host", self.host)
+        if self.layers_per_chunk < 1:
+            raise ValueError(f"layers_per_chunk must be >= 1, got {self.layers_per_chunk}")
+        _check_positive(self, "timeout_s", "reservation_ttl_s")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The shared state: a Redis server (``redis_url``) or, when None, the embedded store (a
+    Ray actor, one machine). ``prefix`` namespaces one deployment's state. Workers renew their
+    membership every ``heartbeat_s`` and drop out ``ttl_s`` after their last renewal."""
+
+    redis_url: str | None = None
+    prefix: str = DEFAULT_STORE_PREFIX
+    heartbeat_s: float = 0.5
+    ttl_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_name("store prefix", self.prefix)
+        if self.redis_url is not None:
+            check_name("redis_url", self.redis_url)
+        if not 0 < self.heartbeat_s < self.ttl_s < math.inf:
+            raise ValueError(f"need 0 < heartbeat_s < ttl_s, got {self.heartbeat_s}, {self.ttl_s}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker: its id and kind, its engine, and the deployment's transfer and store settings.
+    num_threads: torch threads for the engine (None: torch's default). profile_at_start: a few
+    synthetic steps seed the latency model before the worker serves."""
+
+    worker_id: str
+    kind: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    num_threads: int | None = None
+    profile_at_start: bool = True
+
+    def __post_init__(self) -> None:
+        check_name("worker_id", self.worker_id)
+        _check_choice("worker kind", self.kind, WORKER_KINDS)
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What ``splitserve serve`` runs: disaggregated (prefill + decode workers joined by a KV
+    transfer backend) or colocated (workers doing both phases).
+
+    engine: every worker's engine settings; decode_engine, if given, replaces them for decode
+    and colocated workers (speculation lives there). num_threads: torch threads per worker
+    (None: the cluster's CPUs split evenly between the workers).
+    """
+
+    mode: str = "disaggregated"
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
+    num_colocated_workers: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    decode_engine: EngineConfig | None = None
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        counts = self.worker_counts()
+        if any(n < 1 for n in counts.values()):
+            raise ValueError(f"every worker kind needs at least one worker, got {counts}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+    def worker_counts(self) -> dict[str, int]:
+        if self.mode == "colocated":
+            return {"colocated": self.num_colocated_workers}
+        return {"prefill": self.num_prefill_workers, "decode": self.num_decode_workers}
+
+    def worker_configs(self, num_cpus: float, num_gpus: float) -> list[WorkerConfig]:
+        """Every worker's config: ids ``{prefix}.{kind}-{i}``, one GPU each when there are
+        enough GPUs for all (then the engines run on CUDA), else the CPUs split evenly."""
+        counts = self.worker_counts()
+        total = sum(counts.values())
+        threads = self.num_threads or max(int(num_cpus) // total, 1)
+        configs = []
+        for kind, count in counts.items():
+            engine = self.engine if kind == "prefill" or self.decode_engine is None else self.decode_engine
+            if num_gpus >= total and engine.device == "cpu":
+                engine = replace(engine, device="cuda")
+            configs += [WorkerConfig(f"{self.store.prefix}.{kind}-{i}", kind, engine, self.transfer, self.store,
+                                     num_threads=threads) for i in range(count)]
+        return configs
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where the API listens and how Ray is found. address: None starts a local Ray (or uses
+    the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster.
+    http_port: the OpenAI-compatible HTTP API's port (None: no HTTP; 0: a free port).
+    slo_ttft_s / slo_tpot_s: latency targets for requests that set none (admission refuses what
+    it predicts would miss them; None: no target). router_only: start no workers; route over
+    the ones listed in the store (its ``redis_url`` and ``prefix``), which another server
+    started, and leave them running at shutdown. grace_s: what in-flight requests get at
+    shutdown."""
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    address: str | None = None
+    grace_s: float = 30.0
+    start_timeout_s: float = 600.0
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    router_only: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in 0..65535 (0: a free port), got {port}")
+        for name in ("slo_ttft_s", "slo_tpot_s"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be positive when given, got {value}")
+        if self.grace_s < 0 or self.start_timeout_s <= 0:
+            raise ValueError(f"need grace_s >= 0 and start_timeout_s > 0, got {self.grace_s}, {self.start_timeout_s}")
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name`` (its factory's value, if it has one):
+    the command line reads its flag defaults here, so each default is stated once."""
+    spec = next((f for f in fields(cls) if f.name == name), None)
+    assert spec is not None, f"{cls.__name__} has no field {name!r}"
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    assert spec.default is not MISSING, f"{cls.__name__}.{name} has no default"
+    return spec.default

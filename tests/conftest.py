@@ -10,7 +10,7 @@ import torch
 from splitserve.config import EngineConfig
 from splitserve.engine.engine import LoadedModel
 from splitserve.engine.llm import LLM
-from splitserve.engine.loader import default_model_path
+from splitserve.engine.model_files import default_model_path
 
 # Prompts of varied length and kind, shared by the equivalence tests.
 PROMPTS = [

@@ -1,21 +1,8 @@
-"""Cluster-wide pieces: membership and shared state (Redis or embedded), placement, health."""
+"""The cluster: membership and shared state (the MetadataStore, in Redis or embedded in a Ray
+actor) and the deployment that starts a serving setup's workers as Ray actors.
 
-from splitserve.cluster.store import (
-    WORKER_KINDS,
-    MetadataStore,
-    StoreConnectionError,
-    WorkerInfo,
-    WorkerKind,
-    WorkerLoad,
-    make_store,
-)
+Nothing here knows what a worker does: ``Deployment`` is given the actor class of each worker
+kind by the serving assembly (splitserve.server).
+"""
 
-__all__ = [
-    "WORKER_KINDS",
-    "MetadataStore",
-    "StoreConnectionError",
-    "WorkerInfo",
-    "WorkerKind",
-    "WorkerLoad",
-    "make_store",
-]
+RAY_NAMESPACE = "splitserve"  # the Ray namespace of every named actor: workers and the embedded store

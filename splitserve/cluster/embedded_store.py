@@ -17,8 +17,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import ray
 
+from splitserve.cluster import RAY_NAMESPACE
 from splitserve.cluster.store import (
-    DEFAULT_PREFIX,
     MetadataStore,
     StoreConnectionError,
     WorkerInfo,
@@ -27,11 +27,10 @@ from splitserve.cluster.store import (
     check_coefficients,
     check_hashes,
     check_kind,
-    check_name,
     check_ttl,
 )
+from splitserve.config import DEFAULT_STORE_PREFIX, check_name
 
-RAY_NAMESPACE = "splitserve"
 ACTOR_NAME = "splitserve-metadata"
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -212,7 +211,7 @@ class EmbeddedStore(MetadataStore):
     at most ``timeout_s``.
     """
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX, actor_name: str = ACTOR_NAME, timeout_s: float = 30.0):
+    def __init__(self, prefix: str = DEFAULT_STORE_PREFIX, actor_name: str = ACTOR_NAME, timeout_s: float = 30.0):
         check_name("prefix", prefix)
         check_name("actor_name", actor_name)
         check_ttl(timeout_s, "timeout_s")

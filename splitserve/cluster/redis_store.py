@@ -26,7 +26,6 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from splitserve.cluster.store import (
-    DEFAULT_PREFIX,
     MetadataStore,
     StoreConnectionError,
     WorkerInfo,
@@ -35,9 +34,9 @@ from splitserve.cluster.store import (
     check_coefficients,
     check_hashes,
     check_kind,
-    check_name,
     check_ttl,
 )
+from splitserve.config import DEFAULT_STORE_PREFIX, check_name
 
 _SCHEMES = ("redis", "rediss", "unix")
 
@@ -84,7 +83,7 @@ class RedisStore(MetadataStore):
     naming the URL when the server does not answer within ``connect_timeout_s``.
     """
 
-    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, connect_timeout_s: float = 2.0):
+    def __init__(self, url: str, prefix: str = DEFAULT_STORE_PREFIX, connect_timeout_s: float = 2.0):
         check_name("prefix", prefix)
         check_ttl(connect_timeout_s, "connect_timeout_s")
         self._check_url(url)

@@ -5,7 +5,8 @@ The store holds what every router replica and worker must agree on: which worker
 cached, the latency-model coefficients fitted per worker, and leases that reserve a KV
 transfer. Workers write their own entries; routers read everyone's. Two backends hold the
 same contract: ``RedisStore`` (a real Redis server; needed for several router replicas on
-several machines) and ``EmbeddedStore`` (a named Ray actor; the single-machine default).
+several machines) and ``EmbeddedStore`` (a named Ray actor; the single-machine default);
+``cluster.stores.make_store`` picks one.
 
 Liveness rule shared by every backend: a worker's load, prefix blocks and models are visible
 only while its membership is live. ``register_worker`` starts a fresh membership, dropping
@@ -22,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-WorkerKind = Literal["prefill", "decode", "colocated"]
-WORKER_KINDS: tuple[str, ...] = ("prefill", "decode", "colocated")
-DEFAULT_PREFIX = "splitserve"
+from splitserve.config import WORKER_KINDS, check_name
+
+WorkerKind = Literal["prefill", "decode", "colocated"]  # config.WORKER_KINDS, as a type
 
 
 class StoreConnectionError(ConnectionError):
@@ -153,26 +154,7 @@ class MetadataStore(abc.ABC):
         self.close()
 
 
-def make_store(redis_url: str | None, prefix: str = DEFAULT_PREFIX) -> MetadataStore:
-    """A Redis-backed store when ``redis_url`` is given, else the embedded (Ray actor) one.
-
-    ``prefix`` namespaces the state, so several deployments can share one Redis or Ray cluster.
-    """
-    if redis_url is None:
-        from splitserve.cluster.embedded_store import EmbeddedStore
-
-        return EmbeddedStore(prefix=prefix)
-    from splitserve.cluster.redis_store import RedisStore
-
-    return RedisStore(redis_url, prefix=prefix)
-
-
 # Input checks shared by the backends: bad input fails at the edge, before any state changes.
-
-
-def check_name(what: str, value: object) -> None:
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise ValueError(f"{what} must be a non-empty string without surrounding spaces, got {value!r}")
 
 
 def check_kind(kind: object) -> None:

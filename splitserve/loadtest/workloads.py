@@ -299,6 +299,6 @@ def _is_count(value: Any) -> TypeGuard[int]:
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """The tokenizer of a GGUF file or Hugging Face folder; None: the default model's (SmolLM2)."""
-    from splitserve.engine.loader import load_tokenizer as load_model_tokenizer  # imports torch: only when asked
+    from splitserve.engine.model_files import load_tokenizer as load_model_tokenizer
 
     return load_model_tokenizer(path)

@@ -14,11 +14,12 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.config import DEFAULT_GRPC_PORT
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
-from splitserve.router.grpc_server import DEFAULT_GRPC_PORT, GENERATION_SERVICE
 
 DEFAULT_ADDRESS = f"localhost:{DEFAULT_GRPC_PORT}"
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # the health service's name for it
 _READY_POLL_S = 0.1
 # gRPC's reconnect backoff grows to two minutes; capped at a second, wait_ready notices a server
 # that has just come up within a second.

@@ -19,17 +19,17 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitserve.config import DEFAULT_GRPC_PORT
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.errors import CapacityError, ServingError
+from splitserve.protocol import SLO, GenerateDelta, RequestReport
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
-from splitserve.router.api import (
-    SLO, CapacityError, Frontend, GenerateDelta, GenerateInput, RequestReport, ServingError,
-)
+from splitserve.router.api import Frontend, GenerateInput
 from splitserve.router.metrics import Metrics, observe_stream
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GRPC_PORT = 50051
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 # Sampling fields with proto3 presence: copied only when set, so unset keeps SamplingParams' default.
 _OPTIONAL_SAMPLING_FIELDS = (

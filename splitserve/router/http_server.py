@@ -22,7 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
-from splitserve.router.api import CapacityError, Frontend, GenerateDelta, GenerateInput, ServingError
+from splitserve.errors import CapacityError, ServingError
+from splitserve.protocol import GenerateDelta
+from splitserve.router.api import Frontend, GenerateInput
 from splitserve.router.metrics import CONTENT_TYPE, Metrics, observe_stream
 from splitserve.router.openai_protocol import Reply, ReplyOptions, chat_input, completion_input, error_body
 

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from splitserve.router.api import CapacityError, GenerateDelta
+from splitserve.errors import CapacityError
+from splitserve.protocol import GenerateDelta
 
 __all__ = ["CONTENT_TYPE", "OUTCOMES", "Metrics", "observe_stream", "outcome_for_error"]
 

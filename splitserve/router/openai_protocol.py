@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.router.api import SLO, GenerateDelta, GenerateInput
+from splitserve.protocol import SLO, GenerateDelta
+from splitserve.router.api import GenerateInput
 
 # OpenAI's chat default is "until the context is full"; the engine clamps max_tokens to the
 # context left after the prompt, so a bound this large means exactly that.

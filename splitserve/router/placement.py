@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from splitserve.cluster.store import WorkerLoad
 from splitserve.engine.block_pool import hash_block_tokens
-from splitserve.router.goodput import DecodeStepModel, PrefillModel
+from splitserve.errors import CapacityError
+from splitserve.latency import DecodeStepModel, PrefillModel
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def rank_prefill(
     block_size: int,
     loads: Mapping[str, WorkerLoad],
     inflight_tokens: Mapping[str, int],
-    models: Mapping[str, Mapping[str, float]],
+    models: Mapping[str, PrefillModel],
     avoid: frozenset[str] | set[str] = frozenset(),
 ) -> list[Choice]:
     """Prefill workers by predicted TTFT, best first (``avoid``: tried already, last)."""
@@ -54,10 +55,8 @@ def rank_prefill(
         hit = min(cached_blocks.get(worker_id, 0) * block_size, num_prompt_tokens - 1)
         load = loads.get(worker_id)
         queued = max(load.num_queued_prompt_tokens if load else 0, inflight_tokens.get(worker_id, 0))
-        coefficients = models.get(worker_id)
-        predicted = math.inf
-        if coefficients:
-            predicted = PrefillModel.from_coefficients(coefficients).predict(queued + num_prompt_tokens - hit)
+        model = models.get(worker_id)
+        predicted = math.inf if model is None else model.predict(queued + num_prompt_tokens - hit)
         choices.append(Choice(worker_id, predicted))
     return sorted(choices, key=lambda c: (c.worker_id in avoid, c.predicted_s, c.worker_id))
 
@@ -68,7 +67,7 @@ def rank_decode(
     block_size: int,
     loads: Mapping[str, WorkerLoad],
     inflight: Mapping[str, int],
-    models: Mapping[str, Mapping[str, float]],
+    models: Mapping[str, DecodeStepModel],
     avoid: frozenset[str] | set[str] = frozenset(),
 ) -> list[Choice]:
     """Decode workers by predicted TPOT with one more request; those that reported too few free
@@ -81,19 +80,15 @@ def rank_decode(
         if load is not None and load.num_free_blocks < needed_blocks:
             full.add(worker_id)
         batch = max(load.num_running_requests if load else 0, inflight.get(worker_id, 0)) + 1
-        coefficients = models.get(worker_id)
-        predicted = math.inf
-        if coefficients:
-            context = batch * num_prompt_tokens  # the newcomer's prompt as the typical context
-            predicted = DecodeStepModel.from_coefficients(coefficients).predict(batch, batch, context, 0)
+        model = models.get(worker_id)
+        context = batch * num_prompt_tokens  # the newcomer's prompt as the typical context
+        predicted = math.inf if model is None else model.predict(batch, batch, context, 0)
         choices.append(Choice(worker_id, predicted))
     return sorted(choices, key=lambda c: (c.worker_id in avoid, c.worker_id in full, c.predicted_s, c.worker_id))
 
 
 def check_slo(kind: str, best: Choice | None, slo_s: float | None) -> None:
     """CapacityError when even the best worker's prediction misses the request's SLO."""
-    from splitserve.errors import CapacityError
-
     if slo_s is None or best is None or math.isinf(best.predicted_s):
         return
     if best.predicted_s > slo_s:

@@ -2,7 +2,9 @@
 
 For each decode worker it tracks the requests this router runs there: their context length,
 their acceptance (``AcceptanceTracker`` over the drafted/accepted counters the worker streams
-back), whether the client pinned k, and the k currently applied. ``observe`` takes a request's
+back), whether the client pinned k, and the k currently applied. A request drafts at least one
+token until ``PROBE_DRAFTS`` of its drafts were verified (``choose_k``'s probing), so its own
+acceptance, not only its proposer's mean over other requests, decides its k. ``observe`` takes a request's
 latest counters; at most every ``interval_s`` per worker it reruns ``choose_k`` over that
 worker's batch with the worker's fitted step-time model and returns the k values that changed,
 which the router pushes to the worker (``set_speculation``).
@@ -11,12 +13,14 @@ which the router pushes to the worker (``set_speculation``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from splitserve.router.goodput import AcceptanceTracker, DecodeStepModel, SpecRequest, choose_k
+from splitserve.latency import DecodeStepModel
+from splitserve.router.goodput import AcceptanceTracker, SpecRequest, choose_k
 
 PROPOSER = "decode"  # one acceptance prior per decode-side proposer kind; the workers share one here
+PROBE_DRAFTS = 4  # a request drafts (k >= 1) until its own acceptance has seen this many drafts
 
 
 @dataclass
@@ -53,7 +57,7 @@ class SpecController:
         num_draft_tokens: int,
         num_accepted_tokens: int,
         k_max: int,
-        step_model: Mapping[str, float] | None,
+        step_model: DecodeStepModel | None,
     ) -> dict[str, int]:
         """Record a request's progress (cumulative counters); return changed k per request id."""
         batch = self._workers.get(worker_id, {})
@@ -67,27 +71,27 @@ class SpecController:
             self.acceptance.update(request_id, PROPOSER, drafted, min(max(accepted, 0), drafted))
         tracked.num_draft_tokens, tracked.num_accepted_tokens = num_draft_tokens, num_accepted_tokens
         now = self.clock()
-        if k_max <= 0 or not step_model or now - self._decided_at.get(worker_id, -1e9) < self.interval_s:
+        if k_max <= 0 or step_model is None or now - self._decided_at.get(worker_id, -1e9) < self.interval_s:
             return {}
         self._decided_at[worker_id] = now
-        return self.decide(worker_id, k_max, DecodeStepModel.from_coefficients(step_model))
+        return self.decide(worker_id, k_max, step_model)
 
     def initial_k(self, worker_id: str, request_id: str, num_prompt_tokens: int, k_max: int,
-                  step_model: Mapping[str, float] | None, num_in_flight: int = 0) -> int | None:
+                  step_model: DecodeStepModel | None, num_in_flight: int = 0) -> int | None:
         """The k a new unpinned request should start at on this worker: ``choose_k`` over the
         worker's batch with the request added (its acceptance at the proposer's mean), counting
         those of the ``num_in_flight`` requests the router has there that are not in the batch yet
         (still in prefill) as more like it. None without a fitted model or speculation there:
         the worker's default applies."""
-        if k_max <= 0 or not step_model:
+        if k_max <= 0 or step_model is None:
             return None
         batch = self._spec_requests(worker_id, k_max)
         alpha = self.acceptance.estimate(request_id, PROPOSER)
-        arriving = [SpecRequest(f"{request_id}#{i}", alpha, num_prompt_tokens + 1, k_max)
+        arriving = [SpecRequest(f"{request_id}#{i}", alpha, num_prompt_tokens + 1, k_max, is_probing=True)
                     for i in range(max(num_in_flight - len(batch), 0))]
-        newcomer = SpecRequest(request_id, alpha, num_prompt_tokens + 1, k_max)
+        newcomer = SpecRequest(request_id, alpha, num_prompt_tokens + 1, k_max, is_probing=True)
         requests = [*batch, *arriving, newcomer]
-        return choose_k(requests, DecodeStepModel.from_coefficients(step_model).predict, margin=self.margin)[request_id]
+        return choose_k(requests, step_model.predict, margin=self.margin)[request_id]
 
     def decide(self, worker_id: str, k_max: int, model: DecodeStepModel) -> dict[str, int]:
         batch = self._workers.get(worker_id, {})
@@ -103,7 +107,8 @@ class SpecController:
     def _spec_requests(self, worker_id: str, k_max: int) -> list[SpecRequest]:
         return [
             SpecRequest(rid, self.acceptance.estimate(rid, PROPOSER), t.context_tokens, k_max,
-                        None if t.pinned_k is None else min(t.pinned_k, k_max))
+                        None if t.pinned_k is None else min(t.pinned_k, k_max),
+                        is_probing=self.acceptance.num_drafts(rid, PROPOSER) < PROBE_DRAFTS)
             for rid, t in self._workers.get(worker_id, {}).items()
         ]
 

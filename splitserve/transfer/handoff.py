@@ -1,8 +1,9 @@
 """One request's KV handoff: where it goes, how the prefill side streams it, how the decode side
 takes it in.
 
-- ``KVDestination``: what a decode worker hands out after reserving blocks for a request (its
-  receiver's endpoint and the block table that the prompt's K/V belong in).
+- ``KVDestination`` (splitserve.protocol): what a decode worker hands out after reserving
+  blocks for a request (its receiver's endpoint and the block table that the prompt's K/V
+  belong in).
 - ``KVStreamer`` (prefill side; the engine's ``KVExporter``): as each layer group of a step
   lands in the cache, it copies out every routed request's new tokens and queues them, one
   sending thread per destination, so the wire runs while the next layers compute. ``finish``
@@ -26,22 +27,12 @@ import numpy as np
 import torch
 
 from splitserve.engine.engine import KVSlice
+from splitserve.protocol import KVDestination
 from splitserve.transfer.base import KVSender, TransferError
 from splitserve.transfer.kv_io import covering_blocks, gather_kv, scatter_chunk
 from splitserve.transfer.manifest import KVManifest
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KVDestination:
-    """Where one request's prompt K/V go: a decode worker's receiver and the blocks it reserved."""
-
-    worker_id: str
-    backend: str  # "collective" or "grpc"
-    endpoint: str
-    block_ids: tuple[int, ...]  # the request's block table on the decode worker
-    codec: str = "raw"
 
 
 @dataclass
@@ -227,6 +218,7 @@ class KVIngest:
         self._lock = threading.Lock()
         self._stall_s = 0.0
         self._num_stalls = 0
+        self._stalls_released = threading.Event()
 
     def expect(
         self, request_id: str, block_table: Sequence[int], num_tokens: int, on_complete: Callable[[], None]
@@ -272,10 +264,17 @@ class KVIngest:
 
     def inject_stall(self, seconds: float, num_chunks: int = 1) -> None:
         """Fault injection for tests and drills: the next ``num_chunks`` chunks wait ``seconds``
-        before they are taken in (a sender's deadline then fails the handoff)."""
+        (math.inf: until ``release_stalls``) before they are taken in (a sender's deadline then
+        fails the handoff)."""
+        self._stalls_released.clear()
         self._stall_s, self._num_stalls = seconds, num_chunks
+
+    def release_stalls(self) -> None:
+        """End every injected stall now, waiting or still to come."""
+        self._num_stalls = 0
+        self._stalls_released.set()
 
     def _maybe_stall(self) -> None:
         if self._num_stalls > 0:
             self._num_stalls -= 1
-            time.sleep(self._stall_s)
+            self._stalls_released.wait(None if self._stall_s == float("inf") else self._stall_s)

@@ -18,9 +18,9 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from splitserve.cluster.deployment import ClusterConfig
-from splitserve.cluster.serve import Server, ServeOptions
+from splitserve.config import ClusterConfig, ServeConfig, StoreConfig
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.server import Server
 from tests.conftest import PROMPTS
 from tests.integration.conftest import free_port
 from tests.integration.test_serving import ENGINE, generate_all, wait_idle
@@ -31,8 +31,8 @@ MAX_TOKENS = 8
 
 
 def test_server_serves_openai_http_beside_grpc(ray_cluster, llm):
-    config = ClusterConfig(engine=ENGINE, store_prefix=f"http-{uuid.uuid4().hex[:8]}")
-    server = Server(config, ServeOptions(grpc_port=0, http_port=0, grace_s=5.0)).start()
+    config = ClusterConfig(engine=ENGINE, store=StoreConfig(prefix=f"http-{uuid.uuid4().hex[:8]}"))
+    server = Server(config, ServeConfig(grpc_port=0, http_port=0, grace_s=5.0)).start()
     try:
         url = f"http://127.0.0.1:{server.http_port}"
         expected = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
@@ -79,7 +79,7 @@ def test_splitserve_serve_http_port(ray_cluster, llm):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", 180)
+        wait_healthy(f"http://127.0.0.1:{port}", 600)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0) as client:
             chat = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=MAX_TOKENS,
                                                   messages=[{"role": "user", "content": "Hi!"}], temperature=0)

@@ -4,15 +4,18 @@ the drill server of test_serving.py, so they live in their own module)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import ray
 
+from splitserve.config import TransferConfig
 from splitserve.router.client import GenerationClient, make_request
 from tests.conftest import PROMPTS
 from tests.integration.conftest import free_port
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
-        pytest.param({"transfer": "grpc", "redis": True}, id="grpc-transfer-redis-store"),
+        pytest.param({"transfer": TransferConfig(backend="grpc"), "redis": True}, id="grpc-transfer-redis-store"),
         pytest.param({"mode": "colocated", "redis": True}, id="colocated-redis-store"),
         pytest.param({"mode": "colocated"}, id="colocated-embedded-store"),
     ],
@@ -38,6 +41,7 @@ def test_other_setups_equal_offline_engine(ray_cluster, request, expected, overr
         assert generate_all(s.address) == expected
         if "redis_url" in overrides and s.config.mode == "disaggregated":
             check_second_router_replica(s, overrides["redis_url"], expected)
+            check_router_replica_process_needs_no_torch(s, overrides["redis_url"], expected)
         wait_idle(s)
     finally:
         s.stop()
@@ -50,24 +54,26 @@ def check_second_router_replica(server, redis_url: str, expected) -> None:
     import asyncio
 
     from splitserve.cluster.redis_store import RedisStore
-    from splitserve.cluster.serve import Server, ServeOptions
-    from splitserve.engine.loader import default_model_path, load_tokenizer
+    from splitserve.config import ServeConfig
+    from splitserve.engine.model_files import default_model_path, load_tokenizer
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.errors import CapacityError
-    from splitserve.router.api import SLO, GenerateInput
+    from splitserve.protocol import SLO
+    from splitserve.router.api import GenerateInput
     from splitserve.router.router import Router
+    from splitserve.server import Server
 
-    replica = Server(server.config, ServeOptions(grpc_port=0, grace_s=5.0, router_only=True)).start()
+    replica = Server(server.config, ServeConfig(grpc_port=0, grace_s=5.0, router_only=True)).start()
     try:
         assert replica.deployment is None and replica.router.is_ready()
-        assert {w.worker_id for w in replica.router._workers} == set(server.deployment.handles)
+        assert {w.worker_id for w in replica.router.view.workers} == set(server.deployment.handles)
         assert generate_all(replica.address, PROMPTS[:2]) == expected[:2]
     finally:
         replica.stop()
     assert generate_all(server.address, PROMPTS[:1]) == expected[:1]  # the workers outlived the replica
 
     async def run() -> None:
-        store = RedisStore(redis_url, prefix=server.config.store_prefix)
+        store = RedisStore(redis_url, prefix=server.config.store.prefix)
         try:
             strict = Router(store, load_tokenizer(None), default_model_path(), default_slo=SLO(ttft_s=1e-6))
             await strict.refresh(force=True)
@@ -80,13 +86,36 @@ def check_second_router_replica(server, redis_url: str, expected) -> None:
     asyncio.run(run())
 
 
+def check_router_replica_process_needs_no_torch(server, redis_url: str, expected) -> None:
+    """`splitserve serve --router-only` in its own process serves greedy and seeded requests
+    through the workers and never imports torch or the model code (tests/integration/
+    router_only_probe.py reports what it imported)."""
+    from tests.integration.test_serving import MAX_TOKENS
+
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).with_name("router_only_probe.py")), str(port), PROMPTS[0],
+           str(MAX_TOKENS), "--redis-url", redis_url, "--store-prefix", server.config.store.prefix,
+           "--address", ray.get_runtime_context().gcs_address, "--grace", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    assert lines, proc.stdout + proc.stderr
+    result = json.loads(lines[0].removeprefix("PROBE "))
+    assert "error" not in result, result["error"]
+    assert result["heavy"] == [], "a router replica imported torch or model code"
+    assert result["greedy"] == expected[0]
+    with GenerationClient(server.address) as client:
+        request = make_request(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.8, seed=7)
+        assert result["seeded"] == [t for r in client.generate(request) for t in r.token_ids]
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_router_replica_needs_the_workers_redis(capsys):
     from splitserve import cli
-    from splitserve.cluster.deployment import ClusterConfig
-    from splitserve.cluster.serve import Server, ServeOptions
+    from splitserve.config import ClusterConfig, ServeConfig
+    from splitserve.server import Server
 
     with pytest.raises(ValueError, match="needs the Redis its workers use"):
-        Server(ClusterConfig(), ServeOptions(router_only=True))
+        Server(ClusterConfig(), ServeConfig(router_only=True))
     assert cli.main(["serve", "--router-only"]) == 2
     assert "needs the Redis its workers use (--redis-url" in capsys.readouterr().err
 
@@ -102,7 +131,7 @@ def test_splitserve_serve_command(ray_cluster, expected):
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
         with GenerationClient(f"127.0.0.1:{port}") as client:
-            client.wait_ready(timeout_s=180)
+            client.wait_ready(timeout_s=600)
         assert generate_all(f"127.0.0.1:{port}", PROMPTS[:4]) == expected[:4]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -112,6 +141,9 @@ def test_splitserve_serve_command(ray_cluster, expected):
 
 
 def test_speculative_decode_worker_keeps_greedy_output(ray_cluster, expected):
+    """Greedy text is the same whatever k the router or the client picks. Which k the router
+    picks depends on step times fitted on this machine, so that choice is asserted on injected
+    models in tests/unit/test_placement.py; here only what holds on any machine."""
     from dataclasses import replace
 
     from splitserve.config import SpeculativeConfig
@@ -130,32 +162,37 @@ def test_speculative_decode_worker_keeps_greedy_output(ray_cluster, expected):
             assert [[t for r in rs for t in r.token_ids] for rs in responses] == expected
         assert sum(rs[-1].speculation.draft_tokens for rs in pinned4) > 0
         assert sum(rs[-1].speculation.draft_tokens for rs in pinned0) == 0
-        assert s.router.num_k_changes > 0  # the router chose k for the unpinned requests
+        decoded = [rs for rs in adaptive if rs[-1].usage.completion_tokens > 1]  # not ended by the first token
+        assert decoded and all(rs[-1].report.k_history for rs in decoded), "the router tracked every one"
         wait_idle(s)
-        assert_router_lowers_k_under_load(s)
+        check_adaptive_k_on_copy_text(s)
     finally:
         s.stop()
 
 
-def assert_router_lowers_k_under_load(s) -> None:
-    """On a text the model copies (ngram drafts mostly accepted) a request alone keeps a long
-    speculation; with many such requests in the decode batch the fitted step time makes
-    verification rows dear, and the router hands out less k."""
+def check_adaptive_k_on_copy_text(s) -> None:
+    """A copy task alone drafts (a new request probes with k >= 1 until its acceptance is
+    measured, whatever other requests taught the controller), and 24 of them at once under the
+    router's k give the same greedy text as k = 0."""
     from concurrent.futures import ThreadPoolExecutor
 
     copy = [{"role": "user", "content": "Repeat the following text exactly, word for word.\n\n" + COPY_TEXT}]
 
-    def k_history(_: int) -> list[int]:
+    def generate(k: int | None) -> list:
         with GenerationClient(s.address) as client:
-            responses = list(client.generate(make_request(messages=copy, max_tokens=48, temperature=0)))
-        return list(responses[-1].report.k_history)
+            return list(client.generate(make_request(messages=copy, max_tokens=48, temperature=0,
+                                                     num_speculative_tokens=k)))
 
-    alone = k_history(0)
+    def tokens(responses: list) -> list[int]:
+        return [t for r in responses for t in r.token_ids]
+
+    reference = tokens(generate(0))
+    alone = generate(None)
+    assert tokens(alone) == reference
+    assert alone[-1].speculation.draft_tokens > 0 and max(alone[-1].report.k_history) >= 1
     with ThreadPoolExecutor(24) as pool:
-        loaded = list(pool.map(k_history, range(24)))
-    assert max(alone) >= 3, alone
-    mean_final_k_loaded = sum(h[-1] for h in loaded) / len(loaded)
-    assert mean_final_k_loaded < sum(alone) / len(alone), (alone, loaded)
+        loaded = list(pool.map(lambda _: generate(None), range(24)))
+    assert all(tokens(responses) == reference for responses in loaded)
     wait_idle(s)
 
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from splitserve.cluster import MetadataStore, StoreConnectionError, WorkerInfo, WorkerLoad, make_store
+from splitserve.cluster.store import MetadataStore, StoreConnectionError, WorkerInfo, WorkerLoad
+from splitserve.cluster.stores import make_store
 from splitserve.engine.block_pool import hash_block_tokens
 
 SHORT_TTL = 0.3  # expiry tests wait EXPIRY_WAIT for it to lapse

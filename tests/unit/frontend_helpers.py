@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from splitserve.engine.engine import LLMEngine
-from splitserve.router.api import GenerateDelta, GenerateInput
+from splitserve.protocol import GenerateDelta
+from splitserve.router.api import GenerateInput
 
 MODEL_NAME = "smollm2-test"
 

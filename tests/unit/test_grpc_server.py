@@ -21,7 +21,9 @@ from splitserve.config import EngineConfig
 from splitserve.engine.engine import LLMEngine, LoadedModel
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
-from splitserve.router.api import SLO, CapacityError, GenerateDelta, GenerateInput, ServingError
+from splitserve.errors import CapacityError, ServingError
+from splitserve.protocol import GenerateDelta, SLO
+from splitserve.router.api import GenerateInput
 from splitserve.router.client import GenerationClient, make_request
 from splitserve.router.grpc_server import (
     GENERATION_SERVICE, GrpcServer, delta_to_pb, input_from_pb, status_for_error,

@@ -18,7 +18,8 @@ from splitserve.engine.engine import KVSlice, LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError
 from splitserve.transfer import TransferError, gather_kv, make_receiver, make_sender
-from splitserve.transfer.handoff import KVDestination, KVIngest, KVStreamer
+from splitserve.protocol import KVDestination
+from splitserve.transfer.handoff import KVIngest, KVStreamer
 from tests.conftest import PROMPTS
 
 BLOCK = 16

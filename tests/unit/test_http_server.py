@@ -23,7 +23,9 @@ from splitserve.config import EngineConfig
 from splitserve.engine.engine import LLMEngine, LoadedModel
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
-from splitserve.router.api import SLO, CapacityError, GenerateDelta, GenerateInput, RequestReport, ServingError
+from splitserve.errors import CapacityError, ServingError
+from splitserve.protocol import GenerateDelta, RequestReport, SLO
+from splitserve.router.api import GenerateInput
 from splitserve.router.http_server import HttpServer, status_for_error
 from splitserve.router.metrics import Metrics
 from splitserve.router.openai_protocol import (

@@ -23,7 +23,8 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from splitserve import LLM, SamplingParams
-from splitserve.engine.loader import default_model_path, load_model, unpermute_rope_rows
+from splitserve.engine.loader import load_model, unpermute_rope_rows
+from splitserve.engine.model_files import default_model_path
 from tests.conftest import PROMPTS
 from tests.unit.test_model_vs_hf import _our_logits
 

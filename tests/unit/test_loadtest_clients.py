@@ -16,7 +16,9 @@ from splitserve.loadtest.clients import (
     GrpcClient, OpenAIClient, RequestFailed, TargetError, make_client, with_total,
 )
 from splitserve.loadtest.records import Chunk, RequestRecord, RequestSpec
-from splitserve.router.api import CapacityError, GenerateDelta, GenerateInput, RequestReport
+from splitserve.errors import CapacityError
+from splitserve.protocol import GenerateDelta, RequestReport
+from splitserve.router.api import GenerateInput
 from splitserve.router.grpc_server import GrpcServer
 from splitserve.router.http_server import HttpServer
 from tests.unit.loadtest_servers import MODEL, Service, StandInOpenAI, start_grpc

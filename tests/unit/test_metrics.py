@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from splitserve.router.api import CapacityError, GenerateDelta, GenerateInput, ServingError
+from splitserve.errors import CapacityError, ServingError
+from splitserve.protocol import GenerateDelta
+from splitserve.router.api import GenerateInput
 from splitserve.router.client import GenerationClient, make_request
 from splitserve.router.grpc_server import GrpcServer
 from splitserve.router.metrics import OUTCOMES, Metrics, observe_stream, outcome_for_error

@@ -8,13 +8,15 @@ import pytest
 
 from splitserve.cluster.store import WorkerLoad
 from splitserve.errors import CapacityError
-from splitserve.router.goodput import DecodeStepModel, PrefillModel
+from splitserve.latency import DecodeStepModel, PrefillModel
+from splitserve.router.goodput import AcceptanceTracker
 from splitserve.router.placement import Choice, check_slo, prompt_block_hashes, rank_decode, rank_prefill
 from splitserve.router.spec_control import SpecController
 
-PREFILL = {"const": 0.02, "tokens": 0.002, "tokens_sq": 0.0}  # 2 ms a token
+PREFILL = PrefillModel.from_coefficients({"const": 0.02, "tokens": 0.002, "tokens_sq": 0.0})  # 2 ms a token
 # Memory-bound decode: a step costs 30 ms plus 1 ms per request and 6 ms per batched token.
-DECODE = {"const": 0.03, "requests": 0.001, "batched_tokens": 0.006, "context_tokens": 0.0, "draft_tokens": 0.0}
+DECODE = DecodeStepModel.from_coefficients(
+    {"const": 0.03, "requests": 0.001, "batched_tokens": 0.006, "context_tokens": 0.0, "draft_tokens": 0.0})
 
 
 def load(queued: int = 0, running: int = 0, free: int = 100) -> WorkerLoad:
@@ -24,7 +26,7 @@ def load(queued: int = 0, running: int = 0, free: int = 100) -> WorkerLoad:
 def test_prefill_goes_where_the_prompt_is_cached():
     ranked = rank_prefill(["a", "b"], 200, {"b": 10}, 16, {"a": load(), "b": load()}, {}, {"a": PREFILL, "b": PREFILL})
     assert [c.worker_id for c in ranked] == ["b", "a"]
-    assert ranked[0].predicted_s == pytest.approx(PrefillModel.from_coefficients(PREFILL).predict(200 - 160))
+    assert ranked[0].predicted_s == pytest.approx(PREFILL.predict(200 - 160))
 
 
 def test_prefill_queue_and_inflight_count():
@@ -45,7 +47,7 @@ def test_decode_skips_full_workers_and_prefers_the_smaller_batch():
     models = {w: DECODE for w in loads}
     ranked = rank_decode(["a", "b", "full"], 40, 16, loads, {}, models)
     assert [c.worker_id for c in ranked] == ["b", "a", "full"]
-    assert ranked[0].predicted_s == pytest.approx(DecodeStepModel.from_coefficients(DECODE).predict(3, 3, 120, 0))
+    assert ranked[0].predicted_s == pytest.approx(DECODE.predict(3, 3, 120, 0))
 
 
 @pytest.mark.parametrize(("predicted", "slo", "refused"), [(0.5, 0.49, True), (0.5, 0.5, False), (0.5, None, False),
@@ -124,6 +126,7 @@ def test_pinned_requests_are_never_changed_and_removal_forgets():
 def test_a_new_request_starts_at_the_k_its_worker_batch_would_give_it():
     clock = Clock()
     idle, busy = SpecController(clock=clock), SpecController(clock=clock)
+    idle.acceptance = busy.acceptance = AcceptanceTracker(prior=0.8)  # a proposer that drafts well
     assert idle.initial_k("d", "new", 20, 8, None) is None  # no fitted model: the worker's default
     assert idle.initial_k("d", "new", 20, 0, DECODE) is None  # no speculation on that worker
     for i in range(64):
@@ -133,3 +136,51 @@ def test_a_new_request_starts_at_the_k_its_worker_batch_would_give_it():
     assert busy.k_of("d", "new") is None  # asking does not add the request
     # Requests still in prefill for that worker count as batch members like the newcomer.
     assert idle.initial_k("d", "new", 20, 8, DECODE, num_in_flight=64) == crowded
+
+
+# The step model the flaky end-to-end test met on a slow host: a batch-1 step of ~26 ms, where a
+# drafted token costs ~2.2 ms (fitted from the startup profile's one speculative step).
+SLOW_HOST_DECODE = DecodeStepModel.from_coefficients({"const": 0.0195, "requests": 0.00064, "batched_tokens": 0.00062,
+                                                     "context_tokens": 2.6e-5, "draft_tokens": 0.0016})
+
+
+def test_a_copy_request_alone_probes_then_speculates_long_even_when_other_traffic_drafted_badly():
+    """The case the end-to-end test found: chat traffic drove the proposer's mean acceptance below
+    the break-even point, so a new request started at k = 0, never drafted, and never learned that
+    its own text (a copy task) is accepted. Probing gives it k >= 1 until it is measured."""
+    clock = Clock()
+    controller = SpecController(clock=clock)
+    for i in range(20):  # other requests: ngram drafts mostly rejected
+        controller.acceptance.update(f"chat{i}", "decode", 8, 1)
+    assert controller.acceptance.proposer_mean("decode") < 0.3
+    start_k = controller.initial_k("d", "copy", 60, 8, SLOW_HOST_DECODE)
+    assert start_k == 1, "no evidence of its own yet: it probes"
+    controller.add("d", "copy", 60, start_k, None)
+    changed: dict[str, int] = {}
+    drafted = 0
+    for _ in range(6):  # its drafts are accepted
+        clock.t += 1.0
+        drafted += controller.k_of("d", "copy")
+        changed |= controller.observe("d", "copy", 1, drafted, drafted, 8, SLOW_HOST_DECODE)
+    assert controller.k_of("d", "copy") >= 3, changed
+
+
+def test_a_request_whose_probe_fails_stops_drafting_and_many_copy_requests_get_less_k():
+    clock = Clock()
+    controller = SpecController(clock=clock)
+    controller.add("d", "chat", 60, 1, None)
+    for step in range(1, 6):  # one draft a step, each rejected
+        clock.t += 1.0
+        controller.observe("d", "chat", 1, step, 0, 8, SLOW_HOST_DECODE)
+    assert controller.k_of("d", "chat") == 0
+    clock.t += 1.0
+    assert controller.observe("d", "chat", 1, 5, 0, 8, SLOW_HOST_DECODE) == {}, "measured: no more probing"
+
+    alone, crowd = SpecController(clock=clock), SpecController(clock=clock)
+    alone.add("d", "r", 60, 1, None)
+    rids = [f"r{i}" for i in range(24)]
+    for rid in rids:
+        crowd.add("d", rid, 60, 1, None)
+    feed(alone, "d", ["r"], 1.0, 6, clock)
+    feed(crowd, "d", rids, 1.0, 6, clock)
+    assert sum(crowd.k_of("d", r) for r in rids) / len(rids) < alone.k_of("d", "r")

@@ -1,6 +1,7 @@
-"""Server: a Deployment, a Router over it and the gRPC (and optional OpenAI HTTP) front ends,
-started and stopped as one; or, with ``router_only``, a router replica: the Router and front
-ends alone, over workers another Server started on the same Redis and Ray cluster.
+"""The serving assembly. Server: a Deployment of the worker classes, a Router over it and the
+gRPC (and optional OpenAI HTTP) front ends, started and stopped as one; or, with
+``router_only``, a router replica: the Router and front ends alone, over workers another Server
+started on the same Redis and Ray cluster (it never imports the workers, torch or the model).
 
 ``splitserve serve`` runs one in the foreground until SIGINT/SIGTERM; tests and benchmarks run
 one in a background thread (``with Server(config) as server: ...``). Shutdown order keeps
@@ -14,42 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass, field
 
 import ray
 
-from splitserve.cluster.deployment import RAY_NAMESPACE, ClusterConfig, Deployment
-from splitserve.cluster.store import make_store
-from splitserve.engine.loader import default_model_path, load_tokenizer
+from splitserve.cluster import RAY_NAMESPACE
+from splitserve.cluster.deployment import Deployment
+from splitserve.cluster.stores import make_store
+from splitserve.config import ClusterConfig, ServeConfig
+from splitserve.engine.model_files import default_model_path, load_tokenizer
+from splitserve.protocol import SLO
 from splitserve.router.grpc_server import GrpcServer
 from splitserve.router.http_server import HttpServer
 from splitserve.router.metrics import Metrics
-from splitserve.router.api import SLO
 from splitserve.router.router import Router
+from splitserve.worker_actor import WorkerActor
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Where the API listens and how Ray is found. address: None starts a local Ray (or uses
-    the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster.
-    http_port: the OpenAI-compatible HTTP API's port (None: no HTTP; 0: a free port).
-    default_slo: latency targets for requests that set none (admission refuses what it predicts
-    would miss them). router_only: start no workers; route over the ones listed in the config's
-    Redis (``redis_url`` and ``store_prefix``), which another Server started, and leave them
-    running at shutdown."""
-
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    http_host: str = "127.0.0.1"
-    http_port: int | None = None
-    address: str | None = None
-    grace_s: float = 30.0
-    start_timeout_s: float = 600.0
-    default_slo: SLO = field(default_factory=SLO)
-    router_only: bool = False
-
 
 def connect_ray(address: str | None) -> None:
     """Join (or start) Ray unless this process already did. Ray installs its own SIGTERM
@@ -61,13 +42,13 @@ def connect_ray(address: str | None) -> None:
 class Server:
     """Everything ``splitserve serve`` runs, on an asyncio loop of its own thread or the caller's."""
 
-    def __init__(self, config: ClusterConfig, options: ServeOptions | None = None):
+    def __init__(self, config: ClusterConfig, options: ServeConfig | None = None):
         self.config = config
-        self.options = options or ServeOptions()
-        if self.options.router_only and config.redis_url is None:
+        self.options = options or ServeConfig()
+        if self.options.router_only and config.store.redis_url is None:
             raise ValueError("a router replica needs the Redis its workers use (--redis-url, redis_url): "
                              "the embedded store lives with the Server that started them")
-        self.deployment = None if self.options.router_only else Deployment(config)
+        self.deployment = None if self.options.router_only else Deployment(config, WorkerActor)
         self.router: Router | None = None
         self.port: int | None = None
         self._grpc: GrpcServer | None = None
@@ -110,15 +91,16 @@ class Server:
         if self.deployment is not None:
             await self.deployment.start(self.options.start_timeout_s)
         model = self.config.engine.model
-        self._store = await asyncio.to_thread(make_store, self.config.redis_url, self.config.store_prefix)
+        store = self.config.store
+        self._store = await asyncio.to_thread(make_store, store.redis_url, store.prefix)
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
         self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode,
                              block_size=self.config.engine.block_size, metrics=self.metrics,
-                             default_slo=self.options.default_slo)
+                             default_slo=SLO(self.options.slo_ttft_s, self.options.slo_tpot_s))
         await self.router.refresh(force=True)
         if not self.router.is_ready():  # a replica may start before its workers; health says so
             logger.warning("splitserve: no live %s workers under store prefix %r yet; health stays NOT_SERVING "
-                           "until they join", self.config.mode, self.config.store_prefix)
+                           "until they join", self.config.mode, self.config.store.prefix)
         self.router.start()
         self._grpc = GrpcServer(self.router, metrics=self.metrics)
         self.port = await self._grpc.start(self.options.grpc_host, self.options.grpc_port)

@@ -1,0 +1,106 @@
+"""ClusterView: what a router knows of the workers -- who is alive, their loads and published
+models (read from the MetadataStore, reused for ``ttl_s``), their Ray actor handles, and the
+requests this router has in flight at each.
+
+The models arrive as typed objects (``WorkerModels``), rebuilt from the coefficients the
+workers publish; placement and the speculation controller read them. It does not decide
+anything: the Router ranks and places with these facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
+from splitserve.errors import ServingError
+from splitserve.latency import DecodeStepModel, PrefillModel
+from splitserve.protocol import SpeculationLimits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerModels:
+    """One worker's published models (None: it publishes none of that kind, or none yet)."""
+
+    prefill: PrefillModel | None = None
+    decode_step: DecodeStepModel | None = None
+    speculation: SpeculationLimits = SpeculationLimits(0, 0)
+
+
+def read_models(store: MetadataStore) -> dict[str, WorkerModels]:
+    """Every live worker's models, typed (one store read per model kind)."""
+    prefill = store.get_models(PrefillModel.NAME)
+    decode = store.get_models(DecodeStepModel.NAME)
+    speculation = store.get_models(SpeculationLimits.NAME)
+    return {
+        worker_id: WorkerModels(
+            prefill=PrefillModel.from_coefficients(prefill[worker_id]) if worker_id in prefill else None,
+            decode_step=DecodeStepModel.from_coefficients(decode[worker_id]) if worker_id in decode else None,
+            speculation=SpeculationLimits.from_record(speculation.get(worker_id, {})),
+        )
+        for worker_id in {*prefill, *decode, *speculation}
+    }
+
+
+class ClusterView:
+    def __init__(self, store: MetadataStore, get_actor: Callable[[str], Any], ttl_s: float = 0.2):
+        self.store = store
+        self._get_actor = get_actor
+        self._ttl_s = ttl_s
+        self.workers: list[WorkerInfo] = []
+        self.loads: dict[str, WorkerLoad] = {}
+        self.models: dict[str, WorkerModels] = {}
+        self.inflight: Counter[str] = Counter()  # requests this router has at each worker
+        self.inflight_tokens: Counter[str] = Counter()  # prompt tokens it has at each prefill worker
+        self._handles: dict[str, Any] = {}
+        self._read_at = -1.0
+
+    async def refresh(self, force: bool = False) -> None:
+        """Read membership, loads and models from the store (at most every ``ttl_s``)."""
+        if not force and time.monotonic() - self._read_at < self._ttl_s:
+            return
+
+        def read() -> tuple[list[WorkerInfo], dict[str, WorkerLoad], dict[str, WorkerModels]]:
+            return self.store.list_workers(), self.store.get_loads(), read_models(self.store)
+
+        self.workers, self.loads, self.models = await asyncio.to_thread(read)
+        self._read_at = time.monotonic()
+
+    def ids(self, kind: str) -> list[str]:
+        """The live workers of a kind; ServingError when there is none."""
+        ids = [w.worker_id for w in self.workers if w.kind == kind]
+        if not ids:
+            raise ServingError(f"no live {kind} worker")
+        return ids
+
+    def has_kinds(self, kinds: set[str]) -> bool:
+        return kinds <= {w.kind for w in self.workers}
+
+    def models_of(self, worker_id: str) -> WorkerModels:
+        return self.models.get(worker_id, WorkerModels())
+
+    def handle(self, worker_id: str) -> Any:
+        """The worker's actor handle; ServingError when it is listed in the store but gone."""
+        if worker_id not in self._handles:
+            try:
+                self._handles[worker_id] = self._get_actor(worker_id)
+            except ValueError as e:  # listed in the store, gone from Ray
+                raise ServingError(f"worker {worker_id} is not reachable: {e}") from None
+        return self._handles[worker_id]
+
+    def least_loaded(self, kind: str) -> list[str]:
+        """Live workers of a kind, least loaded first (this router's in-flight, then reported)."""
+
+        def key(worker_id: str) -> tuple:
+            load = self.loads.get(worker_id)
+            reported = (load.num_queued_prompt_tokens, load.num_running_requests, -load.num_free_blocks) if load else ()
+            return (self.inflight[worker_id], reported, worker_id)
+
+        return sorted(self.ids(kind), key=key)

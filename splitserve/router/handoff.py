@@ -1,0 +1,137 @@
+"""Handoff: getting a request's first token and its prompt's KV onto a decode worker.
+
+An attempt reserves blocks on the decode worker with the best predicted TPOT (a worker without
+room answers CapacityError and the next is asked), then prefills on the worker with the best
+predicted TTFT into that reservation; the PrefillResult means every KV chunk landed. Admission
+happens on the way: a request whose SLO even the best worker is predicted to miss is refused
+(CapacityError). A failed attempt (a transfer error, a dead worker) releases its reservation
+and raises ``HandoffFailed``; the next attempt asks other workers first, up to ``attempts``.
+What happens after the first token is the Router's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.errors import CapacityError, ServingError
+from splitserve.protocol import SLO, KVDestination, PrefillResult
+from splitserve.router.cluster_view import ClusterView
+from splitserve.router.placement import check_slo, prompt_block_hashes, rank_decode, rank_prefill
+from splitserve.router.speculation import Speculation
+from splitserve.router.worker_calls import Visit, call, no_worker
+
+logger = logging.getLogger(__name__)
+
+
+class HandoffFailed(Exception):
+    """One hand-off attempt failed after its reservation was made; another attempt may work."""
+
+
+@dataclass
+class RoutedRequest:
+    """One request on its way through the router."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    slo: SLO
+    arrival: float
+    tried: set[str] = field(default_factory=set)  # workers of failed hand-off attempts: asked last
+
+
+@dataclass
+class HandedOff:
+    """A successful hand-off: the decode visit holding the prompt's KV, and the first token."""
+
+    decode: Visit
+    decode_params: SamplingParams  # the request's parameters there (with its starting k)
+    prefill_id: str
+    result: PrefillResult
+    queue_s: float
+    attempt: int
+
+
+class Handoff:
+    def __init__(self, view: ClusterView, speculation: Speculation, block_size: int, attempts: int):
+        if attempts < 1:
+            raise ValueError(f"handoff_attempts must be >= 1, got {attempts}")
+        self.view, self.speculation, self.block_size, self.attempts = view, speculation, block_size, attempts
+        self.num_retries = 0
+
+    async def run(self, req: RoutedRequest) -> HandedOff:
+        """Attempts until one hands the prompt's KV to a decode worker; ServingError when all fail."""
+        failures: list[str] = []
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self._attempt(req, attempt)
+            except HandoffFailed as e:
+                failures.append(str(e))
+                self.num_retries += 1
+                logger.warning("request %s: handoff attempt %d failed: %s", req.request_id, attempt, e)
+        raise ServingError(f"request {req.request_id}: KV handoff failed {self.attempts} times: {failures[-1]}")
+
+    async def _attempt(self, req: RoutedRequest, attempt: int) -> HandedOff:
+        """Reserve on a decode worker, prefill into it; HandoffFailed (reservation released)
+        when the transfer or a worker failed, CapacityError when no worker can take it."""
+        decode, decode_params, destination = await self._reserve(req)
+        try:
+            prefill_id = await self._choose_prefill(req)
+            queue_s = time.monotonic() - req.arrival
+            result = await self._prefill(req, prefill_id, destination, decode.worker_id)
+        except BaseException:
+            await decode.leave()  # releases the reservation
+            raise
+        return HandedOff(decode, decode_params, prefill_id, result, queue_s, attempt)
+
+    async def _prefill(self, req: RoutedRequest, prefill_id: str, destination: KVDestination,
+                       decode_id: str) -> PrefillResult:
+        params = dataclasses.replace(req.params, num_speculative_tokens=None)  # it samples one token
+        prefill = Visit(self.view, prefill_id, self.view.handle(prefill_id), req.request_id)
+        self.view.inflight_tokens[prefill_id] += len(req.prompt_ids)
+        try:
+            result = await call(prefill.handle.prefill.remote(req.request_id, req.prompt_ids, params, destination),
+                                prefill_id)
+            prefill.finished = True  # the request left the prefill worker
+            return result
+        except ServingError as e:
+            req.tried |= {decode_id, prefill_id}
+            raise HandoffFailed(str(e)) from None
+        finally:
+            self.view.inflight_tokens[prefill_id] -= len(req.prompt_ids)
+            await prefill.leave()
+
+    async def _choose_prefill(self, req: RoutedRequest) -> str:
+        """The prefill worker with the lowest predicted TTFT (prefix-cache hits included)."""
+        ids = self.view.ids("prefill")
+        hashes = prompt_block_hashes(req.prompt_ids, self.block_size)
+        cached = await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
+        models = {w: m for w in ids if (m := self.view.models_of(w).prefill) is not None}
+        ranked = rank_prefill(ids, len(req.prompt_ids), cached, self.block_size, self.view.loads,
+                              self.view.inflight_tokens, models, req.tried)
+        check_slo("prefill", ranked[0], req.slo.ttft_s)
+        return ranked[0].worker_id
+
+    async def _reserve(self, req: RoutedRequest) -> tuple[Visit, SamplingParams, KVDestination]:
+        """Blocks for the prompt on the best decode worker that has room: its visit, the
+        request's parameters there and the KV destination."""
+        ids = self.view.ids("decode")
+        models = {w: m for w in ids if (m := self.view.models_of(w).decode_step) is not None}
+        ranked = rank_decode(ids, len(req.prompt_ids), self.block_size, self.view.loads, self.view.inflight,
+                             models, req.tried)
+        check_slo("decode", ranked[0], req.slo.tpot_s)
+        errors: list[str] = []
+        for worker_id in (c.worker_id for c in ranked):
+            params = self.speculation.start_params(worker_id, req.request_id, len(req.prompt_ids), req.params)
+            try:
+                handle = self.view.handle(worker_id)
+                destination = await call(handle.reserve.remote(req.request_id, req.prompt_ids, params), worker_id)
+            except (CapacityError, ServingError) as e:  # full, or dead: the next one may do
+                errors.append(str(e))
+                continue
+            return Visit(self.view, worker_id, handle, req.request_id), params, destination
+        raise CapacityError(no_worker("decode", errors))

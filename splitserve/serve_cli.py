@@ -1,0 +1,174 @@
+"""`splitserve serve`: its flags (defaults read from the configuration dataclasses) and the
+function that runs a Server in the foreground until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from splitserve.config import (
+    KV_CODECS,
+    MODES,
+    PROPOSERS,
+    TRANSFER_BACKENDS,
+    ClusterConfig,
+    EngineConfig,
+    ServeConfig,
+    SpeculativeConfig,
+    StoreConfig,
+    TransferConfig,
+    field_default,
+)
+
+
+def add_options(serve: argparse.ArgumentParser,
+                add_model_options: Callable[[argparse._ActionsContainer], None]) -> None:
+    """Every flag of `serve`, in groups; ``add_model_options``: the --model/--dtype flags that
+    `generate` shares."""
+    _add_worker_options(serve.add_argument_group("workers"))
+    _add_front_end_options(serve.add_argument_group("front ends"))
+    engine = serve.add_argument_group("engine (every worker)")
+    add_model_options(engine)
+    _add_engine_options(engine)
+    serve.set_defaults(run=run)
+
+
+def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
+    """The configuration the flags describe; ValueError (a sentence) for a bad value."""
+    engine = EngineConfig(model=args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          enable_prefix_caching=args.enable_prefix_caching)
+    decode_engine = None
+    if args.speculative:
+        speculative = SpeculativeConfig(args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+        decode_engine = replace(engine, speculative=speculative)
+    transfer = TransferConfig(backend=args.transfer, kv_codec=args.kv_codec, layers_per_chunk=args.layers_per_chunk,
+                              host=args.host)
+    store = StoreConfig(redis_url=args.redis_url, prefix=args.store_prefix)
+    cluster = ClusterConfig(mode=args.mode, num_prefill_workers=args.prefill_workers,
+                            num_decode_workers=args.decode_workers, num_colocated_workers=args.workers,
+                            engine=engine, decode_engine=decode_engine, transfer=transfer, store=store,
+                            num_threads=args.threads_per_worker)
+    serve = ServeConfig(grpc_host=args.grpc_host, grpc_port=args.grpc_port, http_host=args.http_host,
+                        http_port=args.http_port, address=args.address, grace_s=args.grace,
+                        slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
+                        slo_tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None,
+                        router_only=args.router_only)
+    return cluster, serve
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+    import sys
+
+    from splitserve.errors import CapacityError, ServingError
+    from splitserve.server import Server, connect_ray
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cluster, options = configs(args)
+        server = Server(cluster, options)
+    except ValueError as error:
+        print(f"splitserve: error: {error}", file=sys.stderr)
+        return 2
+
+    def ready(s: Server) -> None:
+        role = ", router replica" if options.router_only else ""
+        assert s.router is not None
+        print(f"splitserve: serving {s.router.model_name} ({cluster.mode}{role}) on {s.address}", flush=True)
+        if s.http_port is not None:
+            print(f"splitserve: OpenAI-compatible API on http://{options.http_host}:{s.http_port}/v1", flush=True)
+
+    connect_ray(options.address)  # first: it installs a SIGTERM handler that ours replaces
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.run(on_ready=ready)
+
+    try:
+        asyncio.run(main())
+    except (ValueError, CapacityError, ServingError) as error:  # start-up failed; workers are stopped
+        print(f"splitserve: error: {error}", file=sys.stderr)
+        return 1
+    print("splitserve: stopped", file=sys.stderr)
+    return 0
+
+
+def _option(group: argparse._ArgumentGroup, cls: type, flag: str, name: str, text: str, **kwargs: Any) -> None:
+    group.add_argument(flag, default=field_default(cls, name), help=text, **kwargs)
+
+
+def _add_worker_options(group: argparse._ArgumentGroup) -> None:
+    _option(group, ClusterConfig, "--mode", "mode", "prefill and decode on separate workers, or both phases in "
+            "each worker (default: %(default)s)", choices=MODES)
+    _option(group, ClusterConfig, "--prefill-workers", "num_prefill_workers",
+            "prefill workers in disaggregated mode (default: %(default)s)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--decode-workers", "num_decode_workers",
+            "decode workers in disaggregated mode (default: %(default)s)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--workers", "num_colocated_workers",
+            "workers in colocated mode (default: %(default)s)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--threads-per-worker", "num_threads",
+            "torch threads (and Ray CPUs) per worker (default: the cluster's CPUs split evenly)", type=int, metavar="N")
+    _option(group, TransferConfig, "--host", "host",
+            "the address workers reach each other at for KV transfer (default: %(default)s)")
+    _option(group, TransferConfig, "--transfer", "backend",
+            "how prefill workers send the KV cache to decode workers (default: %(default)s)", choices=TRANSFER_BACKENDS)
+    _option(group, TransferConfig, "--kv-codec", "kv_codec",
+            "how KV values are encoded on the wire (default: %(default)s)", choices=KV_CODECS)
+    _option(group, TransferConfig, "--layers-per-chunk", "layers_per_chunk", "layers per KV chunk on the wire; a "
+            "chunk is sent as soon as its layers are computed (default: %(default)s)", type=int, metavar="N")
+    _option(group, StoreConfig, "--redis-url", "redis_url",
+            "keep the shared state (workers, loads, prefix index) in this Redis (default: an embedded store)",
+            metavar="URL")
+    _option(group, StoreConfig, "--store-prefix", "prefix",
+            "namespace of this deployment's shared state and worker names (default: %(default)s)", metavar="PREFIX")
+
+
+def _add_front_end_options(group: argparse._ArgumentGroup) -> None:
+    _option(group, ServeConfig, "--address", "address",
+            "join this Ray cluster: 'auto' or HOST:PORT (default: start a local one)")
+    _option(group, ServeConfig, "--grpc-host", "grpc_host",
+            "the address the gRPC API listens on (default: %(default)s)", metavar="HOST")
+    _option(group, ServeConfig, "--grpc-port", "grpc_port",
+            "the gRPC API's port; 0: a free one (default: %(default)s)", type=int, metavar="PORT")
+    _option(group, ServeConfig, "--http-host", "http_host",
+            "the address the HTTP API listens on (default: %(default)s)", metavar="HOST")
+    _option(group, ServeConfig, "--http-port", "http_port", "also serve the OpenAI-compatible HTTP API "
+            "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on this port; 0: a free one "
+            "(default: no HTTP)", type=int, metavar="PORT")
+    # ServeConfig holds seconds; these flags are in milliseconds (None either way: no target).
+    group.add_argument("--slo-ttft-ms", type=float, default=None, metavar="MS", help="TTFT target for requests "
+                       "that set none; a request predicted to miss it is refused (default: none)")
+    group.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
+                       help="TPOT target for requests that set none, likewise (default: none)")
+    _option(group, ServeConfig, "--grace", "grace_s",
+            "seconds in-flight requests get to finish at shutdown (default: %(default)g)", type=float,
+            metavar="SECONDS")
+    _option(group, ServeConfig, "--router-only", "router_only", "a router replica: start no workers, serve over "
+            "those another `splitserve serve` started (same --redis-url, --store-prefix, --mode and --model; join "
+            "its Ray with --address); worker options are ignored", action="store_true")
+
+
+def _add_engine_options(group: argparse._ArgumentGroup) -> None:
+    kv_gib = field_default(EngineConfig, "kv_cache_bytes") / 2**30
+    group.add_argument("--num-kv-blocks", type=int, default=field_default(EngineConfig, "num_kv_blocks"),
+                       metavar="N", help=f"KV cache blocks per worker (default: as many as {kv_gib:g} GiB hold)")
+    group.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                       default=field_default(EngineConfig, "max_num_batched_tokens"),
+                       help="tokens per engine step; longer prompts are prefilled in chunks (default: %(default)s)")
+    is_on = field_default(EngineConfig, "enable_prefix_caching")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=is_on,
+                       help=f"reuse the KV blocks of prompt prefixes seen before (default: {'on' if is_on else 'off'})")
+    # None: no SpeculativeConfig at all (its proposer has no default).
+    group.add_argument("--speculative", choices=PROPOSERS, default=None,
+                       help="speculative decoding on decode workers, drafting with this proposer (default: none)")
+    group.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                       default=field_default(SpeculativeConfig, "num_speculative_tokens"),
+                       help="with --speculative: draft tokens per step where neither the request nor the router "
+                       "sets k (default: %(default)s)")

@@ -1,0 +1,43 @@
+"""StepModels: the latency models a worker fits from its own steps and publishes for routers.
+
+The engine thread records each step's ``StepStats``; the heartbeat thread folds them into the
+models and publishes their coefficients (splitserve.latency). Which steps feed which model:
+a prefill-role worker fits ``PrefillModel`` on every step that ran prompt tokens (what queued
+prompts will cost); a decode-role worker fits ``DecodeStepModel`` on decode and verification
+steps only -- a step carrying a prefill chunk is compute-bound per token, a different regime
+that would skew the marginal cost of a draft.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from splitserve.cluster.store import MetadataStore
+from splitserve.engine.engine import StepStats
+from splitserve.latency import DecodeStepModel, PrefillModel
+
+
+class StepModels:
+    def __init__(self, fits_prefill: bool, fits_decode: bool):
+        self.prefill = PrefillModel() if fits_prefill else None
+        self.decode_step = DecodeStepModel() if fits_decode else None
+        self._pending: deque[StepStats] = deque(maxlen=8192)
+
+    def record(self, stats: StepStats) -> None:
+        """Keep a step for the next fit (engine thread; cheap)."""
+        self._pending.append(stats)
+
+    def publish(self, store: MetadataStore, worker_id: str) -> None:
+        """Fold the recorded steps in, refit, and publish each model's coefficients."""
+        while self._pending:
+            self._add(self._pending.popleft())
+        for model in (self.prefill, self.decode_step):
+            if model is not None:
+                store.put_model(worker_id, model.NAME, model.to_coefficients())
+
+    def _add(self, stats: StepStats) -> None:
+        if self.prefill is not None and stats.num_batched_tokens:
+            self.prefill.add(stats.num_batched_tokens, stats.step_time)
+        is_decode = stats.num_batched_tokens == stats.num_requests + stats.num_draft_tokens
+        if self.decode_step is not None and is_decode:
+            self.decode_step.add_step(stats)

@@ -1,0 +1,93 @@
+"""WorkerActor: the Ray actor every worker runs in -- a thin shell that builds the worker for
+its kind inside the actor's process and forwards each call to it.
+
+Why a shell: a process that holds a Ray actor handle loads the actor's class to learn its
+methods. Routers hold handles to every worker; with this class what they load is this module
+(the configuration and the messages), never the worker code, torch or the model. Each method
+forwards to the worker's method of the same name; a role's methods (the prefill worker's
+``prefill``, ``stats`` and ``inject_corruption``; the decode worker's ``reserve``,
+``generate_from``, ``inject_stall`` and ``release_stalls``) raise AttributeError on a worker
+that does not have that role.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from splitserve.config import WorkerConfig
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, WorkerStatus
+
+
+def build_worker(config: WorkerConfig) -> Any:
+    """The worker of ``config.kind``, imported here so the module stays light."""
+    if config.kind == "prefill":
+        from splitserve.prefill_worker.worker import PrefillWorker
+
+        return PrefillWorker(config)
+    if config.kind == "decode":
+        from splitserve.decode_worker.worker import DecodeWorker
+
+        return DecodeWorker(config)
+    from splitserve.worker.colocated import ColocatedWorker
+
+    return ColocatedWorker(config)
+
+
+class WorkerActor:
+    def __init__(self, config: WorkerConfig):
+        self.worker = build_worker(config)
+
+    # Every worker.
+
+    async def start(self) -> WorkerStatus:
+        return await self.worker.start()
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+
+    def status(self) -> WorkerStatus:
+        return self.worker.status()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[GenerateDelta]:
+        async with contextlib.aclosing(self.worker.generate(request_id, prompt_token_ids, params)) as deltas:
+            async for delta in deltas:  # closing this stream closes the worker's: it aborts the request
+                yield delta
+
+    async def set_speculation(self, request_id: str, num_speculative_tokens: int) -> bool:
+        return await self.worker.set_speculation(request_id, num_speculative_tokens)
+
+    async def abort(self, request_id: str) -> None:
+        await self.worker.abort(request_id)
+
+    # The prefill role.
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      destination: KVDestination) -> PrefillResult:
+        return await self.worker.prefill(request_id, prompt_token_ids, params, destination)
+
+    def stats(self) -> dict[str, int]:
+        return self.worker.stats()
+
+    def inject_corruption(self, num_sends: int = 1) -> None:
+        self.worker.inject_corruption(num_sends)
+
+    # The decode role.
+
+    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVDestination:
+        return await self.worker.reserve(request_id, prompt_token_ids, params)
+
+    async def generate_from(self, request_id: str, first_token_id: int,
+                            generator_state: bytes | None = None) -> AsyncIterator[GenerateDelta]:
+        async with contextlib.aclosing(self.worker.generate_from(request_id, first_token_id, generator_state)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    def inject_stall(self, seconds: float, num_chunks: int = 1) -> None:
+        self.worker.inject_stall(seconds, num_chunks)
+
+    def release_stalls(self) -> None:
+        self.worker.release_stalls()

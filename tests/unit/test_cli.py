@@ -1,0 +1,171 @@
+"""The `splitserve` command line as a user reads it: every flag of every (sub)command has help,
+`--help` names the commands, `--version` prints the package's version, and `serve`'s defaults
+are the configuration dataclasses' own. Only parsers are built: no Ray, no model."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import ray
+
+from splitserve import cli
+from splitserve.config import (
+    ClusterConfig,
+    EngineConfig,
+    ServeConfig,
+    SpeculativeConfig,
+    StoreConfig,
+    TransferConfig,
+    field_default,
+)
+from splitserve.engine.sampling_params import SamplingParams
+
+COMMANDS = ("generate", "client", "serve", "loadtest")
+LOADTEST_COMMANDS = ("run", "sweep", "search", "slo-scale", "report")
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def walk(parser: argparse.ArgumentParser) -> Iterator[tuple[argparse.ArgumentParser, argparse.Action]]:
+    """Every action of parser and of its subcommands' parsers, depth first."""
+    for action in parser._actions:
+        yield parser, action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from walk(sub)
+
+
+def help_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_argument_has_help() -> None:
+    missing = [
+        f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+        for parser, action in walk(cli.build_parser())
+        if not isinstance(action, argparse._HelpAction | argparse._VersionAction) and not (action.help or "").strip()
+    ]
+    assert missing == []
+
+
+def test_every_subcommand_is_described() -> None:
+    for parser, action in walk(cli.build_parser()):
+        if isinstance(action, argparse._SubParsersAction):
+            assert [c.dest for c in action._choices_actions] == list(action.choices)
+            assert all(c.help for c in action._choices_actions), parser.prog
+            assert all(sub.description for sub in action.choices.values()), parser.prog
+
+
+def test_every_help_page_formats(capsys: pytest.CaptureFixture[str]) -> None:
+    """A stray % in a help string only fails when --help is printed."""
+    pages = [[], *([c] for c in COMMANDS), *(["loadtest", c] for c in LOADTEST_COMMANDS)]
+    for argv in pages:
+        assert "usage: splitserve" in help_text([*argv, "--help"], capsys)
+
+
+def test_help_describes_each_command(capsys: pytest.CaptureFixture[str]) -> None:
+    out = help_text(["--help"], capsys)
+    for command in COMMANDS:
+        assert f"\n    {command} " in out, command
+    assert "examples:" in out and "splitserve serve" in out
+    assert "_add_" not in out  # the module docstring is for developers, not the description
+    loadtest = help_text(["loadtest", "--help"], capsys)
+    for command in LOADTEST_COMMANDS:
+        assert f"\n    {command} " in loadtest, command
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert help_text(["--version"], capsys) == f"splitserve {metadata.version('splitserve')}\n"
+
+
+def test_version_without_installed_metadata(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(cli.metadata, "version", not_installed)
+    with PYPROJECT.open("rb") as file:
+        version = tomllib.load(file)["project"]["version"]
+    assert help_text(["--version"], capsys) == f"splitserve {version}\n"
+
+
+def test_serve_defaults_are_the_configs() -> None:
+    args = cli.build_parser().parse_args(["serve"])
+    cluster, engine, options = ClusterConfig(), EngineConfig(), ServeConfig()
+    transfer, store = TransferConfig(), StoreConfig()
+    expected = {
+        "mode": cluster.mode, "prefill_workers": cluster.num_prefill_workers,
+        "decode_workers": cluster.num_decode_workers, "workers": cluster.num_colocated_workers,
+        "threads_per_worker": cluster.num_threads, "host": transfer.host, "transfer": transfer.backend,
+        "kv_codec": transfer.kv_codec, "layers_per_chunk": transfer.layers_per_chunk,
+        "redis_url": store.redis_url, "store_prefix": store.prefix,
+        "address": options.address, "grpc_host": options.grpc_host, "grpc_port": options.grpc_port,
+        "http_host": options.http_host, "http_port": options.http_port, "grace": options.grace_s,
+        "router_only": options.router_only,
+        "model": engine.model, "dtype": engine.dtype, "num_kv_blocks": engine.num_kv_blocks,
+        "max_num_batched_tokens": engine.max_num_batched_tokens,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "num_speculative_tokens": SpeculativeConfig("ngram").num_speculative_tokens,
+        # Deliberately None: no speculation, and no SLO (ServeConfig's are in seconds, and None).
+        "speculative": None, "slo_ttft_ms": None, "slo_tpot_ms": None,
+    }
+    assert {name: getattr(args, name) for name in expected} == expected
+    assert engine.speculative is None and cluster.decode_engine is None
+    assert options.slo_ttft_s is None and options.slo_tpot_s is None
+    assert not ray.is_initialized()
+
+
+def test_generate_and_client_share_their_defaults() -> None:
+    parser = cli.build_parser()
+    generate, client = parser.parse_args(["generate", "hi"]), parser.parse_args(["client", "hi"])
+    sampling = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+    assert {n: getattr(generate, n) for n in sampling} == {n: getattr(client, n) for n in sampling}
+    params = SamplingParams()
+    assert (generate.top_p, generate.top_k, generate.seed) == (params.top_p, params.top_k, params.seed)
+    assert (generate.model, generate.dtype) == (EngineConfig().model, EngineConfig().dtype)
+
+
+def test_default_reads_a_dataclass_field() -> None:
+    assert field_default(EngineConfig, "max_num_batched_tokens") == EngineConfig().max_num_batched_tokens
+    assert field_default(ClusterConfig, "engine") == EngineConfig()  # from the default_factory
+    with pytest.raises(AssertionError, match="no field"):
+        field_default(EngineConfig, "no_such_field")
+    with pytest.raises(AssertionError, match="no default"):
+        field_default(SpeculativeConfig, "proposer")
+
+
+def test_serve_flags_build_the_configs() -> None:
+    from splitserve.serve_cli import configs
+
+    args = cli.build_parser().parse_args([
+        "serve", "--transfer", "grpc", "--kv-codec", "int8", "--redis-url", "redis://127.0.0.1:1/0",
+        "--store-prefix", "p", "--speculative", "ngram", "--num-speculative-tokens", "2", "--slo-ttft-ms", "250",
+        "--http-port", "0"])
+    cluster, serve = configs(args)
+    assert cluster.transfer == TransferConfig(backend="grpc", kv_codec="int8")
+    assert cluster.store == StoreConfig(redis_url="redis://127.0.0.1:1/0", prefix="p")
+    assert cluster.decode_engine is not None and cluster.decode_engine.speculative == SpeculativeConfig(
+        "ngram", num_speculative_tokens=2)
+    assert serve.slo_ttft_s == 0.25 and serve.slo_tpot_s is None and serve.http_port == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--layers-per-chunk", "0"], "layers_per_chunk must be >= 1"),
+    (["--store-prefix", " "], "store prefix must be a non-empty string"),
+    (["--grpc-port", "70000"], "grpc_port must be in 0..65535"),
+    (["--slo-tpot-ms", "-5"], "slo_tpot_s must be positive"),
+    (["--prefill-workers", "0"], "at least one worker"),
+    (["--grace", "-1"], "grace_s >= 0"),
+])
+def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitserve: error: ") and message in err
+    assert not ray.is_initialized()

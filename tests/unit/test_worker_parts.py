@@ -1,0 +1,154 @@
+"""The worker runtime's parts without Ray or the model: membership beats against an in-memory
+store (registration, renewal, re-registration after a lapse, what each beat publishes), the
+prefix mirror's net changes, which steps feed which latency model, and the startup profile's
+plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.cluster.embedded_store import MemoryStore
+from splitserve.cluster.store import WorkerInfo, WorkerLoad
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.engine import StepStats
+from splitserve.latency import DecodeStepModel, PrefillModel
+from splitserve.protocol import SpeculationLimits
+from splitserve.worker.membership import Heartbeat, Membership
+from splitserve.worker.prefix_mirror import PrefixMirror
+from splitserve.worker.step_models import StepModels
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def step(requests: int, batched: int, drafts: int = 0, seconds: float = 0.02) -> StepStats:
+    return StepStats(step_time=seconds, draft_time=0.0, num_requests=requests, num_batched_tokens=batched,
+                     num_context_tokens=10 * requests, num_draft_tokens=drafts, num_accepted_tokens=0)
+
+
+def membership(store: MemoryStore, models: StepModels, prefixes: PrefixMirror | None = None) -> Membership:
+    info = WorkerInfo("w0", "decode", "w0", "kv://w0", "node")
+    return Membership(store, info, 3.0, lambda: WorkerLoad(5, 2, 90, 100), models, SpeculationLimits(8, 3), prefixes)
+
+
+def test_a_beat_registers_and_publishes_load_models_and_speculation():
+    store = MemoryStore()
+    models = StepModels(fits_prefill=False, fits_decode=True)
+    models.record(step(4, 4))
+    membership(store, models).beat()
+    assert [w.worker_id for w in store.list_workers()] == ["w0"]
+    assert store.get_loads()["w0"].num_queued_prompt_tokens == 5
+    assert set(store.get_models(DecodeStepModel.NAME)) == {"w0"} and store.get_models(PrefillModel.NAME) == {}
+    assert SpeculationLimits.from_record(store.get_models(SpeculationLimits.NAME)["w0"]) == SpeculationLimits(8, 3)
+
+
+def test_a_lapsed_membership_registers_again_with_everything():
+    clock = Clock()
+    store = MemoryStore(clock)
+    pool = BlockPool(8, 4, enable_prefix_caching=True)
+    prefixes = PrefixMirror(pool)
+    member = membership(store, StepModels(fits_prefill=True, fits_decode=False), prefixes)
+    pool.on_cache_change(b"h1", True)
+    member.beat()
+    assert store.match_prefix([b"h1"]) == {"w0": 1}
+    clock.t += 10  # missed beats: the store dropped the worker and what it held
+    assert store.list_workers() == []
+    member.beat()
+    assert [w.worker_id for w in store.list_workers()] == ["w0"]
+    assert store.match_prefix([b"h1"]) == {"w0": 1}, "the prefix blocks were published again"
+    assert "w0" in store.get_loads()
+
+
+def test_a_failed_beat_makes_the_next_one_register_afresh():
+    class FlakyStore(MemoryStore):
+        fail = True
+
+        def put_load(self, worker_id: str, load: WorkerLoad) -> None:
+            if self.fail:
+                raise ConnectionError("store hiccup")
+            super().put_load(worker_id, load)
+
+    store = FlakyStore()
+    member = membership(store, StepModels(fits_prefill=False, fits_decode=True))
+    with pytest.raises(ConnectionError):
+        member.beat()
+    store.fail = False
+    registered = []
+    store.register_worker = lambda info, ttl: (registered.append(info.worker_id),  # type: ignore[method-assign]
+                                               MemoryStore.register_worker(store, info, ttl))
+    member.beat()
+    assert registered == ["w0"] and "w0" in store.get_loads()
+
+
+def test_prefix_mirror_sends_net_changes_and_everything_when_fresh():
+    store = MemoryStore()
+    store.register_worker(WorkerInfo("w0", "prefill", "w0", "", "node"), 30)
+    pool = BlockPool(8, 4, enable_prefix_caching=True)
+    mirror = PrefixMirror(pool)
+    for h, cached in ((b"a", True), (b"b", True), (b"b", False), (b"c", True)):
+        pool.on_cache_change(h, cached)
+    mirror.publish(store, "w0", is_fresh=False)
+    assert store.match_prefix([b"a"]) == {"w0": 1} and store.match_prefix([b"b"]) == {}
+    pool.on_cache_change(b"a", False)
+    mirror.publish(store, "w0", is_fresh=False)
+    assert store.match_prefix([b"a"]) == {} and store.match_prefix([b"c"]) == {"w0": 1}
+    store.register_worker(WorkerInfo("w0", "prefill", "w0", "", "node"), 30)  # wipes its entries
+    mirror.publish(store, "w0", is_fresh=True)
+    assert store.match_prefix([b"c"]) == {"w0": 1}
+    pool.on_cache_change(b"d", True)
+    mirror.discard_pending()
+    mirror.publish(store, "w0", is_fresh=False)
+    assert store.match_prefix([b"d"]) == {}
+
+
+def test_step_models_feed_prefill_steps_and_pure_decode_steps_to_their_models():
+    both = StepModels(fits_prefill=True, fits_decode=True)
+    for stats in (step(2, 300), step(4, 4), step(4, 12, drafts=8), step(3, 64 + 2)):
+        both.record(stats)
+    store = MemoryStore()
+    store.register_worker(WorkerInfo("w0", "colocated", "w0", "", "node"), 30)
+    both.publish(store, "w0")
+    assert both.prefill is not None and both.prefill.fit().num_samples == 4  # every step ran tokens
+    assert both.decode_step is not None and both.decode_step.fit().num_samples == 2  # not the mixed ones
+    only_prefill = StepModels(fits_prefill=True, fits_decode=False)
+    assert only_prefill.decode_step is None
+
+
+def test_heartbeat_keeps_beating_through_failures_and_stops():
+    import threading
+
+    beats = threading.Semaphore(0)
+    count = {"n": 0}
+
+    def beat() -> None:
+        count["n"] += 1
+        beats.release()
+        if count["n"] == 1:
+            raise ConnectionError("first beat fails")
+
+    heartbeat = Heartbeat("hb-test", 0.01, beat)
+    heartbeat.start()
+    assert all(beats.acquire(timeout=30) for _ in range(3)), "it went on after a failed beat"
+    heartbeat.stop()
+    n = count["n"]
+    assert not heartbeat._thread.is_alive() and count["n"] == n
+
+
+def test_profile_plans_a_batch_then_one_request_per_k(loaded):
+    from splitserve.config import EngineConfig, SpeculativeConfig
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.worker.profile import profile_phases, run_profile
+
+    plain = LLMEngine(EngineConfig(num_kv_blocks=128), loaded=loaded)
+    assert len(profile_phases(plain)) == 1
+    spec = LLMEngine(EngineConfig(num_kv_blocks=128, speculative=SpeculativeConfig("ngram", max_speculative_tokens=6)),
+                     loaded=loaded)
+    phases = profile_phases(spec)
+    assert [plans[0][2] for plans in phases[1:]] == [0, 1, 2, 4, 6] and all(len(p) == 1 for p in phases[1:])
+    steps = run_profile(spec, "profile")
+    assert any(s.num_requests == 1 and s.num_draft_tokens >= 4 for s in steps), "drafting at batch 1 was measured"
+    assert not spec.has_unfinished_requests() and spec.block_pool.num_free_blocks == spec.block_pool.num_blocks
