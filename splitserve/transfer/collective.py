@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import socket
 import struct
 import threading
@@ -62,7 +63,9 @@ class Group(Protocol):
 
 
 def _seconds(value: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=max(value, 0.001))
+    # Whole milliseconds, rounded up: Gloo truncates to milliseconds, and a wait that ended a
+    # moment before the deadline would read as a broken link instead of a missed deadline.
+    return datetime.timedelta(milliseconds=max(math.ceil(value * 1000), 1))
 
 
 def _make_group(store: dist.Store, rank: int, backend: str, local_host: str, timeout: datetime.timedelta) -> Group:

@@ -13,9 +13,13 @@ from splitserve.cluster.store import MetadataStore, StoreConnectionError, Worker
 from splitserve.cluster.stores import make_store
 from splitserve.engine.block_pool import hash_block_tokens
 
-SHORT_TTL = 0.3  # expiry tests wait EXPIRY_WAIT for it to lapse
+# Expiry tests set everything up under LONG_TTL, check it, and only then shorten a TTL to
+# SHORT_TTL and wait EXPIRY_WAIT: a slow setup cannot expire anything early, and a TTL cannot
+# lapse late (the store counts it from the shortening call, which returned before the wait).
+SHORT_TTL = 0.3
 EXPIRY_WAIT = 0.5
 LONG_TTL = 60.0
+HEARTBEAT_TTL = 1.5  # far above a heartbeat's round trip, even to a busy Ray actor
 
 
 def worker(worker_id: str, kind: str = "prefill") -> WorkerInfo:
@@ -83,9 +87,10 @@ def test_deregister_removes_worker_and_its_entries(store: MetadataStore) -> None
 
 
 def test_worker_expires_without_heartbeat(store: MetadataStore) -> None:
-    store.register_worker(worker("short"), SHORT_TTL)
+    store.register_worker(worker("short"), LONG_TTL)
     store.register_worker(worker("long"), LONG_TTL)
     assert len(store.list_workers()) == 2
+    assert store.heartbeat("short", SHORT_TTL) is True  # its last heartbeat
     time.sleep(EXPIRY_WAIT)
     assert [info.worker_id for info in store.list_workers()] == ["long"]
     assert store.heartbeat("short", LONG_TTL) is False  # too late: it must register again
@@ -93,7 +98,7 @@ def test_worker_expires_without_heartbeat(store: MetadataStore) -> None:
 
 
 def test_heartbeat_keeps_worker_alive(store: MetadataStore) -> None:
-    ttl_s = 0.6
+    ttl_s = HEARTBEAT_TTL
     store.register_worker(worker("w1"), ttl_s)
     start = time.monotonic()
     while time.monotonic() - start < 2 * ttl_s:  # outlive the TTL twice over
@@ -105,7 +110,7 @@ def test_heartbeat_keeps_worker_alive(store: MetadataStore) -> None:
 
 def test_expired_worker_load_prefix_and_models_disappear(store: MetadataStore) -> None:
     hashes = chain(4)
-    store.register_worker(worker("short"), SHORT_TTL)
+    store.register_worker(worker("short"), LONG_TTL)
     store.register_worker(worker("long"), LONG_TTL)
     for worker_id in ("short", "long"):
         store.put_load(worker_id, load(queued=7))
@@ -113,6 +118,8 @@ def test_expired_worker_load_prefix_and_models_disappear(store: MetadataStore) -
     store.add_prefix_blocks("short", hashes)
     store.add_prefix_blocks("long", hashes[:2])
     assert store.match_prefix(hashes) == {"short": 4, "long": 2}
+    assert sorted(store.get_loads()) == sorted(store.get_models("step")) == ["long", "short"]
+    assert store.heartbeat("short", SHORT_TTL) is True  # its last heartbeat
     time.sleep(EXPIRY_WAIT)
     assert list(store.get_loads()) == ["long"]
     assert store.match_prefix(hashes) == {"long": 2}
@@ -209,10 +216,12 @@ def test_lease_is_exclusive_and_only_the_owner_releases(store: MetadataStore) ->
 
 
 def test_lease_expires_and_renewal_extends_it(store: MetadataStore) -> None:
-    assert store.acquire_lease("stalled", "prefill-a", SHORT_TTL) is True
-    assert store.acquire_lease("renewed", "prefill-a", SHORT_TTL) is True
-    assert store.renew_lease("renewed", "prefill-a", LONG_TTL) is True
-    time.sleep(EXPIRY_WAIT)
+    assert store.acquire_lease("stalled", "prefill-a", LONG_TTL) is True
+    assert store.acquire_lease("renewed", "prefill-a", HEARTBEAT_TTL) is True
+    acquired = time.monotonic()  # "renewed" would lapse by acquired + HEARTBEAT_TTL ...
+    assert store.renew_lease("renewed", "prefill-a", LONG_TTL) is True  # ... but is extended
+    assert store.renew_lease("stalled", "prefill-a", SHORT_TTL) is True  # its last renewal
+    time.sleep(max(EXPIRY_WAIT, acquired + HEARTBEAT_TTL - time.monotonic()))
     assert store.acquire_lease("stalled", "prefill-b", LONG_TTL) is True  # the stalled one lapsed
     assert store.release_lease("stalled", "prefill-a") is False  # a stale owner cannot free b's lease
     assert store.renew_lease("stalled", "prefill-a", LONG_TTL) is False

@@ -8,21 +8,32 @@ load. Above ``capacity`` requests in flight, a request is refused (RESOURCE_EXHA
 or with ``queue`` waits (first come, first served) for one to end.
 A prompt containing "FAIL" fails before its first token (UNAVAILABLE / 500), "MIDFAIL" after
 it, and "HANG" never answers.
+
+For verdicts that must not depend on the machine's speed, ``InProcessClient`` serves a Service
+in process (no server, no network) and ``run_on_virtual_time`` runs it on an event loop whose
+clock is virtual: the sleeps take no real time and every time measured is the exact sum of the
+service's sleeps, so attainments and refusals are computable to the last request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import selectors
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
 
+from splitserve.loadtest.clients import RequestFailed
+from splitserve.loadtest.records import Chunk, RequestRecord, RequestSpec
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 MODEL = "stand-in"
 REPORT = pb.RequestReport(prefill_worker="prefill-0", decode_worker="decode-0", k_history=[3, 2], draft_tokens=6,
@@ -180,3 +191,69 @@ class StandInOpenAI:
 
 def _event(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()
+
+
+# ------------------------------------------------------------------ in process, virtual time
+
+
+class InProcessClient:
+    """A load test Client serving a Service in process, as the stand-in gRPC server does (same
+    refusals, failures and messages), timing each chunk with the clock the runner passes."""
+
+    target = "in-process"
+    model: str | None = MODEL
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    async def __aenter__(self) -> InProcessClient:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        pass
+
+    async def send(self, spec: RequestSpec, record: RequestRecord, clock: Callable[[], float]) -> None:
+        if "FAIL" in spec.prompt and "MIDFAIL" not in spec.prompt:
+            raise RequestFailed("failed", "UNAVAILABLE: prefill-0 died")
+        if not self.service.admit(spec):
+            raise RequestFailed("refused", "RESOURCE_EXHAUSTED: no decode worker has free KV blocks")
+        try:
+            async for tokens in self.service.chunks(spec.prompt, spec.max_tokens):
+                record.chunks.append(Chunk(clock(), tokens))
+        except RuntimeError as error:
+            raise RequestFailed("failed", f"UNAVAILABLE: {error}") from None
+        record.server = {"decode_worker": REPORT.decode_worker, "finish_reason": "length"}
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on a virtual clock (starting at 0): when nothing is ready to run it jumps
+    to its next timer instead of waiting for it. asyncio.sleep, timeouts and loop.time() then
+    agree exactly and cost no real time. Only for code that waits on timers, not on I/O."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+        super().__init__(_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.now_s
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    def __init__(self, loop: VirtualTimeLoop):
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:  # no timer pending: only another thread can wake the loop
+            return super().select(None)
+        ready = super().select(0)
+        if not ready:
+            self._loop.now_s += timeout  # the next timer is due now
+        return ready
+
+
+def run_on_virtual_time(main: Coroutine[Any, Any, T], limit_s: float = 3600.0) -> T:
+    """main run to its end on a VirtualTimeLoop; limit_s (virtual seconds) ends a deadlock."""
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        return runner.run(asyncio.wait_for(main, limit_s))

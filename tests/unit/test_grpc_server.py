@@ -170,7 +170,7 @@ def greedy(prompt: str | None = None, **fields: Any) -> pb.GenerateRequest:
     return make_request(prompt, max_tokens=MAX_TOKENS, temperature=0.0, **fields)
 
 
-def assert_engine_idle(engine: LLMEngine, timeout_s: float = 5.0) -> None:
+def assert_engine_idle(engine: LLMEngine, timeout_s: float = 30.0) -> None:
     """No request left and every KV block back in the pool (aborts land between steps)."""
     deadline = time.monotonic() + timeout_s
     while engine.has_unfinished_requests() and time.monotonic() < deadline:
@@ -204,7 +204,7 @@ def test_concurrent_streams_are_batched_and_each_equals_its_offline_output(serve
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
+        thread.join(300)
     assert [results.get(i) for i in range(len(prompts))] == expected
 
 
@@ -286,9 +286,9 @@ def test_health_follows_is_ready(served: Served):
     health = health_pb2_grpc.HealthStub(channel)
 
     def check(service: str) -> int:
-        return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
 
-    watch = health.Watch(health_pb2.HealthCheckRequest(service=GENERATION_SERVICE), timeout=10)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=GENERATION_SERVICE), timeout=60)
     assert next(watch).status == SERVING
     assert check("") == check(GENERATION_SERVICE) == SERVING
     served.frontend.ready = False
@@ -306,15 +306,15 @@ def test_health_follows_is_ready(served: Served):
 
 
 def test_wait_ready(served: Served):
-    served.client.wait_ready(5)
+    served.client.wait_ready(30)
     served.frontend.ready = False
     try:
         with pytest.raises(TimeoutError, match="NOT_SERVING"):
-            served.client.wait_ready(0.3)
+            served.client.wait_ready(2)
     finally:
         served.frontend.ready = True
     with GenerationClient("127.0.0.1:1") as nowhere, pytest.raises(TimeoutError, match="not ready"):
-        nowhere.wait_ready(0.3)
+        nowhere.wait_ready(2)
 
 
 def test_reflection_lists_the_services(served: Served):
@@ -402,7 +402,7 @@ def test_a_cancel_during_a_write_closes_the_frontend_iterator(loop_thread: LoopT
             responses = client.generate(make_request("Hi"))
             next(responses)
             responses.close()
-            assert frontend.closed.wait(5)
+            assert frontend.closed.wait(30)
     finally:
         loop_thread.run(server.stop(0))
 
@@ -427,19 +427,19 @@ def test_stop_reports_not_serving_first_then_cancels_running_requests(loop_threa
     frontend = ScriptedFrontend()
     server, address = start_scripted(loop_thread, frontend)
     with grpc.insecure_channel(address) as channel, GenerationClient(address) as client:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
         assert next(watch).status == SERVING
         running = client.generate(make_request("Hi"))
         assert next(running).text == "a"
-        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace_s=0.5), loop_thread.loop)
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace_s=3), loop_thread.loop)
         assert next(watch).status == NOT_SERVING  # before the grace period ends
-        assert frontend.closed.wait(5), "stop did not close the running request's iterator"
-        stopping.result(5)
+        assert frontend.closed.wait(30), "stop did not close the running request's iterator"
+        stopping.result(30)
         with pytest.raises(grpc.RpcError) as info:
             next(running)
         assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
         with pytest.raises(grpc.RpcError) as info:
-            list(client.generate(make_request("Hi"), timeout_s=2))
+            list(client.generate(make_request("Hi"), timeout_s=30))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

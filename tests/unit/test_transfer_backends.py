@@ -50,19 +50,22 @@ def _peer_main(conn: Connection) -> None:
                 conn.send(None)
                 continue
             backend, endpoint, options, chunks, corrupt = args
+            options = dict(options)
+            send_timeout_s = options.pop("send_timeout_s", None)  # this send's, not the sender's
             key = (backend, endpoint)
             if key not in senders:
                 senders[key] = make_sender(backend, endpoint, **{**SENDER_OPTIONS, **options})
-            conn.send([_send_one(senders[key], manifest, kv, corrupt) for manifest, kv in chunks])
+            conn.send([_send_one(senders[key], manifest, kv, corrupt, send_timeout_s) for manifest, kv in chunks])
         except Exception:
             conn.send(("crash", traceback.format_exc()))
 
 
-def _send_one(sender: Any, manifest: KVManifest, kv: torch.Tensor, corrupt: int) -> dict:
+def _send_one(sender: Any, manifest: KVManifest, kv: torch.Tensor, corrupt: int,
+              timeout_s: float | None = None) -> dict:
     sender.inject_corruption(corrupt)
     start = time.monotonic()
     try:
-        report = sender.send(manifest, kv)
+        report = sender.send(manifest, kv, timeout_s=timeout_s)
     except TransferError as e:
         return {"ok": False, "error": str(e), "seconds": time.monotonic() - start}
     return {"ok": True, "attempts": report.attempts, "nbytes": report.payload_nbytes,
@@ -86,6 +89,8 @@ class Peer:
 
     def send(self, backend: str, endpoint: str, chunks: list[tuple[KVManifest, torch.Tensor]],
              corrupt: int = 0, **options: Any) -> list[dict]:
+        """Send chunks with the peer's sender for (backend, endpoint), made with options (the
+        sender's, at its first send) except send_timeout_s, this send's own timeout."""
         self.submit("send", backend, endpoint, options, chunks, corrupt)
         return self.result()
 
@@ -257,11 +262,20 @@ def test_two_senders_at_once_and_a_peer_that_joins_later(backend, receiver, peer
 
 def test_a_receiver_that_never_acks_makes_the_send_fail_within_its_timeout(backend, peers):
     release = threading.Event()
-    rx = make_receiver(backend, lambda manifest, kv: release.wait(30))
+    taken: list[KVManifest] = []
+
+    def sink(manifest: KVManifest, kv: torch.Tensor) -> None:  # acks the first chunk, then hangs
+        taken.append(manifest)
+        if len(taken) > 1:
+            release.wait(60)
+
+    rx = make_receiver(backend, sink)
     try:
-        (result,) = peers[0].send(backend, rx.endpoint, [R1.chunk(0, (0, 2), (0, 8))], timeout_s=1.0)
-        assert not result["ok"] and "deadline" in result["error"]
-        assert 0.9 < result["seconds"] < 4.0, result
+        oks(peers[0].send(backend, rx.endpoint, [R1.chunk(0, (0, 2), (0, 8))]))  # the link is open
+        (result,) = peers[0].send(backend, rx.endpoint, [R1.chunk(1, (2, 4), (0, 8))], send_timeout_s=1.0)
+        assert not result["ok"] and "deadline" in result["error"], result
+        assert 0.9 < result["seconds"] < 10, result  # not before its deadline, and not long after
+        assert [m.key for m in taken] == [("r1", 0), ("r1", 1)]
     finally:
         release.set()
         peers[0].submit("close_all")
@@ -285,24 +299,37 @@ def test_a_chunk_the_sink_refuses_fails_without_retries(backend, peers):
 
 def test_sending_to_a_stopped_receiver_raises_transfer_error(backend, peers):
     rx = make_receiver(backend, Recorder())
-    oks(peers[0].send(backend, rx.endpoint, [R1.chunk(0, (0, 1), (0, 4))]))
+    oks(peers[0].send(backend, rx.endpoint, [R1.chunk(0, (0, 1), (0, 4))], timeout_s=30.0))
     rx.stop()
-    (kept_link,) = peers[0].send(backend, rx.endpoint, [R1.chunk(1, (0, 1), (4, 8))], timeout_s=5.0)
+    (kept_link,) = peers[0].send(backend, rx.endpoint, [R1.chunk(1, (0, 1), (4, 8))])
     peers[0].submit("close_all")
     peers[0].result()
-    (new_link,) = peers[0].send(backend, rx.endpoint, [R1.chunk(1, (0, 1), (4, 8))], timeout_s=5.0)
-    for result in (kept_link, new_link):
-        assert not result["ok"] and result["seconds"] < 5.0, (kept_link, new_link)
+    (new_link,) = peers[0].send(backend, rx.endpoint, [R1.chunk(1, (0, 1), (4, 8))], timeout_s=30.0)
+    for result in (kept_link, new_link):  # refused at once, not after the 30 s timeout
+        assert not result["ok"] and result["seconds"] < 10, (kept_link, new_link)
     peers[0].submit("close_all")
     peers[0].result()
+
+
+def peer_threads() -> set[threading.Thread]:
+    """The collective receivers' threads serving a pair (one per connected sender)."""
+    return {t for t in threading.enumerate() if t.name.startswith("kv-peer-")}
 
 
 def test_an_idle_collective_pair_is_rebuilt_on_the_next_send(peers):
     recorder = Recorder()
-    rx = make_receiver("collective", recorder, idle_timeout_s=0.5)
+    # 2 s: also the time the pair's group has to form, so it must outlast a slow rendezvous.
+    rx = make_receiver("collective", recorder, idle_timeout_s=2.0)
     try:
+        before = peer_threads()
         oks(peers[0].send("collective", rx.endpoint, [R1.chunk(0, (0, 2), (0, 8))]))
-        time.sleep(1.5)  # the receiver's pending receive times out and closes the pair
+        pair = peer_threads() - before
+        assert len(pair) == 1
+        # The receiver's pending receive times out and closes the pair: its thread ends.
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in pair) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.is_alive() for t in pair), "the idle pair was not closed"
         oks(peers[0].send("collective", rx.endpoint, [R1.chunk(1, (2, 4), (0, 8))]))
         assert_landed(recorder.cache, [(R1, (0, 2), (0, 8)), (R1, (2, 4), (0, 8))])
     finally:
