@@ -32,19 +32,21 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# Benchmarks run as modules from the repository root; summaries go to bench/results/, per-request
+# records and server logs to bench/runs/ (not in git).
 bench: setup
-	$(PY) bench/engine_throughput.py
-	$(PY) bench/speculation.py
+	$(PY) -m bench.engine_throughput
+	$(PY) -m bench.speculation
 
 bench-disagg: setup
-	$(PY) bench/disaggregated.py
+	$(PY) -m bench.disaggregated
 
 bench-spec-policy: setup
-	$(PY) bench/speculation_policy.py
+	$(PY) -m bench.speculation_policy
 
 # Needs vLLM's CPU build beside splitserve: ../shared/tools/vllm-cpu-venv /root/vllm-venv
 bench-goodput: setup
-	$(PY) bench/goodput.py
+	$(PY) -m bench.goodput
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,6 +1,9 @@
-"""vLLM side of engine_throughput.py; runs under vLLM's own interpreter, not splitserve's.
+"""vLLM side of bench.engine_throughput; runs under vLLM's own interpreter, not splitserve's.
 
-Usage: VLLM_CPU_KVCACHE_SPACE=2 VLLM_PYTHON bench/_vllm_throughput.py HF_FOLDER WORKLOAD_JSON {compile,eager}
+Usage, from the repository root (``-m`` puts it on sys.path, so ``bench`` imports; splitserve
+need not be installed there, and nothing here imports it):
+
+    VLLM_CPU_KVCACHE_SPACE=2 VLLM_PYTHON -m bench._vllm_throughput HF_FOLDER WORKLOAD_JSON {compile,eager}
 
 Loads the HF folder with vllm.LLM, times it with the same protocol as the other systems
 (common.run_protocol) and prints one line `RESULT_JSON {...}` on stdout; vLLM's own logs may
@@ -15,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import Workload, run_protocol
+from bench.common import Workload, run_protocol
 
 RESULT_PREFIX = "RESULT_JSON "
 
@@ -53,5 +56,5 @@ def main() -> None:
     print(RESULT_PREFIX + json.dumps(report), flush=True)
 
 
-if __name__ == "__main__":  # vLLM starts its engine with spawn, which re-imports this file
+if __name__ == "__main__":  # vLLM starts its engine with spawn, which re-imports this module
     main()

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: workloads, the timing protocol, machine facts, tables.
+"""Shared pieces of the benchmarks: workloads, the timing protocol, machine facts, tables, and
+where results go (RESULTS_DIR: the summaries kept in git; RUNS_DIR: raw output, ignored).
 
 Standard library only, so that helpers running under another project's interpreter (vLLM's
 CPU build in its own virtualenv) import it too and time every system the same way.
@@ -11,8 +12,11 @@ import json
 import os
 import platform
 import random
+import shlex
+import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +25,9 @@ from pathlib import Path
 # generate(prompts as token-id lists, max_tokens) -> one list of generated token ids per prompt
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"  # tracked: the summaries docs/benchmarks.md cites
+RUNS_DIR = ROOT / "bench" / "runs"  # ignored: per-request records, server logs, per-run plots
 CACHE_DIR = Path(os.environ.get("SPLITSERVE_BENCH_CACHE", Path.home() / ".cache" / "splitserve-bench"))
 DECODE_METHOD = (
     "decode tok/s = batch * (new_tokens - 1) / (t_full - t_first), where t_full times a generate() "
@@ -167,6 +174,39 @@ def git_revision(path: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty.strip() else "")
+
+
+def command_line() -> str:
+    """How this benchmark was started, for its JSON: ``python -m bench.NAME ARGS``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    head = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return shlex.join([Path(sys.executable).name, *head, *sys.argv[1:]])
+
+
+def raw_dir(out: Path) -> Path:
+    """Where a run whose summaries go to out writes its raw output: out's path under RUNS_DIR
+    instead of RESULTS_DIR (bench/results/goodput -> bench/runs/goodput), or for an out
+    elsewhere a folder beside it (/tmp/x.json -> /tmp/x-raw). A .json suffix is dropped."""
+    out = out.resolve()
+    stem = out.with_suffix("") if out.suffix == ".json" else out
+    if stem.is_relative_to(RESULTS_DIR):
+        return RUNS_DIR / stem.relative_to(RESULTS_DIR)
+    return stem.with_name(stem.name + "-raw")
+
+
+def slug(name: str) -> str:
+    """name as a folder name: lower case, every other character than a letter or digit a dash."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def keep_summaries(raw: Path, kept: Path) -> None:
+    """Copy a load test folder's summaries (sweep.json, summary.json, rate-*/summary.json) from
+    raw (under RUNS_DIR) to kept (under RESULTS_DIR); the per-request records stay in raw."""
+    for source in [raw / "sweep.json", raw / "summary.json", *sorted(raw.glob("rate-*/summary.json"))]:
+        if source.is_file():
+            target = kept / source.relative_to(raw)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

