@@ -51,7 +51,7 @@ class KVImport:
             aio.call_soon_threadsafe(lambda: landed.done() or landed.set_result(None))
 
         self.ingest.expect(request_id, table, len(prompt_token_ids), on_complete)
-        # A router that vanished between reserve and generate must not strand the blocks.
+        # A router that vanished between reserve and generate_from must not strand the blocks.
         self._expiry[request_id] = aio.call_later(
             self.transfer.reservation_ttl_s, lambda: asyncio.ensure_future(self._expire(request_id))
         )

@@ -1,7 +1,7 @@
 """DecodeWorker: reserves blocks for a prompt, takes its KV in, and decodes it.
 
 The worker runtime (splitserve.worker) with the KVImport part: ``reserve`` returns where the
-prompt's KV goes; ``generate`` waits until it all landed, adds the request to the running
+prompt's KV goes; ``generate_from`` waits until it all landed, adds the request to the running
 batch with the first token the prefill worker sampled, and streams the rest (with the
 speculation length the router sets). ``abort`` at any point gives the blocks back, after which
 no late chunk can touch them.

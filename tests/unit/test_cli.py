@@ -11,9 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import ray
 
-from splitserve import cli
+from splitserve import cli, server
 from splitserve.config import (
     ClusterConfig,
     EngineConfig,
@@ -118,7 +117,6 @@ def test_serve_defaults_are_the_configs() -> None:
     assert {name: getattr(args, name) for name in expected} == expected
     assert engine.speculative is None and cluster.decode_engine is None
     assert options.slo_ttft_s is None and options.slo_tpot_s is None
-    assert not ray.is_initialized()
 
 
 def test_generate_and_client_share_their_defaults() -> None:
@@ -163,9 +161,12 @@ def test_serve_flags_build_the_configs() -> None:
     (["--prefill-workers", "0"], "at least one worker"),
     (["--grace", "-1"], "grace_s >= 0"),
 ])
-def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("a bad flag must be refused before Ray is joined")
+
+    monkeypatch.setattr(server, "connect_ray", no_ray)
     assert cli.main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("splitserve: error: ") and message in err
-    assert not ray.is_initialized()

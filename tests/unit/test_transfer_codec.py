@@ -77,3 +77,9 @@ def test_registry_lists_the_codecs_and_refuses_unknown_names():
     assert set(CODECS) == {"raw", "fp16", "int8"}
     with pytest.raises(ValueError, match="unknown KV codec 'zstd'"):
         get_codec("zstd")
+
+
+def test_the_configuration_lists_exactly_the_codecs_there_are():
+    from splitserve.config import KV_CODECS
+
+    assert sorted(KV_CODECS) == sorted(CODECS)
