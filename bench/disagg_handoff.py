@@ -18,7 +18,7 @@ import time
 import ray
 
 from bench.common import markdown_table
-from bench.load import BenchClient, send_alone
+from bench.load import bench_client, send_alone
 from bench.profile import local_prefill
 from bench.servers import ENGINE, start_server, stop_server
 from splitserve.config import ClusterConfig, StoreConfig, TransferConfig
@@ -86,7 +86,7 @@ def measure_handoff(name: str, config: ClusterConfig, engine: LLMEngine, prompts
 async def _samples(name: str, server: Server, engine: LLMEngine, prompts: dict[int, Prompt], repeats: int) -> dict:
     disaggregated = server.config.mode == "disaggregated"
     samples: dict = {n: {"local_s": [], "ttft_s": {"1": [], "2": []}, "direct": []} for n in prompts}
-    async with BenchClient(server.address) as client:
+    async with bench_client(server.address) as client:
         for n, prompt in prompts.items():  # warm-up: links, first-call costs
             await send_alone(client, prompt.spec(2))
             if disaggregated:

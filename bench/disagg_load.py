@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import command_line, markdown_table, output_agreement, slug
-from bench.load import POISSON, BenchClient, send_together
+from bench.load import POISSON, bench_client, send_together
 from bench.profile import slo_of, slo_profile
 from bench.prompts import PROMPTS
 from bench.servers import ENGINE, start_server, stop_server
@@ -103,7 +103,7 @@ def measure_load(name: str, config: ClusterConfig, specs: list[RequestSpec], arg
 async def _sweep(address: str, specs: list[RequestSpec], meta: dict, args: argparse.Namespace, raw: Path,
                  num_workers: int) -> tuple[dict, list[dict], dict[str, list[list[int]]]]:
     """Warm-up, then a run per rate (scored and saved under raw), then the sweep summary."""
-    async with BenchClient(address) as client:
+    async with bench_client(address) as client:
         for _ in range(2):  # every worker once (concurrent requests spread), and the transfer link
             await send_together(client, specs[:num_workers])
         client.take_outputs(0)

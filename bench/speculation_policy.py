@@ -36,7 +36,7 @@ from pathlib import Path
 import ray
 
 from bench.common import RESULTS_DIR, ROOT, command_line, git_revision, output_agreement, prepare_machine, raw_dir
-from bench.load import POISSON, BenchClient, goodput_note, send_alone, send_together
+from bench.load import POISSON, bench_client, goodput_note, send_alone, send_together
 from bench.prompts import CHAT_QUESTIONS, EXTRACTIVE, PROMPTS
 from bench.servers import ENGINE, start_server, stop_server
 from bench.speculation_policy_report import ADAPTIVE, RATE_NAMES, publish
@@ -45,6 +45,7 @@ from splitserve.cluster import RAY_NAMESPACE
 from splitserve.config import ClusterConfig, SpeculativeConfig, StoreConfig
 from splitserve.engine.model_files import default_model_path, load_tokenizer
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.loadtest.clients import GrpcClient
 from splitserve.loadtest.metrics import SLO
 from splitserve.loadtest.records import RequestSpec, write_jsonl
 from splitserve.loadtest.runner import run
@@ -151,7 +152,7 @@ def request_specs(prompts: list[tuple[str, int]], indices: list[int], max_tokens
     return [RequestSpec(i, *prompts[j], max_tokens, "bench.speculation_policy") for i, j in enumerate(indices)]
 
 
-def initial_k(client: BenchClient) -> int:
+def initial_k(client: GrpcClient) -> int:
     """The k a request of this client starts with: its pinned k, else the decode worker's default."""
     return K_DEFAULT if client.num_speculative_tokens is None else client.num_speculative_tokens
 
@@ -164,7 +165,7 @@ def cluster_config(workload: str) -> ClusterConfig:
 # ------------------------------------------------------------------------------- measuring
 
 
-async def isolated_profile(client: BenchClient, prompts: list[tuple[str, int]], args: argparse.Namespace) -> dict:
+async def isolated_profile(client: GrpcClient, prompts: list[tuple[str, int]], args: argparse.Namespace) -> dict:
     """k=0 requests one at a time: the median E2E (the unit of "Fx" rates), TTFT and TPOT, and the
     SLOs derived from them unless given."""
     specs = request_specs(prompts, [i % len(prompts) for i in range(args.profile_requests)], args.max_tokens)
@@ -178,7 +179,7 @@ async def isolated_profile(client: BenchClient, prompts: list[tuple[str, int]], 
     }
 
 
-async def run_policy(server: Server, client: BenchClient, specs: list[RequestSpec], rate: float, seed: int,
+async def run_policy(server: Server, client: GrpcClient, specs: list[RequestSpec], rate: float, seed: int,
                      slo: SLO) -> Run:
     """Every request of the round with the client's k, on the seeded Poisson schedule."""
     changes, load = server.router.speculation.num_k_changes, os.getloadavg()[0]
@@ -188,7 +189,7 @@ async def run_policy(server: Server, client: BenchClient, specs: list[RequestSpe
     return Run(entry, result.records, client.take_outputs(len(specs)))
 
 
-async def measure_rate(server: Server, clients: dict[str, BenchClient], prompts: list[tuple[str, int]], rate: float,
+async def measure_rate(server: Server, clients: dict[str, GrpcClient], prompts: list[tuple[str, int]], rate: float,
                        seed: int, args: argparse.Namespace, slo: SLO, raw: Path) -> dict:
     """``--rounds`` rounds; in round i every policy runs the same new arrivals (seed + 100 i), in
     the policy order rotated by i. Each run's records go to raw as JSONL."""
@@ -239,7 +240,7 @@ async def _measure_workload(server: Server, name: str, prompts: list[tuple[str, 
                             args: argparse.Namespace) -> dict:
     """Warm-up, the isolated profile, then every rate; a client per policy."""
     async with contextlib.AsyncExitStack() as stack:
-        clients = {p: await stack.enter_async_context(BenchClient(server.address, k))
+        clients = {p: await stack.enter_async_context(bench_client(server.address, k))
                    for p, k in policies(args).items()}
         for client in clients.values():  # first-call costs; the router's acceptance prior sees this workload
             await send_together(client, request_specs(prompts, [0, 1], args.max_tokens))

@@ -99,13 +99,20 @@ def make_client(target: str, *, model: str | None = None, api_key: str | None = 
 
 
 class GrpcClient:
-    """splitserve's Generation service over one grpc.aio channel."""
+    """splitserve's Generation service over one grpc.aio channel.
+
+    num_speculative_tokens: pin every request's k (None: the server chooses). keep_outputs:
+    keep each request's output token ids (``take_outputs``), for greedy-output checks.
+    """
 
     def __init__(self, target: str, address: str, *, model: str | None, timeout_s: float,
-                 slo_ttft_ms: float | None, slo_tpot_ms: float | None):
+                 slo_ttft_ms: float | None, slo_tpot_ms: float | None, num_speculative_tokens: int | None = None,
+                 keep_outputs: bool = False):
         self.target, self.model = target, model
         self._address, self._timeout_s = address, timeout_s
         self._slo_ttft_ms, self._slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
+        self.num_speculative_tokens = num_speculative_tokens
+        self._outputs: dict[int, list[int]] | None = {} if keep_outputs else None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GenerationStub | None = None
 
@@ -127,13 +134,18 @@ class GrpcClient:
     async def send(self, spec: RequestSpec, record: RequestRecord, clock: Clock) -> None:
         assert self._stub is not None, "enter the client (async with) before sending"
         request = make_request(spec.prompt, model=self.model or "", max_tokens=spec.max_tokens, temperature=0.0,
-                               ignore_eos=True, ttft_ms=self._slo_ttft_ms, tpot_ms=self._slo_tpot_ms)
+                               ignore_eos=True, ttft_ms=self._slo_ttft_ms, tpot_ms=self._slo_tpot_ms,
+                               num_speculative_tokens=self.num_speculative_tokens)
         call = self._stub.Generate(request)
+        ids: list[int] = []
+        if self._outputs is not None:
+            self._outputs[spec.index] = ids
         last: pb.GenerateResponse | None = None
         try:
             async for response in call:
                 if response.token_ids:
                     record.chunks.append(Chunk(clock(), len(response.token_ids)))
+                    ids.extend(response.token_ids)
                 last = response
         except grpc.aio.AioRpcError as error:
             status: Status = "refused" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "failed"
@@ -145,6 +157,14 @@ class GrpcClient:
         record.server = served_report(last)
         if last.finish_reason == "abort":
             raise RequestFailed("failed", "the server aborted the request")
+
+    def take_outputs(self, num_requests: int) -> list[list[int]]:
+        """The output token ids of the requests sent since the last call, by index ([] for one
+        never sent), and forget them (with ``keep_outputs``)."""
+        assert self._outputs is not None, "construct the client with keep_outputs=True"
+        outputs = [self._outputs.get(index, []) for index in range(num_requests)]
+        self._outputs.clear()
+        return outputs
 
 
 def served_report(last: pb.GenerateResponse) -> dict[str, Any]:

@@ -115,12 +115,14 @@ class StandInGeneration(pb_grpc.GenerationServicer):
         if not self.service.admit(request):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no decode worker has free KV blocks")
         sent = 0
+        # The token it streams: 7, or the k the request pinned (so a test can see it arrived).
+        token = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else 7
         try:
             async for tokens in self.service.chunks(request.prompt, request.max_tokens):
                 sent += tokens
                 done = sent == request.max_tokens
                 yield pb.GenerateResponse(
-                    request_id="r", token_ids=[7] * tokens, text="x" * tokens, finished=done,
+                    request_id="r", token_ids=[token] * tokens, text="x" * tokens, finished=done,
                     finish_reason="length" if done else "", usage=pb.Usage(prompt_tokens=5, completion_tokens=sent),
                     report=REPORT if done else None)
         except RuntimeError as error:

@@ -104,6 +104,25 @@ async def with_grpc(service: Service, body: Callable[[Any], Awaitable[None]], **
         await server.stop(0)
 
 
+def test_grpc_client_pins_k_and_keeps_each_requests_output_tokens():
+    from splitserve.loadtest.clients import GrpcClient
+
+    async def main() -> list[list[int]]:
+        server, port = await start_grpc(Service(ttft_s=0.0, itl_s=0.0))
+        try:
+            address = f"127.0.0.1:{port}"
+            async with GrpcClient(f"grpc://{address}", address, model=None, timeout_s=30, slo_ttft_ms=None,
+                                  slo_tpot_ms=None, num_speculative_tokens=3, keep_outputs=True) as client:
+                for index, max_tokens in ((0, 2), (2, 4)):
+                    record = RequestRecord(index, 0.0, 0.0, 5, max_tokens)
+                    await client.send(RequestSpec(index, "hello", 5, max_tokens), record, time.monotonic)
+                return client.take_outputs(3) + client.take_outputs(1)
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(main()) == [[3, 3], [], [3, 3, 3, 3], []]
+
+
 def test_grpc_times_match_the_service_and_keep_the_report():
     service = Service(ttft_s=TTFT_S, itl_s=ITL_S)
 
