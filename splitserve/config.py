@@ -2,8 +2,9 @@
 
 ``EngineConfig`` (one engine), ``TransferConfig`` (KV handoff between workers), ``StoreConfig``
 (the shared state and membership), ``WorkerConfig`` (one worker: the three embedded),
-``ClusterConfig`` (what ``splitserve serve`` runs: worker counts and the shared sub-configs)
-and ``ServeConfig`` (where the API listens). Each value is stated and checked once, here; the
+``ClusterConfig`` (what ``splitserve serve`` runs: the mode, worker counts and the shared
+sub-configs), ``PlacementConfig`` and ``RoleConfig`` (how the router places prefills and moves
+workers between pools) and ``ServeConfig`` (where the API listens). Each value is stated and checked once, here; the
 command line reads its defaults from these classes. Components take the scalars they need
 (``BlockPool(num_blocks, block_size)``), never the root config; these classes exist so that a
 bad setting fails at start-up with a sentence.
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 TRANSFER_BACKENDS: tuple[str, ...] = ("collective", "grpc")
 KV_CODECS: tuple[str, ...] = ("fp16", "int8", "raw")  # splitserve.transfer.codec implements each
-MODES: tuple[str, ...] = ("disaggregated", "colocated")
+MODES: tuple[str, ...] = ("elastic", "disaggregated", "colocated")
 WORKER_KINDS: tuple[str, ...] = ("prefill", "decode", "colocated")
 DEFAULT_STORE_PREFIX = "splitserve"
 DEFAULT_GRPC_PORT = 50051
@@ -224,18 +225,25 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """What ``splitserve serve`` runs: disaggregated (prefill + decode workers joined by a KV
-    transfer backend) or colocated (workers doing both phases).
+    """What ``splitserve serve`` runs, by ``mode``:
 
-    engine: every worker's engine settings; decode_engine, if given, replaces them for decode
-    and colocated workers (speculation lives there). num_threads: torch threads per worker
-    (None: the cluster's CPUs split evenly between the workers).
+    - "elastic" (the default): ``num_workers`` workers (default 2), each able to prefill for a
+      remote worker, decode a handed-off request or run one end to end. They start split into a
+      prefill and a decode pool (``num_prefill_workers`` / ``num_decode_workers``; default half
+      of them prefill, rounded down), and the router places each request's prefill remote or
+      local from its latency predictions.
+    - "disaggregated": the fixed split, never a local prefill (default 1 + 1).
+    - "colocated": ``num_workers`` workers (default 1) that run every request end to end.
+
+    engine: every worker's engine settings; decode_engine, if given, replaces them for every
+    worker that may decode (speculation lives there): all but disaggregated prefill workers.
+    num_threads: torch threads per worker (None: the cluster's CPUs split evenly).
     """
 
-    mode: str = "disaggregated"
-    num_prefill_workers: int = 1
-    num_decode_workers: int = 1
-    num_colocated_workers: int = 1
+    mode: str = "elastic"
+    num_workers: int | None = None
+    num_prefill_workers: int | None = None
+    num_decode_workers: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     decode_engine: EngineConfig | None = None
     transfer: TransferConfig = field(default_factory=TransferConfig)
@@ -244,31 +252,104 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
-        counts = self.worker_counts()
-        if any(n < 1 for n in counts.values()):
-            raise ValueError(f"every worker kind needs at least one worker, got {counts}")
+        self.worker_counts()  # checks the counts
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
     def worker_counts(self) -> dict[str, int]:
+        """Workers per starting role; ValueError (a sentence) for counts the mode cannot run."""
+        total, prefill, decode = self.num_workers, self.num_prefill_workers, self.num_decode_workers
+        for name, value in (("workers", total), ("prefill workers", prefill), ("decode workers", decode)):
+            if value is not None and value < 0:
+                raise ValueError(f"the number of {name} must be >= 0, got {value}")
         if self.mode == "colocated":
-            return {"colocated": self.num_colocated_workers}
-        return {"prefill": self.num_prefill_workers, "decode": self.num_decode_workers}
+            if prefill is not None or decode is not None:
+                raise ValueError("colocated mode has no prefill/decode split: give the number of workers only")
+            counts = {"colocated": 1 if total is None else total}
+        elif self.mode == "disaggregated":
+            counts = {"prefill": 1 if prefill is None else prefill, "decode": 1 if decode is None else decode}
+            if min(counts.values()) < 1:
+                raise ValueError(f"disaggregated mode needs at least one prefill and one decode worker, got {counts}")
+        else:
+            if total is None:
+                total = (prefill or 0) + (decode or 0) if prefill is not None and decode is not None else 2
+            if prefill is None:
+                prefill = total // 2 if decode is None else total - decode
+            decode = total - prefill if decode is None else decode
+            counts = {"prefill": prefill, "decode": decode}
+            if prefill < 0 or decode < 1 or prefill + decode != total:
+                raise ValueError(f"elastic mode needs a split of its {total} workers into prefill + decode with at "
+                                 f"least one decode worker, got {prefill} + {decode}")
+        if sum(counts.values()) < 1:
+            raise ValueError(f"{self.mode} mode needs at least one worker")
+        return counts
 
     def worker_configs(self, num_cpus: float, num_gpus: float) -> list[WorkerConfig]:
-        """Every worker's config: ids ``{prefix}.{kind}-{i}``, one GPU each when there are
-        enough GPUs for all (then the engines run on CUDA), else the CPUs split evenly."""
+        """Every worker's config, one GPU each when there are enough GPUs for all (then the
+        engines run on CUDA), else the CPUs split evenly. Ids are ``{prefix}.worker-{i}`` in
+        elastic mode (roles change), else ``{prefix}.{kind}-{i}``."""
         counts = self.worker_counts()
         total = sum(counts.values())
         threads = self.num_threads or max(int(num_cpus) // total, 1)
         configs = []
         for kind, count in counts.items():
-            engine = self.engine if kind == "prefill" or self.decode_engine is None else self.decode_engine
+            is_fixed_prefill = self.mode == "disaggregated" and kind == "prefill"
+            engine = self.engine if is_fixed_prefill or self.decode_engine is None else self.decode_engine
             if num_gpus >= total and engine.device == "cpu":
                 engine = replace(engine, device="cuda")
-            configs += [WorkerConfig(f"{self.store.prefix}.{kind}-{i}", kind, engine, self.transfer, self.store,
-                                     num_threads=threads) for i in range(count)]
+            for i in range(count):
+                name = f"worker-{len(configs)}" if self.mode == "elastic" else f"{kind}-{i}"
+                configs.append(WorkerConfig(f"{self.store.prefix}.{name}", kind, engine, self.transfer, self.store,
+                                            num_threads=threads))
         return configs
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """How an elastic router places prefills (splitserve.router.prefill_placement).
+
+    chunk_tokens: the prefill chunk sizes a local prefill may use, tried largest first (the
+    largest whose mixed steps keep the running requests within their TPOT SLO wins).
+    margin_sigmas: each prediction gets this many of its model's fit RMSE added per step.
+    correction_weight: how fast a worker's observed/predicted TTFT ratio follows new requests;
+    the ratio, kept within ``correction_bounds``, scales that worker's predictions.
+    """
+
+    chunk_tokens: tuple[int, ...] = (512, 256, 128, 64, 32)
+    margin_sigmas: float = 1.0
+    correction_weight: float = 0.2
+    correction_bounds: tuple[float, float] = (0.5, 4.0)
+
+    def __post_init__(self) -> None:
+        if not self.chunk_tokens or any(c < 1 for c in self.chunk_tokens):
+            raise ValueError(f"chunk_tokens must be one or more sizes >= 1, got {self.chunk_tokens}")
+        if not 0 <= self.margin_sigmas < math.inf:
+            raise ValueError(f"margin_sigmas must be >= 0, got {self.margin_sigmas}")
+        if not 0 < self.correction_weight <= 1:
+            raise ValueError(f"correction_weight must be in (0, 1], got {self.correction_weight}")
+        low, high = self.correction_bounds
+        if not 0 < low <= 1 <= high < math.inf:
+            raise ValueError(f"correction_bounds must be (low, high) with 0 < low <= 1 <= high, got "
+                             f"{self.correction_bounds}")
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """How an elastic deployment moves workers between its prefill and decode pools
+    (splitserve.router.roles): every ``interval_s`` it compares the split with the one that
+    loads both pools equally and moves one worker when that is more than 0.5 + ``hysteresis``
+    workers away and the last move is ``min_dwell_s`` old. enabled: False keeps the starting
+    split."""
+
+    enabled: bool = True
+    interval_s: float = 2.0
+    min_dwell_s: float = 20.0
+    hysteresis: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "interval_s")
+        if not (0 <= self.min_dwell_s < math.inf and 0 <= self.hysteresis < math.inf):
+            raise ValueError(f"need min_dwell_s >= 0 and hysteresis >= 0, got {self.min_dwell_s}, {self.hysteresis}")
 
 
 @dataclass(frozen=True)
@@ -277,7 +358,8 @@ class ServeConfig:
     the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster.
     http_port: the OpenAI-compatible HTTP API's port (None: no HTTP; 0: a free port).
     slo_ttft_s / slo_tpot_s: latency targets for requests that set none (admission refuses what
-    it predicts would miss them; None: no target). router_only: start no workers; route over
+    it predicts would miss them; None: no target). placement / roles: how an elastic router
+    places prefills and (unless a router replica) moves workers between pools. router_only: start no workers; route over
     the ones listed in the store (its ``redis_url`` and ``prefix``), which another server
     started, and leave them running at shutdown. grace_s: what in-flight requests get at
     shutdown."""
@@ -292,6 +374,8 @@ class ServeConfig:
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
     router_only: bool = False
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    roles: RoleConfig = field(default_factory=RoleConfig)
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):

@@ -9,7 +9,10 @@ model's ``NAME``; routers (and the simulator) rebuild read-only copies with
   drafted tokens) -- what speculation and decode placement predict with.
 - ``PrefillModel``: a prefill step's time by its prompt tokens -- what prefill placement and
   admission predict TTFT with.
-- ``LinearModel``: the non-negative least squares under both, with fit quality (r2, rmse, n).
+- ``MixedStepModel``: a step's time with or without one prompt chunk inside the decode batch --
+  what the router predicts with, for a prompt prefilled where requests decode, its prefill time
+  and the delay it adds to those requests (``prefill_seconds``).
+- ``LinearModel``: the non-negative least squares under them all, with fit quality (r2, rmse, n).
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ DEFAULT_DECODE_PRIOR = {
     "const": 1e-2, "requests": 1e-4, "batched_tokens": 1e-4, "context_tokens": 1e-7, "draft_tokens": 5e-5,
 }
 DEFAULT_PREFILL_PRIOR = {"const": 5e-3, "tokens": 2e-4, "tokens_sq": 1e-8}
+MIXED_FEATURES: tuple[str, ...] = (
+    "const", "requests", "decode_tokens", "draft_tokens", "prefill_tokens", "prefill_attention", "context_tokens",
+)
+DEFAULT_MIXED_PRIOR = {
+    "const": 1e-2, "requests": 1e-4, "decode_tokens": 1e-4, "draft_tokens": 5e-5, "prefill_tokens": 2e-4,
+    "prefill_attention": 1e-8, "context_tokens": 1e-7,
+}
 _QUALITY_KEYS = ("r2", "rmse", "n")
 _MIN_STEP_TIME = 1e-6  # a degenerate fit must not let the controller divide by zero
 
@@ -117,6 +127,13 @@ class LinearModel:
         coefficients = self.fit().coefficients
         return float(sum(coefficients[f] * v for f, v in zip(self.features, self._vector(x))))
 
+    def predict_many(self, x: Mapping[str, float | np.ndarray]) -> np.ndarray:
+        """``predict`` over arrays of feature values that broadcast together."""
+        if set(x) != set(self.features):
+            raise ValueError(f"expected features {self.features}, got {sorted(x)}")
+        coefficients = self.fit().coefficients
+        return sum((coefficients[f] * np.asarray(x[f], dtype=float) for f in self.features), np.zeros(()))
+
     def to_coefficients(self) -> dict[str, float]:
         fit = self.fit()
         return {**fit.coefficients, "r2": fit.r2, "rmse": fit.rmse, "n": float(fit.num_samples)}
@@ -144,12 +161,28 @@ def prefill_features(num_prompt_tokens: int) -> dict[str, float]:
     return {"const": 1.0, "tokens": float(num_prompt_tokens), "tokens_sq": float(num_prompt_tokens) ** 2}
 
 
+def mixed_step_features(num_requests: float | np.ndarray, num_decode_tokens: float | np.ndarray,
+                        num_draft_tokens: float | np.ndarray, num_prefill_tokens: float | np.ndarray,
+                        prefill_attention: float | np.ndarray,
+                        num_context_tokens: float | np.ndarray) -> dict[str, float | np.ndarray]:
+    """Decode rows (drafts among them) cost per row; prompt rows cost per row and per attention
+    pair they compute; every row reads its context. Scalars or arrays of steps alike."""
+    return {"const": 1.0, "requests": num_requests, "decode_tokens": num_decode_tokens,
+            "draft_tokens": num_draft_tokens, "prefill_tokens": num_prefill_tokens,
+            "prefill_attention": prefill_attention, "context_tokens": num_context_tokens}
+
+
 class StepStatsLike(Protocol):
     step_time: float
     num_requests: int
     num_batched_tokens: int
     num_context_tokens: int
     num_draft_tokens: int
+
+
+class MixedStepStatsLike(StepStatsLike, Protocol):
+    num_prefill_tokens: int
+    prefill_attention: int
 
 
 class _WorkerModel:
@@ -205,3 +238,59 @@ class PrefillModel(_WorkerModel):
 
     def predict(self, num_prompt_tokens: int) -> float:
         return max(self.model.predict(prefill_features(num_prompt_tokens)), _MIN_STEP_TIME)
+
+
+@dataclass(frozen=True)
+class ChunkedPrefill:
+    """What prefilling a prompt in chunks inside a decode batch costs, predicted."""
+
+    seconds: float  # the steps that carry its chunks, end to end
+    extra_decode_seconds: float  # what those steps add over as many plain decode steps: every decode's delay
+    worst_step_s: float  # the longest of those steps: the worst gap between two of a decode's tokens
+    num_steps: int
+
+
+class MixedStepModel(_WorkerModel):
+    """One worker's step time with prompt chunks mixed into its decode batch, fitted on every
+    step, pure decode ones included, so one model predicts a step with and without a chunk.
+    ``decode_tokens`` counts decode rows with their drafts and ``draft_tokens`` the drafts alone;
+    a chunk's cost is ``prefill_tokens`` plus ``prefill_attention`` (tokens * (start + tokens),
+    the attention pairs it computes), and its start adds to ``context_tokens``."""
+
+    NAME = "mixed_step"
+    features, default_prior = MIXED_FEATURES, DEFAULT_MIXED_PRIOR
+
+    def add_step(self, stats: MixedStepStatsLike) -> None:
+        x = mixed_step_features(stats.num_requests, stats.num_batched_tokens - stats.num_prefill_tokens,
+                                stats.num_draft_tokens, stats.num_prefill_tokens, stats.prefill_attention,
+                                stats.num_context_tokens)
+        self.model.add(x, stats.step_time)
+
+    def predict(self, num_decoding: int, num_draft_tokens: int, context_tokens: int, chunk_tokens: int = 0,
+                chunk_start: int = 0) -> float:
+        """A step of ``num_decoding`` decodes carrying ``num_draft_tokens`` drafts in all over
+        ``context_tokens`` of context, plus (chunk_tokens > 0) one prompt chunk of
+        ``chunk_tokens`` tokens from position ``chunk_start``."""
+        times = self._step_times(num_decoding, num_draft_tokens, context_tokens, np.array([chunk_tokens]),
+                                 np.array([chunk_start]))
+        return float(times[0])
+
+    def prefill_seconds(self, num_tokens: int, chunk_tokens: int, num_decoding: int, num_draft_tokens: int,
+                        context_tokens: int, start: int = 0) -> ChunkedPrefill:
+        """Prefilling prompt tokens [start, start + num_tokens) in chunks of at most
+        ``chunk_tokens``, one a step, beside a decode batch held as it is now (see ``predict``)."""
+        if num_tokens < 1 or chunk_tokens < 1:
+            raise ValueError(f"num_tokens and chunk_tokens must be >= 1, got {num_tokens} and {chunk_tokens}")
+        starts = np.arange(start, start + num_tokens, chunk_tokens)
+        sizes = np.minimum(chunk_tokens, start + num_tokens - starts)
+        times = self._step_times(num_decoding, num_draft_tokens, context_tokens, sizes, starts)
+        plain = self.predict(num_decoding, num_draft_tokens, context_tokens)
+        return ChunkedPrefill(float(times.sum()), float((times - plain).sum()), float(times.max()), len(times))
+
+    def _step_times(self, num_decoding: int, num_draft_tokens: int, context_tokens: int, sizes: np.ndarray,
+                    starts: np.ndarray) -> np.ndarray:
+        """Steps that each add a chunk of sizes[i] tokens from starts[i] (size 0: no chunk)."""
+        has_chunk = sizes > 0
+        x = mixed_step_features(num_decoding + has_chunk, num_decoding + num_draft_tokens, num_draft_tokens, sizes,
+                                sizes * (starts + sizes), context_tokens + starts * has_chunk)
+        return np.maximum(self.model.predict_many(x), _MIN_STEP_TIME)

@@ -46,6 +46,11 @@ class RequestReport:
     transfer_s: float = 0.0
     decode_s: float = 0.0
     handoff_attempts: int = 0
+    placement: str = ""  # where the prefill ran: "remote", "local" ("" in colocated mode)
+    predicted_ttft_s: float = 0.0  # what placement predicted (0: nothing was predicted)
+    predicted_tpot_s: float = 0.0
+    ttft_s: float = 0.0  # observed by the router, from the placement decision
+    tpot_s: float = 0.0  # mean over the tokens after the first (0 with fewer than two)
 
     def wire_fields(self) -> dict[str, Any]:
         """The report by the field names of serving.proto's RequestReport, which both front ends
@@ -55,6 +60,8 @@ class RequestReport:
             "k_history": list(self.k_history), "draft_tokens": self.num_draft_tokens,
             "accepted_tokens": self.num_accepted_tokens, "queue_s": self.queue_s, "prefill_s": self.prefill_s,
             "transfer_s": self.transfer_s, "decode_s": self.decode_s, "handoff_attempts": self.handoff_attempts,
+            "placement": self.placement, "predicted_ttft_s": self.predicted_ttft_s,
+            "predicted_tpot_s": self.predicted_tpot_s, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s,
         }
 
 

@@ -15,6 +15,7 @@ from splitserve.config import (
     TRANSFER_BACKENDS,
     ClusterConfig,
     EngineConfig,
+    RoleConfig,
     ServeConfig,
     SpeculativeConfig,
     StoreConfig,
@@ -47,15 +48,16 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
     transfer = TransferConfig(backend=args.transfer, kv_codec=args.kv_codec, layers_per_chunk=args.layers_per_chunk,
                               host=args.host)
     store = StoreConfig(redis_url=args.redis_url, prefix=args.store_prefix)
-    cluster = ClusterConfig(mode=args.mode, num_prefill_workers=args.prefill_workers,
-                            num_decode_workers=args.decode_workers, num_colocated_workers=args.workers,
+    cluster = ClusterConfig(mode=args.mode, num_workers=args.workers, num_prefill_workers=args.prefill_workers,
+                            num_decode_workers=args.decode_workers,
                             engine=engine, decode_engine=decode_engine, transfer=transfer, store=store,
                             num_threads=args.threads_per_worker)
     serve = ServeConfig(grpc_host=args.grpc_host, grpc_port=args.grpc_port, http_host=args.http_host,
                         http_port=args.http_port, address=args.address, grace_s=args.grace,
                         slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
                         slo_tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None,
-                        router_only=args.router_only)
+                        router_only=args.router_only,
+                        roles=RoleConfig(enabled=args.balance_roles, min_dwell_s=args.role_dwell))
     return cluster, serve
 
 
@@ -105,14 +107,24 @@ def _option(group: argparse._ArgumentGroup, cls: type, flag: str, name: str, tex
 
 
 def _add_worker_options(group: argparse._ArgumentGroup) -> None:
-    _option(group, ClusterConfig, "--mode", "mode", "prefill and decode on separate workers, or both phases in "
-            "each worker (default: %(default)s)", choices=MODES)
-    _option(group, ClusterConfig, "--prefill-workers", "num_prefill_workers",
-            "prefill workers in disaggregated mode (default: %(default)s)", type=int, metavar="N")
-    _option(group, ClusterConfig, "--decode-workers", "num_decode_workers",
-            "decode workers in disaggregated mode (default: %(default)s)", type=int, metavar="N")
-    _option(group, ClusterConfig, "--workers", "num_colocated_workers",
-            "workers in colocated mode (default: %(default)s)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--mode", "mode", "elastic: every worker can prefill and decode, and the router "
+            "places each request's prefill on a prefill worker or locally on its decode worker by predicted latency; "
+            "disaggregated: a fixed prefill/decode split, never a local prefill; colocated: every worker runs its "
+            "requests end to end (default: %(default)s)", choices=MODES)
+    _option(group, ClusterConfig, "--workers", "num_workers",
+            "workers in elastic mode (default: 2) or colocated mode (default: 1)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--prefill-workers", "num_prefill_workers", "workers starting in the prefill pool "
+            "(elastic; default: half of --workers, rounded down) or prefill workers (disaggregated; default: 1)",
+            type=int, metavar="N")
+    _option(group, ClusterConfig, "--decode-workers", "num_decode_workers", "workers starting in the decode pool "
+            "(elastic; default: the rest of --workers) or decode workers (disaggregated; default: 1)",
+            type=int, metavar="N")
+    is_on = field_default(RoleConfig, "enabled")
+    group.add_argument("--balance-roles", action=argparse.BooleanOptionalAction, default=is_on,
+                       help="elastic: move workers between the prefill and decode pools as the measured work calls "
+                       f"for it (default: {'on' if is_on else 'off'})")
+    _option(group, RoleConfig, "--role-dwell", "min_dwell_s", "elastic: seconds between two pool moves "
+            "(default: %(default)g)", type=float, metavar="SECONDS")
     _option(group, ClusterConfig, "--threads-per-worker", "num_threads",
             "torch threads (and Ray CPUs) per worker (default: the cluster's CPUs split evenly)", type=int, metavar="N")
     _option(group, TransferConfig, "--host", "host",

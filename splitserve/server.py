@@ -96,7 +96,9 @@ class Server:
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
         self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode,
                              block_size=self.config.engine.block_size, metrics=self.metrics,
-                             default_slo=SLO(self.options.slo_ttft_s, self.options.slo_tpot_s))
+                             default_slo=SLO(self.options.slo_ttft_s, self.options.slo_tpot_s),
+                             placement=self.options.placement,
+                             roles=None if self.options.router_only else self.options.roles)
         await self.router.refresh(force=True)
         if not self.router.is_ready():  # a replica may start before its workers; health says so
             logger.warning("splitserve: no live %s workers under store prefix %r yet; health stays NOT_SERVING "

@@ -1,13 +1,10 @@
-"""WorkerActor: the Ray actor every worker runs in -- a thin shell that builds the worker for
-its kind inside the actor's process and forwards each call to it.
+"""WorkerActor: the Ray actor every worker runs in -- a thin shell that builds the Worker
+inside the actor's process and forwards each call to it.
 
 Why a shell: a process that holds a Ray actor handle loads the actor's class to learn its
 methods. Routers hold handles to every worker; with this class what they load is this module
 (the configuration and the messages), never the worker code, torch or the model. Each method
-forwards to the worker's method of the same name; a role's methods (the prefill worker's
-``prefill``, ``stats`` and ``inject_corruption``; the decode worker's ``reserve``,
-``generate_from``, ``inject_stall`` and ``release_stalls``) raise AttributeError on a worker
-that does not have that role.
+forwards to the worker's method of the same name.
 """
 
 from __future__ import annotations
@@ -21,26 +18,13 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, WorkerStatus
 
 
-def build_worker(config: WorkerConfig) -> Any:
-    """The worker of ``config.kind``, imported here so the module stays light."""
-    if config.kind == "prefill":
-        from splitserve.prefill_worker.worker import PrefillWorker
-
-        return PrefillWorker(config)
-    if config.kind == "decode":
-        from splitserve.decode_worker.worker import DecodeWorker
-
-        return DecodeWorker(config)
-    from splitserve.worker.colocated import ColocatedWorker
-
-    return ColocatedWorker(config)
-
-
 class WorkerActor:
     def __init__(self, config: WorkerConfig):
-        self.worker = build_worker(config)
+        from splitserve.worker.worker import Worker  # here, so the module stays light
 
-    # Every worker.
+        self.worker: Any = Worker(config)
+
+    # Lifecycle and pools.
 
     async def start(self) -> WorkerStatus:
         return await self.worker.start()
@@ -51,9 +35,15 @@ class WorkerActor:
     def status(self) -> WorkerStatus:
         return self.worker.status()
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[GenerateDelta]:
-        async with contextlib.aclosing(self.worker.generate(request_id, prompt_token_ids, params)) as deltas:
+    async def set_role(self, role: str) -> WorkerStatus:
+        return await self.worker.set_role(role)
+
+    # A request end to end.
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       max_chunk_tokens: int | None = None) -> AsyncIterator[GenerateDelta]:
+        deltas = self.worker.generate(request_id, prompt_token_ids, params, max_chunk_tokens)
+        async with contextlib.aclosing(deltas):
             async for delta in deltas:  # closing this stream closes the worker's: it aborts the request
                 yield delta
 
@@ -63,7 +53,7 @@ class WorkerActor:
     async def abort(self, request_id: str) -> None:
         await self.worker.abort(request_id)
 
-    # The prefill role.
+    # Prefill for a remote worker.
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       destination: KVDestination) -> PrefillResult:
@@ -75,7 +65,7 @@ class WorkerActor:
     def inject_corruption(self, num_sends: int = 1) -> None:
         self.worker.inject_corruption(num_sends)
 
-    # The decode role.
+    # Decode a request prefilled elsewhere.
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVDestination:
         return await self.worker.reserve(request_id, prompt_token_ids, params)

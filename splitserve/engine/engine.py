@@ -3,7 +3,9 @@
 It validates requests at the edge (a bad request raises ``ValueError`` before it touches any
 state, so other requests are unaffected), runs one scheduled step at a time, drafts and
 verifies speculative tokens, samples, applies stop conditions and streams text. Usable on its
-own, without Ray; the workers wrap it.
+own, without Ray; the workers wrap it. ``add_request(..., max_chunk_tokens=n)`` runs a prompt's
+prefill in chunks of at most n tokens beside the running decodes, and each step's ``StepStats``
+says how many prompt rows it carried, so the router can predict such mixed steps.
 
 Disaggregation needs two more paths, one per side of the KV handoff:
 
@@ -71,6 +73,8 @@ class StepStats:
     num_context_tokens: int
     num_draft_tokens: int
     num_accepted_tokens: int
+    num_prefill_tokens: int = 0  # rows computing prompt chunks (ScheduledRequest.is_prefill), not decodes or drafts
+    prefill_attention: int = 0  # sum over those chunks of tokens * (start + tokens): the attention pairs
 
 
 @dataclass(frozen=True)
@@ -147,16 +151,24 @@ class LLMEngine:
         request_id: str | None = None,
         *,
         export_kv: bool = False,
+        max_chunk_tokens: int | None = None,
     ) -> str:
         """Validate and queue a request; return its id. Raises ValueError for bad input.
 
         export_kv: prefill only; the request's K/V go to ``kv_exporter`` and it leaves after
         its first token (see the module docstring).
+        max_chunk_tokens: the most prompt tokens of this request one step computes, so its
+        prefill runs in chunks beside the decodes (None: only the step's token budget limits).
         """
         if export_kv and self.kv_exporter is None:
             raise ValueError("export_kv needs an engine with a kv_exporter")
+        if max_chunk_tokens is not None and (
+            not isinstance(max_chunk_tokens, int) or isinstance(max_chunk_tokens, bool) or max_chunk_tokens < 1
+        ):
+            raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {max_chunk_tokens!r}")
         request = self._new_request(prompt, params, request_id)
         request.export_kv = export_kv
+        request.max_chunk_tokens = max_chunk_tokens
         self._outputs[request.request_id] = OutputState(request, self.tokenizer)
         self.scheduler.add(request)
         return request.request_id
@@ -296,6 +308,8 @@ class LLMEngine:
         if not out.scheduled:
             return []
         num_context_tokens = sum(s.request.num_computed_tokens for s in out.scheduled)
+        chunks = [(s.num_new_tokens - s.num_spec_tokens, s.request.num_computed_tokens) for s in out.scheduled
+                  if s.is_prefill]  # (tokens, start) of each prompt chunk
         draft_start = time.perf_counter()
         self._propose(out.scheduled)
         draft_time = time.perf_counter() - draft_start
@@ -321,6 +335,8 @@ class LLMEngine:
                 num_context_tokens=num_context_tokens,
                 num_draft_tokens=sum(s.num_spec_tokens for s in out.scheduled),
                 num_accepted_tokens=num_accepted,
+                num_prefill_tokens=sum(n for n, _ in chunks),
+                prefill_attention=sum(n * (first + n) for n, first in chunks),
             )
         )
         return outputs

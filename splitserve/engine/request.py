@@ -52,6 +52,7 @@ class Request:
     last_token_time: float | None = None
     export_kv: bool = False  # prefill only: K/V go to the engine's exporter
     num_exported_tokens: int = 0  # prompt tokens whose K/V were handed to the exporter
+    max_chunk_tokens: int | None = None  # most pending tokens one step computes (None: the step budget)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

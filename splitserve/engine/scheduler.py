@@ -2,9 +2,11 @@
 
 Each step it spends a token budget: first on running requests (a decode token each, or the
 next chunk of an unfinished prefill), then on waiting requests in arrival order, reusing
-prefix-cache hits. When blocks run out it preempts the most recently started request: its
-blocks are freed, its counter goes back to zero and it waits at the head of the queue, so a
-request that is alone always fits and the engine never deadlocks. It never touches tensors.
+prefix-cache hits. A request's ``max_chunk_tokens`` caps its chunks below the budget (a worker
+mixing a prompt into its decode batch bounds how much each step slows the decodes). When blocks
+run out it preempts the most recently started request: its blocks are freed, its counter goes
+back to zero and it waits at the head of the queue, so a request that is alone always fits and
+the engine never deadlocks. It never touches tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ class ScheduledRequest:
         """True if this step computes the request's last token, so it samples a new one."""
         num_real = self.num_new_tokens - self.num_spec_tokens
         return self.request.num_computed_tokens + num_real == self.request.num_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True if the step computes prompt tokens (or a preempted request's recomputation)
+        rather than one decode token; read it before the step advances the request."""
+        num_real = self.num_new_tokens - self.num_spec_tokens
+        return num_real > 1 or self.request.num_output_tokens == 0
 
     def set_drafts(self, token_ids: list[int]) -> None:
         """Record the proposer's drafts; fewer than reserved shrink the step's rows."""
@@ -85,8 +94,11 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         return out
 
-    def _chunk(self, num_tokens: int, budget: int) -> int:
-        """How many of a request's pending tokens fit this step (0: wait for a later step)."""
+    def _chunk(self, request: Request, num_tokens: int, budget: int) -> int:
+        """How many of a request's pending tokens fit this step (0: wait for a later step). Its
+        own cap applies even without chunked prefill, which only lets the budget split more."""
+        if request.max_chunk_tokens is not None:
+            num_tokens = min(num_tokens, request.max_chunk_tokens)
         if num_tokens <= budget:
             return num_tokens
         return budget if self.enable_chunked_prefill else 0
@@ -95,7 +107,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request, request.num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -128,7 +140,7 @@ class Scheduler:
             request = self.waiting[0]
             prefix = self.kv_cache.find_prefix(request.token_ids)
             num_cached = len(prefix) * self.kv_cache.block_size
-            num_new = self._chunk(request.num_tokens - num_cached, budget)
+            num_new = self._chunk(request, request.num_tokens - num_cached, budget)
             if num_new == 0 or not self.kv_cache.can_allocate(num_cached + num_new, prefix):
                 break
             self.kv_cache.allocate(request.request_id, num_cached + num_new, prefix)

@@ -19,7 +19,7 @@ from typing import Any
 
 from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
 from splitserve.errors import ServingError
-from splitserve.latency import DecodeStepModel, PrefillModel
+from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
 from splitserve.protocol import SpeculationLimits
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class WorkerModels:
 
     prefill: PrefillModel | None = None
     decode_step: DecodeStepModel | None = None
+    mixed_step: MixedStepModel | None = None
     speculation: SpeculationLimits = SpeculationLimits(0, 0)
 
 
@@ -38,14 +39,16 @@ def read_models(store: MetadataStore) -> dict[str, WorkerModels]:
     """Every live worker's models, typed (one store read per model kind)."""
     prefill = store.get_models(PrefillModel.NAME)
     decode = store.get_models(DecodeStepModel.NAME)
+    mixed = store.get_models(MixedStepModel.NAME)
     speculation = store.get_models(SpeculationLimits.NAME)
     return {
         worker_id: WorkerModels(
             prefill=PrefillModel.from_coefficients(prefill[worker_id]) if worker_id in prefill else None,
             decode_step=DecodeStepModel.from_coefficients(decode[worker_id]) if worker_id in decode else None,
+            mixed_step=MixedStepModel.from_coefficients(mixed[worker_id]) if worker_id in mixed else None,
             speculation=SpeculationLimits.from_record(speculation.get(worker_id, {})),
         )
-        for worker_id in {*prefill, *decode, *speculation}
+        for worker_id in {*prefill, *decode, *mixed, *speculation}
     }
 
 
@@ -73,9 +76,13 @@ class ClusterView:
         self.workers, self.loads, self.models = await asyncio.to_thread(read)
         self._read_at = time.monotonic()
 
+    def members(self, kind: str) -> list[str]:
+        """The live workers of a kind (a pool, in elastic mode), maybe none."""
+        return [w.worker_id for w in self.workers if w.kind == kind]
+
     def ids(self, kind: str) -> list[str]:
         """The live workers of a kind; ServingError when there is none."""
-        ids = [w.worker_id for w in self.workers if w.kind == kind]
+        ids = self.members(kind)
         if not ids:
             raise ServingError(f"no live {kind} worker")
         return ids
@@ -97,10 +104,12 @@ class ClusterView:
 
     def least_loaded(self, kind: str) -> list[str]:
         """Live workers of a kind, least loaded first (this router's in-flight, then reported)."""
+        return sorted(self.ids(kind), key=self._load_key)
 
-        def key(worker_id: str) -> tuple:
-            load = self.loads.get(worker_id)
-            reported = (load.num_queued_prompt_tokens, load.num_running_requests, -load.num_free_blocks) if load else ()
-            return (self.inflight[worker_id], reported, worker_id)
+    def least_loaded_of(self, worker_ids: list[str]) -> str:
+        return min(worker_ids, key=self._load_key)
 
-        return sorted(self.ids(kind), key=key)
+    def _load_key(self, worker_id: str) -> tuple:
+        load = self.loads.get(worker_id)
+        reported = (load.num_queued_prompt_tokens, load.num_running_requests, -load.num_free_blocks) if load else ()
+        return (self.inflight[worker_id], reported, worker_id)

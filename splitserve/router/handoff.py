@@ -1,10 +1,9 @@
 """Handoff: getting a request's first token and its prompt's KV onto a decode worker.
 
-An attempt reserves blocks on the decode worker with the best predicted TPOT (a worker without
-room answers CapacityError and the next is asked), then prefills on the worker with the best
-predicted TTFT into that reservation; the PrefillResult means every KV chunk landed. Admission
-happens on the way: a request whose SLO even the best worker is predicted to miss is refused
-(CapacityError). A failed attempt (a transfer error, a dead worker) releases its reservation
+An attempt reserves blocks on the decode-pool worker with the best predicted TPOT (a worker
+without room answers CapacityError and the next is asked), then prefills on the prefill-pool
+worker with the best predicted TTFT into that reservation; the PrefillResult means every KV
+chunk landed. (Admission is decided before, by the Placer.) A failed attempt (a transfer error, a dead worker) releases its reservation
 and raises ``HandoffFailed``; the next attempt asks other workers first, up to ``attempts``.
 What happens after the first token is the Router's.
 """
@@ -21,7 +20,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import SLO, KVDestination, PrefillResult
 from splitserve.router.cluster_view import ClusterView
-from splitserve.router.placement import check_slo, prompt_block_hashes, rank_decode, rank_prefill
+from splitserve.router.placement import prompt_block_hashes, rank_decode, rank_prefill
 from splitserve.router.speculation import Speculation
 from splitserve.router.worker_calls import Visit, call, no_worker
 
@@ -63,24 +62,27 @@ class Handoff:
         self.view, self.speculation, self.block_size, self.attempts = view, speculation, block_size, attempts
         self.num_retries = 0
 
-    async def run(self, req: RoutedRequest) -> HandedOff:
-        """Attempts until one hands the prompt's KV to a decode worker; ServingError when all fail."""
+    async def run(self, req: RoutedRequest, prefill_id: str, decode_id: str) -> HandedOff:
+        """Attempts until one hands the prompt's KV to a decode worker; ServingError when all fail.
+        The first tries the placed pair (either may have changed pool since: every worker can do
+        both); later ones rank the pools again, avoiding the workers that failed."""
         failures: list[str] = []
         for attempt in range(1, self.attempts + 1):
             try:
-                return await self._attempt(req, attempt)
+                placed = (prefill_id, decode_id) if attempt == 1 else None
+                return await self._attempt(req, attempt, placed)
             except HandoffFailed as e:
                 failures.append(str(e))
                 self.num_retries += 1
                 logger.warning("request %s: handoff attempt %d failed: %s", req.request_id, attempt, e)
         raise ServingError(f"request {req.request_id}: KV handoff failed {self.attempts} times: {failures[-1]}")
 
-    async def _attempt(self, req: RoutedRequest, attempt: int) -> HandedOff:
+    async def _attempt(self, req: RoutedRequest, attempt: int, placed: tuple[str, str] | None) -> HandedOff:
         """Reserve on a decode worker, prefill into it; HandoffFailed (reservation released)
         when the transfer or a worker failed, CapacityError when no worker can take it."""
-        decode, decode_params, destination = await self._reserve(req)
+        decode, decode_params, destination = await self._reserve(req, None if placed is None else placed[1])
         try:
-            prefill_id = await self._choose_prefill(req)
+            prefill_id = placed[0] if placed is not None else await self._choose_prefill(req)
             queue_s = time.monotonic() - req.arrival
             result = await self._prefill(req, prefill_id, destination, decode.worker_id)
         except BaseException:
@@ -92,7 +94,6 @@ class Handoff:
                        decode_id: str) -> PrefillResult:
         params = dataclasses.replace(req.params, num_speculative_tokens=None)  # it samples one token
         prefill = Visit(self.view, prefill_id, self.view.handle(prefill_id), req.request_id)
-        self.view.inflight_tokens[prefill_id] += len(req.prompt_ids)
         try:
             result = await call(prefill.handle.prefill.remote(req.request_id, req.prompt_ids, params, destination),
                                 prefill_id)
@@ -102,7 +103,6 @@ class Handoff:
             req.tried |= {decode_id, prefill_id}
             raise HandoffFailed(str(e)) from None
         finally:
-            self.view.inflight_tokens[prefill_id] -= len(req.prompt_ids)
             await prefill.leave()
 
     async def _choose_prefill(self, req: RoutedRequest) -> str:
@@ -113,19 +113,22 @@ class Handoff:
         models = {w: m for w in ids if (m := self.view.models_of(w).prefill) is not None}
         ranked = rank_prefill(ids, len(req.prompt_ids), cached, self.block_size, self.view.loads,
                               self.view.inflight_tokens, models, req.tried)
-        check_slo("prefill", ranked[0], req.slo.ttft_s)
         return ranked[0].worker_id
 
-    async def _reserve(self, req: RoutedRequest) -> tuple[Visit, SamplingParams, KVDestination]:
-        """Blocks for the prompt on the best decode worker that has room: its visit, the
-        request's parameters there and the KV destination."""
-        ids = self.view.ids("decode")
+    async def _reserve(self, req: RoutedRequest, preferred: str | None) -> tuple[Visit, SamplingParams, KVDestination]:
+        """Blocks for the prompt on the ``preferred`` decode worker, else the best one that has
+        room: its visit, the request's parameters there and the KV destination."""
+        ids = self.view.members("decode")
         models = {w: m for w in ids if (m := self.view.models_of(w).decode_step) is not None}
         ranked = rank_decode(ids, len(req.prompt_ids), self.block_size, self.view.loads, self.view.inflight,
                              models, req.tried)
-        check_slo("decode", ranked[0], req.slo.tpot_s)
+        order = [c.worker_id for c in ranked if c.worker_id != preferred]
+        if preferred is not None:
+            order.insert(0, preferred)
+        if not order:
+            raise ServingError("no live decode worker")
         errors: list[str] = []
-        for worker_id in (c.worker_id for c in ranked):
+        for worker_id in order:
             params = self.speculation.start_params(worker_id, req.request_id, len(req.prompt_ids), req.params)
             try:
                 handle = self.view.handle(worker_id)

@@ -38,6 +38,7 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 240.0, 480.0, 960.0, 1920.0, 7680.0)
 _TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _K_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
+_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)  # observed / predicted
 
 
 def outcome_for_error(error: BaseException) -> str:
@@ -81,8 +82,22 @@ class Metrics:
                                           buckets=_TRANSFER_BUCKETS, registry=r)
         self.speculation_k = Histogram("splitserve_speculation_k", "Speculation length k chosen for a request.",
                                        buckets=_K_BUCKETS, registry=r)
+        self.placements = Counter("splitserve_placements_total", "Requests placed, by where their prefill ran "
+                                  "(remote: a prefill worker then a hand-off; local: on the decode worker).",
+                                  ["placement"], registry=r)
+        self.ttft_prediction = Histogram(
+            "splitserve_ttft_prediction_ratio", "Observed over predicted time to first token, per placed request.",
+            ["placement"], buckets=_RATIO_BUCKETS, registry=r)
+        self.tpot_prediction = Histogram(
+            "splitserve_tpot_prediction_ratio", "Observed over predicted time per output token, per placed request.",
+            ["placement"], buckets=_RATIO_BUCKETS, registry=r)
+        self.role_changes = Counter("splitserve_role_changes_total", "Workers moved to another pool, by the pool "
+                                    "they joined.", ["role"], registry=r)
+        self.pool_workers = Gauge("splitserve_pool_workers", "Live workers per pool (role).", ["role"], registry=r)
         for outcome in OUTCOMES:  # present (at 0) from the first scrape
             self.requests.labels(outcome=outcome)
+        for placement in ("remote", "local"):
+            self.placements.labels(placement=placement)
 
     # ------------------------------------------------------------- what the router reports
 
@@ -108,6 +123,23 @@ class Metrics:
 
     def observe_k(self, k: int) -> None:
         self.speculation_k.observe(k)
+
+    def count_role_change(self, role: str) -> None:
+        self.role_changes.labels(role=role).inc()
+
+    def set_pools(self, sizes: dict[str, int]) -> None:
+        for role, size in sizes.items():
+            self.pool_workers.labels(role=role).set(size)
+
+    def count_placement(self, placement: str) -> None:
+        self.placements.labels(placement=placement).inc()
+
+    def observe_prediction(self, placement: str, ttft_ratio: float | None, tpot_ratio: float | None) -> None:
+        """Observed over predicted TTFT and TPOT of a finished request (None: not measurable)."""
+        if ttft_ratio is not None:
+            self.ttft_prediction.labels(placement=placement).observe(ttft_ratio)
+        if tpot_ratio is not None:
+            self.tpot_prediction.labels(placement=placement).observe(tpot_ratio)
 
     # ------------------------------------------------------------ what front ends report
 

@@ -1,13 +1,14 @@
-"""Placement and admission: predicted TTFT and TPOT per worker, from the latency models the
-workers publish and the loads they report (pure functions; the Router feeds them).
+"""Ranking workers: predicted TTFT and TPOT per worker, from the latency models the workers
+publish and the loads they report (pure functions; the Placer and the Handoff feed them).
 
 - Prefill worker: predicted TTFT = its fitted prefill time of (prompt tokens queued there,
   including what this router sent and not yet finished, plus this prompt's tokens that are not
   already in its prefix cache). A repeated system prompt therefore goes where its blocks are.
 - Decode worker: predicted TPOT = its fitted step time with one more request in the batch;
   workers that reported no room for the prompt's blocks are asked last.
-- Admission: a request whose best prediction exceeds its SLO is refused (RESOURCE_EXHAUSTED)
-  rather than queued where it would miss anyway.
+
+Where a prefill runs and whether a request is admitted at all is prefill_placement's decision,
+made from these rankings and the decode workers' mixed-step models.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 
 from splitserve.cluster.store import WorkerLoad
 from splitserve.engine.block_pool import hash_block_tokens
-from splitserve.errors import CapacityError
 from splitserve.latency import DecodeStepModel, PrefillModel
 
 
@@ -85,15 +85,3 @@ def rank_decode(
         predicted = math.inf if model is None else model.predict(batch, batch, context, 0)
         choices.append(Choice(worker_id, predicted))
     return sorted(choices, key=lambda c: (c.worker_id in avoid, c.worker_id in full, c.predicted_s, c.worker_id))
-
-
-def check_slo(kind: str, best: Choice | None, slo_s: float | None) -> None:
-    """CapacityError when even the best worker's prediction misses the request's SLO."""
-    if slo_s is None or best is None or math.isinf(best.predicted_s):
-        return
-    if best.predicted_s > slo_s:
-        what = "TTFT" if kind == "prefill" else "TPOT"
-        raise CapacityError(
-            f"predicted {what} {best.predicted_s * 1000:.0f} ms on the best {kind} worker exceeds the request's "
-            f"SLO of {slo_s * 1000:.0f} ms; retry later or relax the SLO"
-        )

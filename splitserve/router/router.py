@@ -1,14 +1,17 @@
 """Router: turns a GenerateInput into tokens streamed from the workers (the ``Frontend``).
 
 It takes the request in (tokenizing, applying the chat template for messages, defaulting the
-SLO), then, disaggregated, has the ``Handoff`` part put its prompt's KV on a decode worker and
-get its first token (sent to the client at once: TTFT; placement, admission and retries are
-the Handoff's), and streams the rest from that worker's ``generate_from``. Colocated, one
-worker's ``generate`` does everything. The ``Speculation`` part picks each request's k and
-pushes changes to the decode worker; the ``ClusterView`` holds what the router knows of the
-workers. Every worker a request visits counts it in flight (``Visit``) until it leaves;
+SLO), then the ``Placer`` part decides where its prefill runs and whether it is admitted at
+all (elastic mode: remote or local, from latency predictions against the request's SLO;
+disaggregated: always remote). Remote, the ``Handoff`` part puts its prompt's KV on a decode
+worker and gets its first token (sent to the client at once: TTFT; retries are the Handoff's),
+and the rest streams from that worker's ``generate_from``. Local -- and in colocated mode,
+on the least loaded worker -- one worker's ``generate`` does everything, its prefill chunked
+into the decode batch. The ``Speculation`` part picks each request's k and pushes changes to
+the decode worker; the ``ClusterView`` holds what the router knows of the workers. Every worker a request visits counts it in flight (``Visit``) until it leaves;
 leaving before the worker finished it (client cancel, error) aborts it there, which frees its
-blocks. The last delta carries the request's ``RequestReport``.
+blocks. The last delta carries the request's ``RequestReport`` (the placement, what was
+predicted and what was observed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,12 +32,16 @@ import ray
 
 from splitserve.cluster import RAY_NAMESPACE
 from splitserve.cluster.store import MetadataStore
+from splitserve.config import MODES, WORKER_KINDS, PlacementConfig, RoleConfig
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import SLO, GenerateDelta, RequestReport
 from splitserve.router.api import GenerateInput
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import Handoff, RoutedRequest
+from splitserve.router.placer import Placer
+from splitserve.router.prefill_placement import LOCAL, Placement
+from splitserve.router.roles import RoleBalancer, RoleStats
 from splitserve.router.speculation import Speculation
 from splitserve.router.worker_calls import Visit, call, no_worker
 
@@ -53,7 +61,7 @@ class Router:
         tokenizer: Tokenizer,
         model_path: str | Path,
         *,
-        mode: str = "disaggregated",
+        mode: str = "elastic",
         handoff_attempts: int = 3,
         workers_ttl_s: float = 0.2,
         get_actor: Callable[[str], Any] | None = None,
@@ -61,7 +69,11 @@ class Router:
         metrics: Any = None,
         spec_interval_s: float = 0.25,
         default_slo: SLO | None = None,
+        placement: PlacementConfig | None = None,
+        roles: RoleConfig | None = None,
     ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.tokenizer = tokenizer
         self.mode = mode
         self._model_names = {Path(model_path).stem, Path(model_path).name}
@@ -72,10 +84,17 @@ class Router:
         self.metrics = metrics
         self.speculation = Speculation(self.view, spec_interval_s, metrics)
         self.handoff = Handoff(self.view, self.speculation, block_size, handoff_attempts)
+        self.placer = Placer(self.view, self.speculation.controller, block_size, placement or PlacementConfig(),
+                             self.default_slo)
+        self.role_stats = RoleStats()
+        # Only the router of the deployment moves its workers (replicas pass no RoleConfig).
+        self.roles = RoleBalancer(self.view, self.role_stats, roles, metrics) \
+            if roles is not None and roles.enabled and mode == "elastic" else None
         self._ids = itertools.count()
         self._closing = False
         self._active: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
+        self._balancer: asyncio.Task | None = None
 
     # ---------------------------------------------------------------------- Frontend API
 
@@ -84,7 +103,7 @@ class Router:
         return min(self._model_names, key=len)
 
     def is_ready(self) -> bool:
-        needed = {"colocated"} if self.mode == "colocated" else {"prefill", "decode"}
+        needed = {"colocated": {"colocated"}, "disaggregated": {"prefill", "decode"}, "elastic": {"decode"}}[self.mode]
         return not self._closing and self.view.has_kinds(needed)
 
     async def refresh(self, force: bool = False) -> None:
@@ -94,6 +113,7 @@ class Router:
             for worker_id, load in self.view.loads.items():
                 self.metrics.set_worker_blocks(worker_id, load.num_total_blocks - load.num_free_blocks,
                                                load.num_total_blocks)
+            self.metrics.set_pools({role: len(self.view.members(role)) for role in WORKER_KINDS})
 
     def start(self, interval_s: float = 1.0) -> None:
         """Keep membership fresh in the background, so health follows the workers (call on the
@@ -108,13 +128,16 @@ class Router:
                 await asyncio.sleep(interval_s)
 
         self._poller = asyncio.create_task(poll())
+        if self.roles is not None:
+            self._balancer = asyncio.create_task(self.roles.run())
 
     async def close(self, grace_s: float = 30.0) -> None:
         """Refuse new requests; give in-flight ones ``grace_s`` to finish, then cancel them
         (which aborts them on the workers)."""
         self._closing = True
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._balancer):
+            if task is not None:
+                task.cancel()
         if self._active:
             _, pending = await asyncio.wait(set(self._active), timeout=grace_s)
             for task in pending:
@@ -129,7 +152,7 @@ class Router:
             self._active.add(task)
         try:
             await self.refresh()
-            stream = self._colocated(req) if self.mode == "colocated" else self._disaggregated(req)
+            stream = self._colocated(req) if self.mode == "colocated" else self._placed(req)
             async with contextlib.aclosing(stream):
                 async for delta in stream:
                     yield delta
@@ -169,43 +192,90 @@ class Router:
     async def _colocated(self, req: RoutedRequest) -> AsyncIterator[GenerateDelta]:
         errors: list[str] = []
         for worker_id in self.view.least_loaded("colocated"):
-            visit = Visit(self.view, worker_id, self.view.handle(worker_id), req.request_id)
+            stream = self._end_to_end(req, worker_id)
             try:
-                params = self.speculation.start_params(worker_id, req.request_id, len(req.prompt_ids), req.params)
-                stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params)
-                self.speculation.track(worker_id, req.request_id, len(req.prompt_ids), req.params, params)
-                first_at = None
-                async for ref in stream:
-                    delta = await call(ref, worker_id)
-                    visit.finished = delta.finished
-                    first_at = first_at or time.monotonic()
-                    self.speculation.observe(worker_id, visit.handle, delta)
-                    if delta.finished:
-                        delta = dataclasses.replace(delta, report=self._report(
-                            req, delta, decode_worker=worker_id, prefill_s=first_at - req.arrival,
-                            decode_s=time.monotonic() - first_at))
-                    yield delta
-                return
-            except CapacityError as e:
+                first = await anext(stream)
+            except CapacityError as e:  # full: the next worker may take it
                 errors.append(str(e))
-            finally:
-                self.speculation.untrack(worker_id, req.request_id)
-                await visit.leave()
+                continue
+            async with contextlib.aclosing(stream):
+                yield first
+                async for delta in stream:
+                    yield delta
+            return
         raise CapacityError(no_worker("colocated", errors))
 
-    # -------------------------------------------------------------------- disaggregated
+    # --------------------------------------------------------- elastic and disaggregated
 
-    async def _disaggregated(self, req: RoutedRequest) -> AsyncIterator[GenerateDelta]:
-        handoff = await self.handoff.run(req)
+    async def _placed(self, req: RoutedRequest) -> AsyncIterator[GenerateDelta]:
+        """Place the prefill (elastic: remote or local; disaggregated: remote), then run it."""
+        placement = await self.placer.place(req, local=self.mode == "elastic")
+        if self.metrics is not None:
+            self.metrics.count_placement(placement.kind)
+        if placement.kind == LOCAL:
+            stream = self._end_to_end(req, placement.decode_worker, placement)
+        else:
+            stream = self._remote(req, placement)
+        async with contextlib.aclosing(stream):
+            async for delta in stream:
+                yield delta
+
+    async def _end_to_end(self, req: RoutedRequest, worker_id: str,
+                          placement: Placement | None = None) -> AsyncIterator[GenerateDelta]:
+        """The request on one worker from its prompt (a local placement, or colocated). Its
+        prompt counts as queued prefill there (from the placement, or from here) until the
+        first token."""
+        if placement is None:
+            self.view.inflight_tokens[worker_id] += len(req.prompt_ids)
+        started = time.monotonic()
+        visit = Visit(self.view, worker_id, self.view.handle(worker_id), req.request_id)
+        first_at = None
+        try:
+            params = self.speculation.start_params(worker_id, req.request_id, len(req.prompt_ids), req.params)
+            chunk = None if placement is None else placement.chunk_tokens
+            stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params, chunk)
+            self.speculation.track(worker_id, req.request_id, len(req.prompt_ids), req.params, params)
+            async for ref in stream:
+                delta = await call(ref, worker_id)
+                visit.finished = delta.finished
+                if first_at is None:
+                    first_at = time.monotonic()
+                    self._prefilled(req, worker_id)
+                    self.placer.decoding(worker_id, req.request_id, req.slo.tpot_s)
+                self.speculation.observe(worker_id, visit.handle, delta)
+                if delta.finished:
+                    delta = dataclasses.replace(delta, report=self._report(
+                        req, delta, placement, started, first_at, decode_worker=worker_id,
+                        prefill_worker=worker_id if placement is not None else "", prefill_s=first_at - req.arrival,
+                        decode_s=time.monotonic() - first_at))
+                yield delta
+        finally:
+            if first_at is None:
+                self._prefilled(req, worker_id)
+            self.placer.done(worker_id, req.request_id)
+            self.speculation.untrack(worker_id, req.request_id)
+            await visit.leave()
+
+    async def _remote(self, req: RoutedRequest, placement: Placement) -> AsyncIterator[GenerateDelta]:
+        """Prefill on a prefill-pool worker into a decode worker's reservation (the Handoff),
+        then stream the rest from that decode worker."""
+        started = time.monotonic()
+        try:
+            handoff = await self.handoff.run(req, placement.prefill_worker, placement.decode_worker)
+        finally:
+            self._prefilled(req, placement.prefill_worker)
         decode, result = handoff.decode, handoff.result
         try:
             first_at = time.monotonic()
+            self.placer.observe_transfer(result.handoff_wait_s)
+            self.placer.decoding(decode.worker_id, req.request_id, req.slo.tpot_s)
 
             def finished(delta: GenerateDelta) -> GenerateDelta:
                 return dataclasses.replace(delta, report=self._report(
-                    req, delta, prefill_worker=handoff.prefill_id, decode_worker=decode.worker_id,
-                    queue_s=handoff.queue_s, prefill_s=result.prefill_s, transfer_s=result.handoff_wait_s,
-                    decode_s=time.monotonic() - first_at, handoff_attempts=handoff.attempt))
+                    req, delta, placement, started, first_at, prefill_worker=handoff.prefill_id,
+                    decode_worker=decode.worker_id, queue_s=handoff.queue_s, prefill_s=result.prefill_s,
+                    transfer_s=result.handoff_wait_s, decode_s=time.monotonic() - first_at,
+                    handoff_attempts=handoff.attempt))
 
             first = GenerateDelta(req.request_id, [result.first_token_id], result.text, result.finished,
                                   result.finish_reason, num_prompt_tokens=result.num_prompt_tokens, num_output_tokens=1)
@@ -224,10 +294,35 @@ class Router:
                 self.speculation.observe(decode.worker_id, decode.handle, delta)
                 yield finished(delta) if delta.finished else delta
         finally:
+            self.placer.done(decode.worker_id, req.request_id)
             self.speculation.untrack(decode.worker_id, req.request_id)
             await decode.leave()
 
-    def _report(self, req: RoutedRequest, last: GenerateDelta, **phases: Any) -> RequestReport:
+    def _prefilled(self, req: RoutedRequest, worker_id: str) -> None:
+        """The prompt is no longer queued for prefill at the worker."""
+        self.view.inflight_tokens[worker_id] -= len(req.prompt_ids)
+
+    def _report(self, req: RoutedRequest, last: GenerateDelta, placement: Placement | None, started: float,
+                first_at: float, **phases: Any) -> RequestReport:
+        """The finished request's report; a placed request's observed latencies also correct
+        its workers' predictions and land in the metrics."""
+        now = time.monotonic()
+        ttft = first_at - started
+        tpot = (now - first_at) / (last.num_output_tokens - 1) if last.num_output_tokens > 1 else None
+        placed: dict[str, Any] = {"ttft_s": ttft, "tpot_s": tpot or 0.0}
+        if placement is not None:
+            prefill_model = self.view.models_of(placement.prefill_worker).prefill
+            if prefill_model is not None:
+                self.role_stats.observe(prefill_model.predict(len(req.prompt_ids)), last.num_output_tokens)
+            ratios = self.placer.observe(placement, ttft, tpot)
+            if self.metrics is not None:
+                self.metrics.observe_prediction(placement.kind, *ratios)
+            placed |= {"placement": placement.kind, "predicted_ttft_s": _finite(placement.predicted_ttft_s),
+                       "predicted_tpot_s": _finite(placement.predicted_tpot_s)}
         return RequestReport(k_history=self.speculation.k_history(req.request_id),
                              num_draft_tokens=last.num_draft_tokens, num_accepted_tokens=last.num_accepted_tokens,
-                             **phases)
+                             **placed, **phases)
+
+
+def _finite(seconds: float) -> float:
+    return seconds if math.isfinite(seconds) else 0.0

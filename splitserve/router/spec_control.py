@@ -112,6 +112,10 @@ class SpecController:
             for rid, t in self._workers.get(worker_id, {}).items()
         ]
 
+    def drafts_per_step(self, worker_id: str) -> int:
+        """The drafts the requests tracked at the worker verify per step, all told (their k)."""
+        return sum(t.k for t in self._workers.get(worker_id, {}).values())
+
     def k_of(self, worker_id: str, request_id: str) -> int | None:
         tracked = self._workers.get(worker_id, {}).get(request_id)
         return None if tracked is None else tracked.k

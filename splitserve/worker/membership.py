@@ -9,6 +9,7 @@ starts over with a fresh registration.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -52,6 +53,11 @@ class Membership:
         except Exception:
             self._must_register = True
             raise
+
+    def change_kind(self, kind: str) -> None:
+        """List the worker under another kind (its role) from the next beat on."""
+        self.info = dataclasses.replace(self.info, kind=kind)  # type: ignore[arg-type]
+        self._must_register = True
 
     def leave(self) -> None:
         try:

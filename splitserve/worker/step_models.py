@@ -5,7 +5,8 @@ models and publishes their coefficients (splitserve.latency). Which steps feed w
 a prefill-role worker fits ``PrefillModel`` on every step that ran prompt tokens (what queued
 prompts will cost); a decode-role worker fits ``DecodeStepModel`` on decode and verification
 steps only -- a step carrying a prefill chunk is compute-bound per token, a different regime
-that would skew the marginal cost of a draft.
+that would skew the marginal cost of a draft; a worker that takes prompts into its decode batch
+fits ``MixedStepModel`` on every step, so it predicts a step with and without a prompt chunk.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from collections import deque
 
 from splitserve.cluster.store import MetadataStore
 from splitserve.engine.engine import StepStats
-from splitserve.latency import DecodeStepModel, PrefillModel
+from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
 
 
 class StepModels:
-    def __init__(self, fits_prefill: bool, fits_decode: bool):
+    def __init__(self, fits_prefill: bool, fits_decode: bool, fits_mixed: bool = False):
         self.prefill = PrefillModel() if fits_prefill else None
         self.decode_step = DecodeStepModel() if fits_decode else None
+        self.mixed_step = MixedStepModel() if fits_mixed else None
         self._pending: deque[StepStats] = deque(maxlen=8192)
 
     def record(self, stats: StepStats) -> None:
@@ -31,7 +33,7 @@ class StepModels:
         """Fold the recorded steps in, refit, and publish each model's coefficients."""
         while self._pending:
             self._add(self._pending.popleft())
-        for model in (self.prefill, self.decode_step):
+        for model in (self.prefill, self.decode_step, self.mixed_step):
             if model is not None:
                 store.put_model(worker_id, model.NAME, model.to_coefficients())
 
@@ -41,3 +43,5 @@ class StepModels:
         is_decode = stats.num_batched_tokens == stats.num_requests + stats.num_draft_tokens
         if self.decode_step is not None and is_decode:
             self.decode_step.add_step(stats)
+        if self.mixed_step is not None:
+            self.mixed_step.add_step(stats)

@@ -1,41 +1,52 @@
-"""Worker: the runtime every worker kind shares, composed from small parts.
+"""Worker: one engine that can do every phase of a request, composed from small parts.
 
 - ``engine`` (LLMEngine) stepped by ``loop`` (EngineLoop: its own thread, asyncio calls in);
-- ``models`` (StepModels): latency models fitted from the engine's steps;
-- ``prefixes`` (PrefixMirror): the prefix cache mirrored into the store's index (workers that
-  routers send prompts to);
+- ``models`` (StepModels): latency models fitted from the engine's steps (prefill, decode step
+  and mixed step: a decode step with a prefill chunk in it);
+- ``prefixes`` (PrefixMirror): the prefix cache mirrored into the store's index;
+- ``export`` (KVExport): ``prefill`` a prompt for a remote worker, its KV streamed out layer by
+  layer into that worker's reservation;
+- ``kv`` (KVImport): ``reserve`` blocks for a prompt prefilled elsewhere, take its KV in, and
+  ``generate_from`` its first token on;
 - ``membership`` and ``heartbeat`` (Membership, Heartbeat): the store entry and its renewals,
   from ``start`` to ``stop``.
 
-A role adds its part after this constructor: the prefill worker a KV exporter
-(splitserve.prefill_worker), the decode worker KV reservations and ingest
-(splitserve.decode_worker). ``generate`` runs a request end to end, chunked prefill and all,
-which is what the colocated worker serves. Workers are plain classes; the serving assembly
-makes them Ray actors (async: their methods run on the actor's event loop while the engine
-steps on its own thread). Nothing here needs Ray, so a worker also runs in a test process.
+``generate`` runs a request end to end, its prefill chunked into the running decode batch.
+Every worker can do all three; its ``role`` ("prefill", "decode" or "colocated", listed in the
+store as its kind) is the pool routers place work by, a preference rather than a capability,
+and ``set_role`` moves it to another pool while it keeps serving what it holds. Workers are
+plain classes; the serving assembly makes them Ray actors (async: their methods run on the
+actor's event loop while the engine steps on its own thread). Nothing here needs Ray, so a
+worker also runs in a test process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 
 import torch
 
 from splitserve.cluster.store import WorkerInfo, WorkerLoad
 from splitserve.cluster.stores import make_store
-from splitserve.config import WorkerConfig
+from splitserve.config import WORKER_KINDS, WorkerConfig
 from splitserve.engine.engine import LLMEngine, LoadedModel
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.protocol import GenerateDelta, SpeculationLimits, WorkerStatus
+from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, SpeculationLimits, WorkerStatus
 from splitserve.worker.engine_loop import EngineLoop
+from splitserve.worker.kv_export import KVExport
+from splitserve.worker.kv_import import KVImport
 from splitserve.worker.membership import Heartbeat, Membership
 from splitserve.worker.prefix_mirror import PrefixMirror
 from splitserve.worker.profile import run_profile
 from splitserve.worker.step_models import StepModels
-from splitserve.worker.streams import stream_deltas
+from splitserve.worker.streams import merge_outputs, stream_deltas
+
+logger = logging.getLogger(__name__)
 
 
 class Worker:
@@ -44,13 +55,14 @@ class Worker:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.worker_id = config.worker_id
+        self.role = config.kind
         self.engine = LLMEngine(config.engine, loaded=loaded or LoadedModel.load(config.engine))
         self.loop = EngineLoop(self.engine, name=f"engine-{config.worker_id}")
-        self.models = StepModels(fits_prefill=config.kind == "prefill", fits_decode=config.kind != "prefill")
+        self.models = StepModels(fits_prefill=True, fits_decode=True, fits_mixed=True)
         self.loop.on_step = self.models.record
-        # Routers place prompts by the caches of the workers that prefill them.
-        self.prefixes = PrefixMirror(self.engine.block_pool) if config.kind != "decode" else None
-        self.kv_endpoint = ""  # where KV for this worker lands; a decode role sets it
+        self.prefixes = PrefixMirror(self.engine.block_pool)  # routers place prompts by cached prefixes
+        self.export = KVExport(self.worker_id, self.engine, self.loop, config.transfer)
+        self.kv = KVImport(self.worker_id, self.engine, self.loop, config.transfer, self.abort)
         self.membership: Membership | None = None
         self.heartbeat: Heartbeat | None = None
 
@@ -63,12 +75,11 @@ class Worker:
             steps = await self.loop.call(run_profile, self.engine, f"profile-{self.worker_id}")
             for stats in steps:
                 self.models.record(stats)
-            if self.prefixes is not None:
-                self.prefixes.discard_pending()
+            self.prefixes.discard_pending()
         store_config = self.config.store
         store = await asyncio.to_thread(make_store, store_config.redis_url, store_config.prefix)
-        info = WorkerInfo(worker_id=self.worker_id, kind=self.config.kind, rpc_endpoint=self.worker_id,  # type: ignore[arg-type]
-                          kv_endpoint=self.kv_endpoint, node_id=f"{socket.gethostname()}:{os.getpid()}")
+        info = WorkerInfo(worker_id=self.worker_id, kind=self.role, rpc_endpoint=self.worker_id,  # type: ignore[arg-type]
+                          kv_endpoint=self.kv.endpoint, node_id=f"{socket.gethostname()}:{os.getpid()}")
         self.membership = Membership(store, info, store_config.ttl_s, self._load, self.models,
                                      self._speculation_limits(), self.prefixes)
         await asyncio.to_thread(self.membership.beat)
@@ -83,12 +94,28 @@ class Worker:
         if self.membership is not None:
             await asyncio.to_thread(self.membership.leave)
             self.membership.store.close()
+        await asyncio.to_thread(self.kv.stop)
         await asyncio.to_thread(self.loop.stop)
+        await asyncio.to_thread(self.export.close)
+
+    async def set_role(self, role: str) -> WorkerStatus:
+        """Move to another pool: the store lists this worker under ``role`` from the next beat,
+        so routers place new work by it; what the worker holds (requests running, prefills,
+        reservations) carries on unchanged. ValueError for an unknown role."""
+        if role not in WORKER_KINDS:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(WORKER_KINDS)}")
+        if role != self.role:
+            logger.info("%s: role %s -> %s", self.worker_id, self.role, role)
+            self.role = role
+            if self.membership is not None:
+                self.membership.change_kind(role)
+                await asyncio.to_thread(self.membership.beat)
+        return self.status()
 
     def status(self) -> WorkerStatus:
         load = self.loop.load
         return WorkerStatus(
-            worker_id=self.worker_id, kind=self.config.kind, max_model_len=self.engine.max_model_len,
+            worker_id=self.worker_id, kind=self.role, max_model_len=self.engine.max_model_len,
             num_free_blocks=load.num_free_blocks, num_total_blocks=load.num_total_blocks,
             num_unfinished=load.num_running_requests,
         )
@@ -96,15 +123,54 @@ class Worker:
     # -------------------------------------------------------------------------- requests
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        max_chunk_tokens: int | None = None,
     ) -> AsyncIterator[GenerateDelta]:
-        """Run a request from its prompt; ValueError (before the first delta) for bad input."""
+        """Run a request from its prompt, its prefill in chunks of at most ``max_chunk_tokens``
+        (None: the engine's step budget) mixed into the decode batch; ValueError (before the
+        first delta) for bad input."""
         stream = self.loop.open_stream(request_id)
         try:
-            await self.loop.call(self.engine.add_request, prompt_token_ids, params, request_id)
+            await self.loop.call(self.engine.add_request, prompt_token_ids, params, request_id,
+                                 max_chunk_tokens=max_chunk_tokens)
         except BaseException:
             self.loop.close_stream(request_id)
             raise
+        async for delta in stream_deltas(self.loop, request_id, stream, self.abort):
+            yield delta
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, destination: KVDestination
+    ) -> PrefillResult:
+        """Run the prompt, stream its KV to ``destination``, return the first token (KVExport)."""
+        return await self.export.prefill(request_id, prompt_token_ids, params, destination)
+
+    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVDestination:
+        """Hold blocks for a prompt prefilled elsewhere; ValueError for a bad request,
+        CapacityError when full (KVImport)."""
+        return await self.kv.reserve(request_id, prompt_token_ids, params)
+
+    async def generate_from(
+        self, request_id: str, first_token_id: int, generator_state: bytes | None = None,
+    ) -> AsyncIterator[GenerateDelta]:
+        """Decode a reserved request from its first token; stream the tokens after it.
+        ``generator_state``: a seeded request's sampler state, as PrefillResult carries it.
+
+        Raises ServingError when the prompt's KV did not all arrive within the transfer timeout
+        (the reservation is released).
+        """
+        await self.kv.wait_landed(request_id)
+        stream = self.loop.open_stream(request_id)
+        try:
+            state = None if generator_state is None else torch.frombuffer(bytearray(generator_state), dtype=torch.uint8)
+            first = await self.loop.call(self.engine.start_reserved, request_id, first_token_id, state)
+        except BaseException:
+            self.loop.close_stream(request_id)
+            raise
+        if first.finished:  # the prefill side's result said so too; the stream is empty
+            self.loop.close_stream(request_id)
+            yield merge_outputs(request_id, [first])
+            return
         async for delta in stream_deltas(self.loop, request_id, stream, self.abort):
             yield delta
 
@@ -120,9 +186,30 @@ class Worker:
         return await self.loop.call(apply)
 
     async def abort(self, request_id: str) -> None:
-        """Stop a request (wherever it is in this worker) and free its blocks; idempotent."""
+        """Stop a request (wherever it is in this worker: queued, prefilling, reserved, decoding)
+        and free its blocks; idempotent. No late KV chunk can touch them afterwards."""
+        self.kv.release(request_id)
         await self.loop.call(self.engine.abort, request_id)
         self.loop.end_stream(request_id)
+
+    # --------------------------------------------------------------- counters and drills
+
+    def stats(self) -> dict[str, int]:
+        """Handoffs it prefilled since start: handoffs, failed_handoffs, kv_chunks, kv_bytes, kv_resends."""
+        return asdict(self.export.counters)
+
+    def inject_corruption(self, num_sends: int = 1) -> None:
+        """Fault drill: corrupt the next ``num_sends`` KV chunks it sends (they are re-sent)."""
+        self.export.streamer.inject_corruption(num_sends)
+
+    def inject_stall(self, seconds: float, num_chunks: int = 1) -> None:
+        """Fault drill: the next ``num_chunks`` incoming KV chunks wait ``seconds`` first
+        (math.inf: until ``release_stalls``)."""
+        self.kv.ingest.inject_stall(seconds, num_chunks)
+
+    def release_stalls(self) -> None:
+        """Fault drill: end every injected stall now."""
+        self.kv.ingest.release_stalls()
 
     # ---------------------------------------------------------------------------- helpers
 

@@ -70,7 +70,7 @@ STALL_S = DRILL_TIMEOUT_S + 1.0
 @pytest.fixture(scope="module")
 def server(ray_cluster):
     """Disaggregated, collective transfer, embedded store; a short reservation TTL for the drills."""
-    s = start_server(transfer=TransferConfig(timeout_s=DRILL_TIMEOUT_S, reservation_ttl_s=4.0))
+    s = start_server(mode="disaggregated", transfer=TransferConfig(timeout_s=DRILL_TIMEOUT_S, reservation_ttl_s=4.0))
     yield s
     s.stop()
 
@@ -102,9 +102,13 @@ def test_concurrent_requests_equal_offline_engine(server, expected):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda p: generate_all(server.address, [p])[0], PROMPTS))
     assert results == expected
+    # Disaggregated: a burst never spills to a local prefill.
+    placed = {kind: server.metrics.registry.get_sample_value("splitserve_placements_total", {"placement": kind})
+              for kind in ("local", "remote")}
+    assert placed["local"] == 0 and placed["remote"] >= len(PROMPTS)
 
 
-def test_prefill_worker_publishes_its_prefix_cache_to_the_store(server):
+def test_workers_publish_their_prefix_caches_to_the_store(server):
     from splitserve.cluster.stores import make_store
     from splitserve.engine.block_pool import hash_block_tokens
 
@@ -121,7 +125,9 @@ def test_prefill_worker_publishes_its_prefix_cache_to_the_store(server):
         deadline = time.monotonic() + 10
         while store.match_prefix(hashes).get(prefill_id) != 3 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert store.match_prefix(hashes) == {prefill_id: 3}  # decode workers do not publish
+        # Every worker mirrors its cache; the decode worker's holds what it decoded (placement
+        # counts its hits for a local prefill there).
+        assert store.match_prefix(hashes)[prefill_id] == 3
     finally:
         store.close()
 
@@ -236,5 +242,6 @@ def test_last_message_reports_how_the_request_was_served(server, expected):
     report = out[-1].report
     assert ".prefill-" in report.prefill_worker and ".decode-" in report.decode_worker
     assert report.handoff_attempts == 1
+    assert report.placement == "remote" and report.predicted_ttft_s > 0 and report.ttft_s > 0
     assert report.prefill_s > 0 and report.decode_s > 0 and report.queue_s >= 0 and report.transfer_s >= 0
     assert report.prefill_s + report.decode_s < 60

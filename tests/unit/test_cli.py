@@ -100,13 +100,14 @@ def test_serve_defaults_are_the_configs() -> None:
     transfer, store = TransferConfig(), StoreConfig()
     expected = {
         "mode": cluster.mode, "prefill_workers": cluster.num_prefill_workers,
-        "decode_workers": cluster.num_decode_workers, "workers": cluster.num_colocated_workers,
+        "decode_workers": cluster.num_decode_workers, "workers": cluster.num_workers,
         "threads_per_worker": cluster.num_threads, "host": transfer.host, "transfer": transfer.backend,
         "kv_codec": transfer.kv_codec, "layers_per_chunk": transfer.layers_per_chunk,
         "redis_url": store.redis_url, "store_prefix": store.prefix,
         "address": options.address, "grpc_host": options.grpc_host, "grpc_port": options.grpc_port,
         "http_host": options.http_host, "http_port": options.http_port, "grace": options.grace_s,
-        "router_only": options.router_only,
+        "router_only": options.router_only, "balance_roles": options.roles.enabled,
+        "role_dwell": options.roles.min_dwell_s,
         "model": engine.model, "dtype": engine.dtype, "num_kv_blocks": engine.num_kv_blocks,
         "max_num_batched_tokens": engine.max_num_batched_tokens,
         "enable_prefix_caching": engine.enable_prefix_caching,
@@ -158,8 +159,13 @@ def test_serve_flags_build_the_configs() -> None:
     (["--store-prefix", " "], "store prefix must be a non-empty string"),
     (["--grpc-port", "70000"], "grpc_port must be in 0..65535"),
     (["--slo-tpot-ms", "-5"], "slo_tpot_s must be positive"),
-    (["--prefill-workers", "0"], "at least one worker"),
+    (["--mode", "disaggregated", "--prefill-workers", "0"], "at least one prefill and one decode worker"),
+    (["--workers", "2", "--prefill-workers", "2"], "at least one decode worker"),
+    (["--workers", "3", "--prefill-workers", "1", "--decode-workers", "1"], "split of its 3 workers"),
+    (["--workers", "-1"], "number of workers must be >= 0"),
+    (["--mode", "colocated", "--decode-workers", "1"], "colocated mode has no prefill/decode split"),
     (["--grace", "-1"], "grace_s >= 0"),
+    (["--role-dwell", "-1"], "min_dwell_s >= 0"),
 ])
 def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

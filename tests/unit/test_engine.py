@@ -79,6 +79,30 @@ def test_preemption_under_a_tiny_pool_loses_nothing(make_llm, alone):
     _assert_idle(llm)
 
 
+def test_a_chunk_cap_keeps_greedy_output_and_step_stats_count_the_chunks(make_llm, alone):
+    llm = make_llm(enable_prefix_caching=False)
+    engine = llm.engine
+    with pytest.raises(ValueError, match="max_chunk_tokens"):
+        engine.add_request(PROMPTS[0], GREEDY_32, max_chunk_tokens=0)
+    ids = {engine.add_request(PROMPTS[i], GREEDY_32): i for i in range(3)}
+    engine.step()
+    lengths = [len(llm.tokenizer.encode(p)) for p in PROMPTS]
+    first = engine.step_stats[-1]
+    assert first.num_prefill_tokens == first.num_batched_tokens == sum(lengths[:3])
+    assert first.prefill_attention == sum(n * n for n in lengths[:3])
+    ids[engine.add_request(PROMPTS[5], GREEDY_32, max_chunk_tokens=4)] = 5
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert {ids[r]: t for r, t in outputs.items()} == {i: alone[i] for i in ids.values()}
+    mixed = [s for s in list(engine.step_stats)[1:] if s.num_prefill_tokens]
+    starts = range(0, lengths[5], 4)
+    assert [s.num_prefill_tokens for s in mixed] == [min(4, lengths[5] - b) for b in starts]
+    assert [s.prefill_attention for s in mixed] == [min(4, lengths[5] - b) * min(b + 4, lengths[5]) for b in starts]
+    assert all(s.num_batched_tokens - s.num_prefill_tokens == 3 for s in mixed), "three decodes rode along"
+    _assert_idle(llm)
+
+
 def test_abort_frees_blocks_and_others_continue(make_llm):
     llm = make_llm()
     engine = llm.engine

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 
 from splitserve.engine.engine import StepStats
-from splitserve.latency import DECODE_FEATURES, DecodeStepModel, LinearModel, PrefillModel, decode_step_features
+from splitserve.latency import (
+    DECODE_FEATURES,
+    MIXED_FEATURES,
+    ChunkedPrefill,
+    DecodeStepModel,
+    LinearModel,
+    MixedStepModel,
+    PrefillModel,
+    decode_step_features,
+    mixed_step_features,
+)
 
 FEATURES = ("const", "a", "b", "c")
 TRUE = {"const": 0.01, "a": 2e-3, "b": 5e-4, "c": 1e-6}
@@ -125,3 +135,79 @@ def test_prefill_model_fits_a_quadratic_in_prompt_tokens():
         model.add(n, 0.004 + 1e-4 * n + 2e-8 * n * n)
     for n in (1, 500, 4000, 8000):
         assert model.predict(n) == pytest.approx(0.004 + 1e-4 * n + 2e-8 * n * n, rel=0.02)
+
+
+MIXED_TRUE = {"const": 8e-3, "requests": 2e-4, "decode_tokens": 3e-4, "draft_tokens": 1e-4, "prefill_tokens": 5e-4,
+              "prefill_attention": 2e-8, "context_tokens": 1e-7}
+
+
+def mixed_steps(rng: np.random.Generator, n: int):
+    """Steps of 0-32 decodes (0-4 drafts each) and 0-2 prompt chunks, timed by MIXED_TRUE."""
+    for _ in range(n):
+        num_decoding, num_chunks = int(rng.integers(0, 33)), int(rng.integers(0, 3))
+        num_decoding = max(num_decoding, 1 - num_chunks)
+        drafts = int(rng.integers(0, 4 * num_decoding + 1))
+        chunks = [(int(rng.integers(1, 513)), int(rng.integers(0, 2048))) for _ in range(num_chunks)]
+        prefill, attention = sum(c for c, _ in chunks), sum(c * (b + c) for c, b in chunks)
+        context = int(rng.integers(0, 100_000)) * (num_decoding > 0) + sum(b for _, b in chunks)
+        x = mixed_step_features(num_decoding + num_chunks, num_decoding + drafts, drafts, prefill, attention, context)
+        seconds = sum(MIXED_TRUE[f] * v for f, v in x.items()) + rng.normal(0, 1e-4)
+        yield StepStats(seconds, 0.0, num_decoding + num_chunks, num_decoding + drafts + prefill, context, drafts, 0,
+                        num_prefill_tokens=prefill, prefill_attention=attention)
+
+
+def test_mixed_step_model_recovers_its_coefficients_from_step_stats():
+    model = MixedStepModel()
+    assert model.predict(4, 0, 1000, 64, 0) > model.predict(4, 0, 1000) > 0, "the default prior predicts"
+    for stats in mixed_steps(np.random.default_rng(0), 1000):
+        model.add_step(stats)
+    fit = model.fit()
+    assert set(fit.coefficients) == set(MIXED_FEATURES) and fit.r2 > 0.99
+    assert fit.coefficients == pytest.approx(MIXED_TRUE, rel=0.05)
+
+
+def test_mixed_step_prediction_without_a_chunk_is_the_plain_decode_step():
+    model = MixedStepModel()
+    for stats in mixed_steps(np.random.default_rng(1), 200):
+        model.add_step(stats)
+    plain = model.model.predict(mixed_step_features(8, 8 + 12, 12, 0, 0, 5000))
+    assert model.predict(8, 12, 5000) == model.predict(8, 12, 5000, 0, 300) == pytest.approx(plain, rel=1e-12)
+    chunk = model.model.predict(mixed_step_features(9, 8 + 12, 12, 64, 64 * (300 + 64), 5000 + 300))
+    assert model.predict(8, 12, 5000, 64, 300) == pytest.approx(chunk, rel=1e-12)
+
+
+def test_prefill_seconds_adds_up_the_chunked_steps():
+    w = {"const": 0.01, "requests": 1e-3, "decode_tokens": 1e-3, "draft_tokens": 0.0, "prefill_tokens": 1e-4,
+         "prefill_attention": 1e-6, "context_tokens": 1e-5}
+    model = MixedStepModel.from_coefficients(w)
+
+    def step(n: int, start: int) -> float:  # 2 decodes over 100 context tokens, plus the chunk
+        return 0.01 + 1e-3 * 3 + 1e-3 * 2 + 1e-4 * n + 1e-6 * n * (start + n) + 1e-5 * (100 + start)
+
+    plain = 0.01 + 1e-3 * 2 + 1e-3 * 2 + 1e-5 * 100
+    expected = [step(4, 2), step(4, 6), step(2, 10)]  # tokens 2..11 in chunks of at most 4
+    result = model.prefill_seconds(10, 4, num_decoding=2, num_draft_tokens=0, context_tokens=100, start=2)
+    assert result.num_steps == 3
+    assert result.seconds == pytest.approx(sum(expected), rel=1e-12)
+    assert result.extra_decode_seconds == pytest.approx(sum(expected) - 3 * plain, rel=1e-12)
+    assert result.worst_step_s == pytest.approx(max(expected), rel=1e-12)
+    one = model.prefill_seconds(3, 8, 2, 0, 100)  # a prompt shorter than a chunk: one step
+    assert one == ChunkedPrefill(pytest.approx(step(3, 0)), pytest.approx(step(3, 0) - plain),
+                                 pytest.approx(step(3, 0)), 1)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        model.prefill_seconds(10, 0, 2, 0, 100)
+    with pytest.raises(ValueError, match="num_tokens"):
+        model.prefill_seconds(0, 4, 2, 0, 100)
+
+
+def test_mixed_step_model_round_trips_through_its_coefficients():
+    model = MixedStepModel()
+    for stats in mixed_steps(np.random.default_rng(2), 100):
+        model.add_step(stats)
+    stored = model.to_coefficients()
+    assert set(stored) == set(MIXED_FEATURES) | {"r2", "rmse", "n"} and MixedStepModel.NAME == "mixed_step"
+    copy = MixedStepModel.from_coefficients(stored)
+    assert copy.fit() == model.fit()
+    for args in [(0, 0, 0, 128, 0), (16, 32, 40_000), (16, 32, 40_000, 64, 512)]:
+        assert copy.predict(*args) == pytest.approx(model.predict(*args), rel=1e-12)
+    assert copy.prefill_seconds(300, 64, 16, 32, 40_000) == model.prefill_seconds(300, 64, 16, 32, 40_000)

@@ -3,8 +3,8 @@ and TYPE_CHECKING blocks included) goes to the importer's own component or to a 
 so no two components depend on each other; and no module imports itself back through others.
 
 Bottom to top: the configuration and errors; the engine; the messages and latency models that
-workers and routers share; transfer and the cluster's store and deployment; the worker runtime;
-the two roles; the router and its front ends, and the actor shell the workers run in; the
+workers and routers share; transfer and the cluster's store and deployment; the worker (every
+phase, from parts); the router and its front ends, and the actor shell the workers run in; the
 serving assembly and the load tester; the command line.
 """
 
@@ -22,8 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("splitserve", "protocol", "latency"),  # "splitserve": the package root, a facade over the engine
     ("transfer", "cluster"),
     ("worker",),
-    ("prefill_worker", "decode_worker"),
-    ("router", "worker_actor"),  # worker_actor: the Ray actor shell over the roles
+    ("router", "worker_actor"),  # worker_actor: the Ray actor shell over the worker
     ("server", "loadtest"),
     ("serve_cli",),
     ("cli",),

@@ -7,10 +7,9 @@ import math
 import pytest
 
 from splitserve.cluster.store import WorkerLoad
-from splitserve.errors import CapacityError
 from splitserve.latency import DecodeStepModel, PrefillModel
 from splitserve.router.goodput import AcceptanceTracker
-from splitserve.router.placement import Choice, check_slo, prompt_block_hashes, rank_decode, rank_prefill
+from splitserve.router.placement import prompt_block_hashes, rank_decode, rank_prefill
 from splitserve.router.spec_control import SpecController
 
 PREFILL = PrefillModel.from_coefficients({"const": 0.02, "tokens": 0.002, "tokens_sq": 0.0})  # 2 ms a token
@@ -48,16 +47,6 @@ def test_decode_skips_full_workers_and_prefers_the_smaller_batch():
     ranked = rank_decode(["a", "b", "full"], 40, 16, loads, {}, models)
     assert [c.worker_id for c in ranked] == ["b", "a", "full"]
     assert ranked[0].predicted_s == pytest.approx(DECODE.predict(3, 3, 120, 0))
-
-
-@pytest.mark.parametrize(("predicted", "slo", "refused"), [(0.5, 0.49, True), (0.5, 0.5, False), (0.5, None, False),
-                                                            (math.inf, 0.1, False)])
-def test_admission_refuses_exactly_when_the_prediction_exceeds_the_slo(predicted, slo, refused):
-    if refused:
-        with pytest.raises(CapacityError, match="exceeds the request's SLO"):
-            check_slo("prefill", Choice("a", predicted), slo)
-    else:
-        check_slo("prefill", Choice("a", predicted), slo)
 
 
 def test_block_hashes_match_the_prefix_index_chain():

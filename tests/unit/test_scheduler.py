@@ -46,8 +46,9 @@ class Driver:
         self.finished: list[Request] = []
         self.outputs: list[SchedulerOutput] = []
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Request:
-        request = Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens), max_tokens)
+    def add(self, request_id: str, prompt: list[int], max_tokens: int, max_chunk_tokens: int | None = None) -> Request:
+        request = Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens), max_tokens,
+                          max_chunk_tokens=max_chunk_tokens)
         self.scheduler.add(request)
         return request
 
@@ -87,6 +88,8 @@ class Driver:
             request = scheduled.request
             assert request in scheduler.running and request.status is RequestStatus.RUNNING
             assert 0 < scheduled.num_new_tokens <= request.num_tokens - request.num_computed_tokens
+            if request.max_chunk_tokens is not None:
+                assert scheduled.num_new_tokens - scheduled.num_spec_tokens <= request.max_chunk_tokens
             table = self.kv.block_table(request.request_id)
             assert len(table) * self.kv.block_size >= request.num_computed_tokens + scheduled.num_new_tokens
         for request_id in out.preempted:
@@ -173,6 +176,42 @@ def test_chunked_prefill_shares_the_budget_with_decodes():
     d.run()
     assert max(o.num_batched_tokens for o in d.outputs) == 16
     d.assert_all_done([decoding, long])
+
+
+def test_a_requests_chunk_cap_splits_its_prefill_beside_decodes():
+    d = Driver(max_num_batched_tokens=64)
+    decoding = [d.add(f"d{i}", prompt(3, start=90 + 5 * i), max_tokens=12) for i in range(3)]
+    d.step()
+    capped = d.add("capped", prompt(50), max_tokens=2, max_chunk_tokens=16)
+    chunks = []
+    while not capped.num_output_tokens:
+        out = d.step()
+        assert scheduled_ids(out) == ["d0", "d1", "d2", "capped"], "the decodes ran beside every chunk"
+        assert [s.is_prefill for s in out.scheduled] == [False, False, False, True]
+        chunks.append(out.scheduled[-1].num_new_tokens)
+    assert chunks == [16, 16, 16, 2], "capped both when admitted and when continued"
+    d.run()
+    d.assert_all_done([*decoding, capped])
+
+
+def test_the_step_budget_still_limits_a_capped_request():
+    d = Driver(max_num_batched_tokens=16)
+    decoding = d.add("decoding", prompt(3, start=90), max_tokens=20)
+    d.step()
+    capped = d.add("capped", prompt(50), max_tokens=2, max_chunk_tokens=32)
+    while not capped.num_output_tokens:
+        d.step()
+    assert [o.scheduled[1].num_new_tokens for o in d.outputs[1:]] == [15, 15, 15, 5]
+    d.run()
+    d.assert_all_done([decoding, capped])
+
+
+def test_a_chunk_cap_splits_a_prompt_even_without_chunked_prefill():
+    d = Driver(max_num_batched_tokens=16, enable_chunked_prefill=False)
+    capped = d.add("capped", prompt(20), max_tokens=2, max_chunk_tokens=8)
+    d.run()
+    assert [o.num_batched_tokens for o in d.outputs[:3]] == [8, 8, 4]
+    d.assert_all_done([capped])
 
 
 def test_without_chunked_prefill_prompts_are_scheduled_whole():
@@ -368,9 +407,10 @@ REQUESTS = st.lists(
     max_num_seqs=st.integers(1, 6),
     enable_chunked_prefill=st.booleans(),
     enable_prefix_caching=st.booleans(),
+    chunk_cap=st.none() | st.integers(1, 16),
 )
 def test_every_request_finishes_and_no_block_leaks(
-    requests, block_size, spare_blocks, budget, max_num_seqs, enable_chunked_prefill, enable_prefix_caching
+    requests, block_size, spare_blocks, budget, max_num_seqs, enable_chunked_prefill, enable_prefix_caching, chunk_cap
 ):
     # What the engine guarantees: a request alone fits the pool (and the budget, unchunked).
     longest = max(len(p) + n for p, n, _ in requests)
@@ -382,7 +422,7 @@ def test_every_request_finishes_and_no_block_leaks(
     for step in range(2000):
         for i, (tokens, max_tokens, arrival) in enumerate(requests):
             if arrival == step:
-                added.append(d.add(f"r{i}", tokens, max_tokens))
+                added.append(d.add(f"r{i}", tokens, max_tokens, chunk_cap if i % 2 else None))
         if len(added) == len(requests) and not d.scheduler.num_unfinished:
             break
         d.step()

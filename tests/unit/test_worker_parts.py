@@ -1,7 +1,7 @@
 """The worker runtime's parts without Ray or the model: membership beats against an in-memory
 store (registration, renewal, re-registration after a lapse, what each beat publishes), the
 prefix mirror's net changes, which steps feed which latency model, and the startup profile's
-plan."""
+plan and the steps it measures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from splitserve.cluster.embedded_store import MemoryStore
 from splitserve.cluster.store import WorkerInfo, WorkerLoad
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.engine import StepStats
-from splitserve.latency import DecodeStepModel, PrefillModel
+from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
 from splitserve.protocol import SpeculationLimits
 from splitserve.worker.membership import Heartbeat, Membership
 from splitserve.worker.prefix_mirror import PrefixMirror
@@ -25,9 +25,10 @@ class Clock:
         return self.t
 
 
-def step(requests: int, batched: int, drafts: int = 0, seconds: float = 0.02) -> StepStats:
+def step(requests: int, batched: int, drafts: int = 0, seconds: float = 0.02, prefill: int = 0) -> StepStats:
     return StepStats(step_time=seconds, draft_time=0.0, num_requests=requests, num_batched_tokens=batched,
-                     num_context_tokens=10 * requests, num_draft_tokens=drafts, num_accepted_tokens=0)
+                     num_context_tokens=10 * requests, num_draft_tokens=drafts, num_accepted_tokens=0,
+                     num_prefill_tokens=prefill, prefill_attention=prefill * prefill)
 
 
 def membership(store: MemoryStore, models: StepModels, prefixes: PrefixMirror | None = None) -> Membership:
@@ -43,6 +44,7 @@ def test_a_beat_registers_and_publishes_load_models_and_speculation():
     assert [w.worker_id for w in store.list_workers()] == ["w0"]
     assert store.get_loads()["w0"].num_queued_prompt_tokens == 5
     assert set(store.get_models(DecodeStepModel.NAME)) == {"w0"} and store.get_models(PrefillModel.NAME) == {}
+    assert store.get_models(MixedStepModel.NAME) == {}
     assert SpeculationLimits.from_record(store.get_models(SpeculationLimits.NAME)["w0"]) == SpeculationLimits(8, 3)
 
 
@@ -107,15 +109,28 @@ def test_prefix_mirror_sends_net_changes_and_everything_when_fresh():
 
 def test_step_models_feed_prefill_steps_and_pure_decode_steps_to_their_models():
     both = StepModels(fits_prefill=True, fits_decode=True)
-    for stats in (step(2, 300), step(4, 4), step(4, 12, drafts=8), step(3, 64 + 2)):
+    for stats in (step(2, 300, prefill=300), step(4, 4), step(4, 12, drafts=8), step(3, 64 + 2, prefill=64)):
         both.record(stats)
     store = MemoryStore()
     store.register_worker(WorkerInfo("w0", "colocated", "w0", "", "node"), 30)
     both.publish(store, "w0")
     assert both.prefill is not None and both.prefill.fit().num_samples == 4  # every step ran tokens
     assert both.decode_step is not None and both.decode_step.fit().num_samples == 2  # not the mixed ones
+    assert both.mixed_step is None and store.get_models(MixedStepModel.NAME) == {}
     only_prefill = StepModels(fits_prefill=True, fits_decode=False)
     assert only_prefill.decode_step is None
+
+
+def test_the_mixed_step_model_takes_every_step_and_a_beat_publishes_it():
+    store = MemoryStore()
+    models = StepModels(fits_prefill=False, fits_decode=True, fits_mixed=True)
+    for stats in (step(2, 300, prefill=300), step(4, 4), step(4, 12, drafts=8), step(3, 64 + 2, prefill=64)):
+        models.record(stats)
+    membership(store, models).beat()
+    assert models.mixed_step is not None and models.mixed_step.fit().num_samples == 4
+    assert models.decode_step is not None and models.decode_step.fit().num_samples == 2
+    published = MixedStepModel.from_coefficients(store.get_models(MixedStepModel.NAME)["w0"])
+    assert published.predict(3, 0, 30, 64, 0) == pytest.approx(models.mixed_step.predict(3, 0, 30, 64, 0))
 
 
 def test_heartbeat_keeps_beating_through_failures_and_stops():
@@ -138,17 +153,23 @@ def test_heartbeat_keeps_beating_through_failures_and_stops():
     assert not heartbeat._thread.is_alive() and count["n"] == n
 
 
-def test_profile_plans_a_batch_then_one_request_per_k(loaded):
+def test_profile_plans_a_batch_prompts_joining_decodes_then_one_request_per_k(loaded):
     from splitserve.config import EngineConfig, SpeculativeConfig
     from splitserve.engine.engine import LLMEngine
     from splitserve.worker.profile import profile_phases, run_profile
 
     plain = LLMEngine(EngineConfig(num_kv_blocks=128), loaded=loaded)
-    assert len(profile_phases(plain)) == 1
+    assert len(profile_phases(plain)) == 2
     spec = LLMEngine(EngineConfig(num_kv_blocks=128, speculative=SpeculativeConfig("ngram", max_speculative_tokens=6)),
                      loaded=loaded)
     phases = profile_phases(spec)
-    assert [plans[0][2] for plans in phases[1:]] == [0, 1, 2, 4, 6] and all(len(p) == 1 for p in phases[1:])
+    assert [plans[0].k for plans in phases[2:]] == [0, 1, 2, 4, 6] and all(len(p) == 1 for p in phases[2:])
+    joining = [p for p in phases[1] if p.start_step > 0]
+    assert len({len(p.prompt) for p in joining}) == 3, "prompts of several lengths join the decodes"
+    assert any(p.max_chunk_tokens is not None and p.max_chunk_tokens < len(p.prompt) for p in joining)
     steps = run_profile(spec, "profile")
     assert any(s.num_requests == 1 and s.num_draft_tokens >= 4 for s in steps), "drafting at batch 1 was measured"
+    mixed = [s for s in steps if s.num_prefill_tokens and s.num_batched_tokens - s.num_prefill_tokens >= 4]
+    assert len(mixed) >= 4, "prompt chunks ran beside the decodes"
+    assert any(s.prefill_attention > s.num_prefill_tokens**2 for s in mixed), "a capped prompt's later chunk"
     assert not spec.has_unfinished_requests() and spec.block_pool.num_free_blocks == spec.block_pool.num_blocks

@@ -1,4 +1,4 @@
-"""KVImport: the decode role's intake, as a part any worker can carry.
+"""KVImport: the part every worker carries to take a handed-off request in.
 
 A request arrives twice. ``reserve`` holds blocks for the prompt (CapacityError when there is
 no room) and returns a ``KVDestination``; chunks then land through the worker's KV receiver

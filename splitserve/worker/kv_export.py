@@ -1,4 +1,4 @@
-"""KVExport: the prefill role as a part any worker can carry.
+"""KVExport: the prefill-for-remote part every worker carries.
 
 It installs a ``KVStreamer`` as the engine's KV exporter: as each layer group of a step lands
 in the cache, every routed request's new tokens go to the blocks its decode worker reserved,

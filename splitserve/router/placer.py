@@ -1,0 +1,123 @@
+"""Placer: the router's side of elastic prefill placement -- it gathers, from the ClusterView,
+the facts ``prefill_placement.place`` decides on, and learns from what each placed request
+then did.
+
+For a request it reads the prompt's prefix-cache hits per worker (one store read), ranks the
+prefill pool by predicted TTFT and the decode pool by predicted TPOT (placement.py), and
+describes every decode-pool worker with room for the prompt as a local option: its mixed-step
+model, the requests decoding there (and their drafts per step, from the speculation
+controller), the prompt tokens it has queued, and the tightest TPOT SLO among the requests this
+router runs there (the default SLO stands in for requests other routers run there). The chosen
+prefill worker counts the prompt as queued (``ClusterView.inflight_tokens``) from the decision
+until the router sees its first token, so the next request of a burst is placed knowing it. After the request it folds observed over predicted TTFT and TPOT into the workers' correction factors and
+the KV transfer's exposed wait into a running average.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+from splitserve.config import PlacementConfig
+from splitserve.protocol import SLO
+from splitserve.router.cluster_view import ClusterView
+from splitserve.router.handoff import RoutedRequest
+from splitserve.router.placement import prompt_block_hashes, rank_decode, rank_prefill
+from splitserve.router.prefill_placement import Corrections, DecodeSide, Placement, Remote, place
+from splitserve.router.spec_control import SpecController
+
+_TRANSFER_WEIGHT = 0.2  # how fast the exposed-transfer average follows new hand-offs
+
+
+class Placer:
+    def __init__(self, view: ClusterView, controller: SpecController, block_size: int, config: PlacementConfig,
+                 default_slo: SLO):
+        self.view, self.controller, self.block_size, self.config = view, controller, block_size, config
+        self.default_slo = default_slo
+        self.corrections = Corrections(config.correction_weight, config.correction_bounds)
+        self.transfer_s = 0.0  # the exposed part of a KV hand-off, averaged
+        self._decoding: dict[str, dict[str, float | None]] = {}  # worker -> request -> its TPOT SLO
+
+    async def place(self, req: RoutedRequest, local: bool = True) -> Placement:
+        """Where the request's prefill runs (``local``: whether decode workers may prefill it);
+        CapacityError when no option meets its SLO, ServingError when a pool it needs is empty."""
+        n = len(req.prompt_ids)
+        prefill_ids = self.view.members("prefill") if local else self.view.ids("prefill")
+        decode_ids = self.view.ids("decode")
+        hashes = prompt_block_hashes(req.prompt_ids, self.block_size)
+        cached = await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
+        remote = self._remote(req, prefill_ids, decode_ids, cached) if prefill_ids else None
+        sides = self._decode_sides(req, decode_ids, cached) if local else []
+        placement = place(n, req.slo, remote, sides, self.config)
+        # Counted at once (no await since the facts were read), so a burst's next request sees it.
+        self.view.inflight_tokens[placement.prefill_worker] += n
+        return placement
+
+    def _remote(self, req: RoutedRequest, prefill_ids: Sequence[str], decode_ids: Sequence[str],
+                cached: dict[str, int]) -> Remote:
+        view, n = self.view, len(req.prompt_ids)
+        prefill_models = {w: m for w in prefill_ids if (m := view.models_of(w).prefill) is not None}
+        prefill = rank_prefill(prefill_ids, n, cached, self.block_size, view.loads, view.inflight_tokens,
+                               prefill_models, req.tried)[0]
+        decode_models = {w: m for w in decode_ids if (m := view.models_of(w).decode_step) is not None}
+        decode = rank_decode(decode_ids, n, self.block_size, view.loads, view.inflight, decode_models, req.tried)[0]
+        model = prefill_models.get(prefill.worker_id)
+        margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
+        ttft = prefill.predicted_s * self.corrections.factor(prefill.worker_id, "ttft") + margin + self.transfer_s
+        tpot = decode.predicted_s * self.corrections.factor(decode.worker_id, "tpot")
+        return Remote(prefill.worker_id, decode.worker_id, ttft, tpot)
+
+    def _decode_sides(self, req: RoutedRequest, decode_ids: Sequence[str], cached: dict[str, int]) -> list[DecodeSide]:
+        view, n = self.view, len(req.prompt_ids)
+        needed_blocks = -(-(n + 1) // self.block_size)
+        sides = []
+        for worker_id in decode_ids:
+            load = view.loads.get(worker_id)
+            if load is not None and load.num_free_blocks < needed_blocks or worker_id in req.tried:
+                continue
+            known = self._decoding.get(worker_id, {})
+            num_decoding = max(load.num_running_requests if load else 0, view.inflight[worker_id])
+            sides.append(DecodeSide(
+                worker_id, view.models_of(worker_id).mixed_step, num_decoding,
+                self.controller.drafts_per_step(worker_id), context_tokens=num_decoding * n,
+                queued_prefill_tokens=max(load.num_queued_prompt_tokens if load else 0,
+                                          view.inflight_tokens[worker_id]),
+                cached_tokens=min(cached.get(worker_id, 0) * self.block_size, n - 1),
+                running_tpot_slo_s=self._tightest_tpot_slo(known, num_decoding),
+                ttft_correction=self.corrections.factor(worker_id, "ttft"),
+                tpot_correction=self.corrections.factor(worker_id, "tpot"),
+            ))
+        return sides
+
+    def _tightest_tpot_slo(self, known: dict[str, float | None], num_decoding: int) -> float | None:
+        slos = [s for s in known.values() if s is not None]
+        if num_decoding > len(known) and self.default_slo.tpot_s is not None:
+            slos.append(self.default_slo.tpot_s)  # requests another router runs there
+        return min(slos, default=None)
+
+    # ------------------------------------------------------------ what placed requests did
+
+    def decoding(self, worker_id: str, request_id: str, tpot_slo_s: float | None) -> None:
+        """The request decodes at the worker from now on (its TPOT SLO protects it there)."""
+        self._decoding.setdefault(worker_id, {})[request_id] = tpot_slo_s
+
+    def done(self, worker_id: str, request_id: str) -> None:
+        self._decoding.get(worker_id, {}).pop(request_id, None)
+
+    def observe_transfer(self, seconds: float) -> None:
+        self.transfer_s += _TRANSFER_WEIGHT * (seconds - self.transfer_s)
+
+    def observe(self, placement: Placement, ttft_s: float, tpot_s: float | None) -> tuple[float | None, float | None]:
+        """Fold a finished request's observed TTFT and TPOT into the corrections; the observed
+        over predicted ratios (None where nothing was predicted or measured)."""
+        self.corrections.observe(placement.prefill_worker, "ttft", placement.predicted_ttft_s, ttft_s)
+        if tpot_s is not None:
+            self.corrections.observe(placement.decode_worker, "tpot", placement.predicted_tpot_s, tpot_s)
+        return _ratio(ttft_s, placement.predicted_ttft_s), None if tpot_s is None else \
+            _ratio(tpot_s, placement.predicted_tpot_s)
+
+
+def _ratio(actual: float, predicted: float) -> float | None:
+    return actual / predicted if 0 < predicted < math.inf else None
+

@@ -1,0 +1,176 @@
+"""Prefill placement: where an elastic router runs a request's prefill (pure functions and a
+small class; the Router feeds them what its ClusterView knows).
+
+The options for a request of n prompt tokens:
+
+- **remote**: the best prefill-pool worker P prefills it and streams its KV into blocks the
+  best decode-pool worker D reserved. Predicted TTFT = P's queued prefill work and this
+  prompt's uncached tokens, as time (P's prefill model), plus the exposed part of the KV
+  transfer (the wait after P's first token, averaged by the router). The requests running at
+  D are not slowed.
+- **local on D**, for every decode-pool worker D: D prefills it in chunks of C tokens inside
+  its running decode batch. Predicted TTFT = the mixed steps that run D's queued prefill
+  tokens and then this prompt's uncached ones (D's mixed-step model: a decode step with a
+  prefill chunk in it). Each of those steps also delays every request decoding at D, so C is
+  the largest size (of ``PlacementConfig.chunk_tokens``) whose worst mixed step stays within
+  the tightest TPOT SLO among them; when none does, D has no local option.
+
+TTFT is the time to the first token, which the worker that prefills samples at the end of the
+prefill; the decode steps after it count toward TPOT, which for the newcomer is D's step with
+one more request in either case.
+
+Predictions are scaled by the worker's correction factor (``Corrections``: observed over
+predicted, for its recent requests) and get a margin of ``margin_sigmas`` times the model's
+fit RMSE per step, so a drifting or poorly fitted model is not trusted blindly.
+
+The choice: among the options that meet the request's TTFT and TPOT SLOs, the lowest cost =
+predicted TTFT + the delay it imposes on requests already decoding (local: the extra seconds
+its chunks add to D's steps, times the requests running there). Nothing holds -> CapacityError,
+which the router answers with RESOURCE_EXHAUSTED / HTTP 429. It knows nothing of Ray, the
+store or how a placement is carried out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from splitserve.config import PlacementConfig
+from splitserve.errors import CapacityError
+from splitserve.latency import MixedStepModel
+from splitserve.protocol import SLO
+
+REMOTE, LOCAL = "remote", "local"
+
+
+@dataclass(frozen=True)
+class Remote:
+    """The best remote pair, predicted by the router (corrections and margin applied; inf: a
+    worker has no model yet, which never makes an option fail its SLO)."""
+
+    prefill_worker: str
+    decode_worker: str
+    ttft_s: float
+    tpot_s: float
+
+
+@dataclass(frozen=True)
+class DecodeSide:
+    """A decode-pool worker as the place of a local prefill: its mixed-step model and batch.
+
+    num_decoding / num_draft_tokens / context_tokens: the requests decoding there, their drafts
+    per step and their context; queued_prefill_tokens: prompt tokens it has yet to prefill;
+    cached_tokens: this prompt's tokens already in its prefix cache; running_tpot_slo_s: the
+    tightest TPOT SLO among the requests decoding there (None: none has one);
+    ttft_correction / tpot_correction: observed over predicted, for its recent requests.
+    """
+
+    worker_id: str
+    model: MixedStepModel | None
+    num_decoding: int
+    num_draft_tokens: int
+    context_tokens: int
+    queued_prefill_tokens: int = 0
+    cached_tokens: int = 0
+    running_tpot_slo_s: float | None = None
+    ttft_correction: float = 1.0
+    tpot_correction: float = 1.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a request's prefill runs, and what was predicted for it.
+
+    kind: REMOTE or LOCAL (then prefill_worker == decode_worker); chunk_tokens: a local
+    prefill's chunk size; extra_decode_s: the seconds its chunks add to the running requests'
+    steps; cost_s: what the choice minimized."""
+
+    kind: str
+    prefill_worker: str
+    decode_worker: str
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+    cost_s: float
+    chunk_tokens: int | None = None
+    extra_decode_s: float = 0.0
+
+
+def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConfig) -> Placement | None:
+    """The local prefill at ``side`` with the largest chunk that keeps its running requests
+    within their TPOT SLO; None when no chunk size does or the worker has no mixed-step model
+    yet. (Whether it meets the newcomer's own SLOs is ``place``'s question.)"""
+    model = side.model
+    if model is None:
+        return None
+    sigma = config.margin_sigmas * model.fit().rmse
+    new_tokens = side.queued_prefill_tokens + max(num_prompt_tokens - side.cached_tokens, 1)
+    tpot = side.tpot_correction * model.predict(side.num_decoding + 1, side.num_draft_tokens,
+                                                side.context_tokens + num_prompt_tokens) + sigma
+    for chunk in sorted(set(config.chunk_tokens), reverse=True):
+        if chunk > new_tokens and chunk != max(config.chunk_tokens):
+            continue  # a smaller size that still takes the whole prompt in one step is the same plan
+        plan = model.prefill_seconds(new_tokens, chunk, side.num_decoding, side.num_draft_tokens, side.context_tokens)
+        worst = side.tpot_correction * plan.worst_step_s + sigma
+        if side.num_decoding and side.running_tpot_slo_s is not None and worst > side.running_tpot_slo_s:
+            continue
+        ttft = side.ttft_correction * plan.seconds + sigma * math.sqrt(plan.num_steps)
+        extra = side.tpot_correction * plan.extra_decode_seconds
+        return Placement(LOCAL, side.worker_id, side.worker_id, ttft, tpot, ttft + extra * side.num_decoding,
+                         chunk_tokens=min(chunk, new_tokens), extra_decode_s=extra)
+    return None
+
+
+def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, decode_sides: Sequence[DecodeSide],
+          config: PlacementConfig) -> Placement:
+    """The cheapest option that meets the request's SLOs; CapacityError (a sentence naming the
+    best prediction) when none does, ValueError when there is no option at all."""
+    options = [] if remote is None else [Placement(REMOTE, remote.prefill_worker, remote.decode_worker,
+                                                   remote.ttft_s, remote.tpot_s, remote.ttft_s)]
+    options += [o for side in decode_sides if (o := local_option(side, num_prompt_tokens, config)) is not None]
+    if not options:
+        if remote is None and decode_sides:
+            raise CapacityError("no decode worker can prefill the request locally without pushing the requests "
+                                "running there past their TPOT SLO; retry later or relax the SLO")
+        raise ValueError("no worker to place the request on")
+    meeting = [o for o in options if _meets(o, slo)]
+    if meeting:
+        return min(meeting, key=lambda o: (o.cost_s, o.kind != REMOTE, o.decode_worker))
+    best = min(options, key=lambda o: o.predicted_ttft_s)
+    what, predicted, target = ("TTFT", best.predicted_ttft_s, slo.ttft_s) if not _meets_ttft(best, slo) else \
+        ("TPOT", best.predicted_tpot_s, slo.tpot_s)
+    raise CapacityError(f"predicted {what} {predicted * 1000:.0f} ms on the best placement ({best.kind} on "
+                        f"{best.prefill_worker}) exceeds the request's SLO of {target * 1000:.0f} ms; retry later "
+                        f"or relax the SLO")
+
+
+def _meets_ttft(option: Placement, slo: SLO) -> bool:
+    return slo.ttft_s is None or math.isinf(option.predicted_ttft_s) or option.predicted_ttft_s <= slo.ttft_s
+
+
+def _meets(option: Placement, slo: SLO) -> bool:
+    meets_tpot = slo.tpot_s is None or math.isinf(option.predicted_tpot_s) or option.predicted_tpot_s <= slo.tpot_s
+    return _meets_ttft(option, slo) and meets_tpot
+
+
+class Corrections:
+    """Per worker and quantity ("ttft", "tpot"): a factor that scales the worker's predictions,
+    nudged after each request by ``weight`` of the relative error of what was predicted for it
+    (observed / predicted - 1), so it settles where predictions match observations; within
+    ``bounds``, 1.0 until a request was seen."""
+
+    def __init__(self, weight: float, bounds: tuple[float, float]):
+        self.weight, self.bounds = weight, bounds
+        self._factors: dict[tuple[str, str], float] = {}
+
+    def factor(self, worker_id: str, quantity: str) -> float:
+        return self._factors.get((worker_id, quantity), 1.0)
+
+    def observe(self, worker_id: str, quantity: str, predicted_s: float, actual_s: float) -> None:
+        """Fold one request in (``predicted_s``: what was predicted with the factor at the time);
+        a prediction that was not finite and positive teaches nothing."""
+        if not (0 < predicted_s < math.inf and 0 <= actual_s < math.inf):
+            return
+        low, high = self.bounds
+        factor = self.factor(worker_id, quantity) * (1 + self.weight * (actual_s / predicted_s - 1))
+        self._factors[(worker_id, quantity)] = min(max(factor, low), high)

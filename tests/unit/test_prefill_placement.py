@@ -1,0 +1,126 @@
+"""Elastic prefill placement on constructed latency models: the decision rules as specified
+(local when the prefill pool would miss the TTFT SLO and local chunks keep the running
+requests within TPOT; remote when local chunks would push them past it; refusal when neither
+holds), the chunk size, the cost that breaks ties, margins and correction factors."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.config import PlacementConfig
+from splitserve.errors import CapacityError
+from splitserve.latency import MixedStepModel
+from splitserve.protocol import SLO
+from splitserve.router.prefill_placement import (
+    LOCAL,
+    REMOTE,
+    Corrections,
+    DecodeSide,
+    Remote,
+    local_option,
+    place,
+)
+
+# A decode step costs 20 ms + 3 ms per decoding request; a prefill chunk adds 1 ms and 1 ms per token.
+COEFFICIENTS = {"const": 0.02, "requests": 0.001, "decode_tokens": 0.002, "draft_tokens": 0.0,
+                "prefill_tokens": 0.001, "prefill_attention": 0.0, "context_tokens": 0.0}
+MIXED = MixedStepModel.from_coefficients(COEFFICIENTS)
+EXACT = PlacementConfig(margin_sigmas=0.0)
+PROMPT = 200
+
+
+def side(num_decoding: int = 4, running_tpot_slo_s: float | None = 0.1, model=MIXED, **kwargs) -> DecodeSide:
+    return DecodeSide("d", model, num_decoding, num_draft_tokens=0, context_tokens=0,
+                      running_tpot_slo_s=running_tpot_slo_s, **kwargs)
+
+
+def test_the_largest_chunk_that_keeps_running_requests_within_tpot_is_used():
+    # With 4 decoding (32 ms steps): a 200-token chunk makes a 233 ms step, 128 tokens 161 ms,
+    # 64 tokens 97 ms -- the first within the running requests' 100 ms.
+    option = local_option(side(), PROMPT, EXACT)
+    assert option is not None and option.kind == LOCAL and option.chunk_tokens == 64
+    assert option.predicted_ttft_s == pytest.approx(4 * 0.033 + 0.2)  # chunks 64, 64, 64, 8
+    assert option.extra_decode_s == pytest.approx(4 * 0.001 + 0.2)
+    assert option.predicted_tpot_s == pytest.approx(0.02 + 0.003 * 5)
+    # Nobody decoding: nothing to protect, the whole prompt in one step.
+    alone = local_option(side(num_decoding=0), PROMPT, EXACT)
+    assert alone is not None and alone.chunk_tokens == PROMPT and alone.predicted_ttft_s == pytest.approx(0.221)
+
+
+def test_local_when_the_prefill_pool_would_miss_the_ttft_slo():
+    busy = Remote("p", "d", ttft_s=2.0, tpot_s=0.035)
+    chosen = place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), busy, [side()], EXACT)
+    assert (chosen.kind, chosen.decode_worker, chosen.chunk_tokens) == (LOCAL, "d", 64)
+
+
+def test_remote_when_local_chunks_would_push_running_requests_past_their_tpot():
+    # Even a 32-token chunk makes a 65 ms step; the running requests allow 40 ms.
+    assert local_option(side(running_tpot_slo_s=0.04), PROMPT, EXACT) is None
+    chosen = place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 0.5, 0.035),
+                   [side(running_tpot_slo_s=0.04)], EXACT)
+    assert (chosen.kind, chosen.prefill_worker, chosen.decode_worker) == (REMOTE, "p", "d")
+
+
+def test_refused_when_neither_holds():
+    with pytest.raises(CapacityError, match="predicted TTFT 2000 ms .* exceeds the request's SLO of 1000 ms"):
+        place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 2.0, 0.035), [side(running_tpot_slo_s=0.04)],
+              EXACT)
+    with pytest.raises(CapacityError, match="past their TPOT SLO"):
+        place(PROMPT, SLO(ttft_s=1.0), None, [side(running_tpot_slo_s=0.04)], EXACT)
+    with pytest.raises(CapacityError, match="predicted TPOT"):  # the newcomer's own TPOT, either way
+        place(PROMPT, SLO(tpot_s=0.01), Remote("p", "d", 0.3, 0.035), [side()], EXACT)
+
+
+@pytest.mark.parametrize(("ttft", "slo", "refused"), [(0.5, 0.49, True), (0.5, 0.5, False), (0.5, None, False),
+                                                      (float("inf"), 0.1, False)])
+def test_admission_refuses_exactly_when_the_prediction_exceeds_the_slo(ttft, slo, refused):
+    remote = Remote("p", "d", ttft, 0.035)
+    if refused:
+        with pytest.raises(CapacityError, match="exceeds the request's SLO"):
+            place(PROMPT, SLO(ttft_s=slo), remote, [], EXACT)
+    else:
+        assert place(PROMPT, SLO(ttft_s=slo), remote, [], EXACT).kind == REMOTE
+
+
+def test_among_options_that_hold_the_one_that_delays_others_least_wins():
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    remote = Remote("p", "d", ttft_s=0.3, tpot_s=0.035)
+    # Four requests decoding would each wait ~0.2 s for a local prefill: remote is cheaper.
+    assert place(PROMPT, slo, remote, [side()], EXACT).kind == REMOTE
+    # An idle decode worker prefills it sooner than the prefill worker, delaying nobody.
+    assert place(PROMPT, slo, remote, [side(num_decoding=0)], EXACT).kind == LOCAL
+    # The prefill pool's queue outgrows the delay local chunks cause (0.332 s + 4 x 0.204 s).
+    loose = SLO(ttft_s=2.0, tpot_s=0.1)
+    assert place(PROMPT, loose, Remote("p", "d", 1.1, 0.035), [side()], EXACT).kind == REMOTE
+    assert place(PROMPT, loose, Remote("p", "d", 1.2, 0.035), [side()], EXACT).kind == LOCAL
+
+
+def test_queued_prefill_and_cached_tokens_count_at_the_decode_worker():
+    queued = local_option(side(num_decoding=0, queued_prefill_tokens=300), PROMPT, EXACT)
+    cached = local_option(side(num_decoding=0, cached_tokens=160), PROMPT, EXACT)
+    assert queued is not None and queued.predicted_ttft_s == pytest.approx(0.021 + 0.5)  # 500 tokens in one step
+    assert cached is not None and cached.predicted_ttft_s == pytest.approx(0.021 + 0.04)  # 40 uncached tokens
+
+
+def test_corrections_and_the_fit_error_margin_scale_predictions():
+    slow = local_option(side(num_decoding=0, ttft_correction=2.0), PROMPT, EXACT)
+    assert slow is not None and slow.predicted_ttft_s == pytest.approx(2 * 0.221)
+    noisy = MixedStepModel.from_coefficients({**COEFFICIENTS, "rmse": 0.01, "n": 100})
+    margin = local_option(side(num_decoding=0, model=noisy), PROMPT, PlacementConfig(margin_sigmas=2.0))
+    assert margin is not None and margin.predicted_ttft_s == pytest.approx(0.221 + 0.02)  # one step, 2 sigma
+    assert local_option(side(model=None), PROMPT, EXACT) is None  # no model yet: no local option
+
+
+def test_a_correction_follows_observed_over_predicted_within_bounds():
+    corrections = Corrections(weight=0.5, bounds=(0.5, 4.0))
+    assert corrections.factor("w", "ttft") == 1.0
+    corrections.observe("w", "ttft", predicted_s=0.1, actual_s=0.2)  # twice as slow as predicted
+    assert corrections.factor("w", "ttft") == pytest.approx(1.5)
+    for _ in range(50):  # predictions made with the factor that match: it stays
+        corrections.observe("w", "ttft", predicted_s=0.3, actual_s=0.3)
+    assert corrections.factor("w", "ttft") == pytest.approx(1.5)
+    for _ in range(50):
+        corrections.observe("w", "ttft", predicted_s=0.1, actual_s=10.0)
+    assert corrections.factor("w", "ttft") == 4.0 and corrections.factor("w", "tpot") == 1.0
+    corrections.observe("w", "tpot", predicted_s=float("inf"), actual_s=1.0)  # nothing predicted: ignored
+    assert corrections.factor("w", "tpot") == 1.0
