@@ -44,7 +44,7 @@ bench-disagg: setup
 bench-spec-policy: setup
 	$(PY) -m bench.speculation_policy
 
-# Needs vLLM's CPU build beside splitserve: ../shared/tools/vllm-cpu-venv /root/vllm-venv
+# Needs vLLM's CPU build beside splitserve: ../shared/tools/vllm-cpu-venv /root/vllm-venv (about 3 h)
 bench-goodput: setup
 	$(PY) -m bench.goodput
 
