@@ -313,12 +313,15 @@ class PlacementConfig:
     margin_sigmas: each prediction gets this many of its model's fit RMSE added per step.
     correction_weight: how fast a worker's observed/predicted TTFT ratio follows new requests;
     the ratio, kept within ``correction_bounds``, scales that worker's predictions.
+    admission: refuse a request that no placement is predicted to serve within its SLO; False:
+    place it as well as the predictions allow (SLOs still steer placement and chunk sizes).
     """
 
     chunk_tokens: tuple[int, ...] = (512, 256, 128, 64, 32)
     margin_sigmas: float = 1.0
     correction_weight: float = 0.2
     correction_bounds: tuple[float, float] = (0.5, 4.0)
+    admission: bool = True
 
     def __post_init__(self) -> None:
         if not self.chunk_tokens or any(c < 1 for c in self.chunk_tokens):

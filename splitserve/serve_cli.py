@@ -15,6 +15,7 @@ from splitserve.config import (
     TRANSFER_BACKENDS,
     ClusterConfig,
     EngineConfig,
+    PlacementConfig,
     RoleConfig,
     ServeConfig,
     SpeculativeConfig,
@@ -57,7 +58,8 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
                         slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
                         slo_tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None,
                         router_only=args.router_only,
-                        roles=RoleConfig(enabled=args.balance_roles, min_dwell_s=args.role_dwell))
+                        roles=RoleConfig(enabled=args.balance_roles, min_dwell_s=args.role_dwell),
+                        placement=PlacementConfig(admission=args.admission))
     return cluster, serve
 
 
@@ -159,6 +161,11 @@ def _add_front_end_options(group: argparse._ArgumentGroup) -> None:
                        "that set none; a request predicted to miss it is refused (default: none)")
     group.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
                        help="TPOT target for requests that set none, likewise (default: none)")
+    is_on = field_default(PlacementConfig, "admission")
+    group.add_argument("--admission", action=argparse.BooleanOptionalAction, default=is_on,
+                       help="refuse (RESOURCE_EXHAUSTED / 429) a request no placement is predicted to serve within its "
+                       "SLO; --no-admission places it as well as it can, the SLOs still steering placement "
+                       f"(default: {'on' if is_on else 'off'})")
     _option(group, ServeConfig, "--grace", "grace_s",
             "seconds in-flight requests get to finish at shutdown (default: %(default)g)", type=float,
             metavar="SECONDS")

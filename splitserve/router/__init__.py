@@ -1,1 +1,2 @@
-"""The router: front ends (gRPC, OpenAI HTTP), worker choice, and the handoff orchestration."""
+"""The router: front ends (gRPC, OpenAI HTTP), prefill placement and admission, worker choice,
+the handoff orchestration, speculation lengths and the pools' roles."""

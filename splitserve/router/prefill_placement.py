@@ -96,10 +96,12 @@ class Placement:
     extra_decode_s: float = 0.0
 
 
-def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConfig) -> Placement | None:
+def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConfig,
+                 protect: bool = True) -> Placement | None:
     """The local prefill at ``side`` with the largest chunk that keeps its running requests
-    within their TPOT SLO; None when no chunk size does or the worker has no mixed-step model
-    yet. (Whether it meets the newcomer's own SLOs is ``place``'s question.)"""
+    within their TPOT SLO (``protect=False``: the smallest chunk when none does); None when no
+    chunk size does or the worker has no mixed-step model yet. (Whether it meets the
+    newcomer's own SLOs is ``place``'s question.)"""
     model = side.model
     if model is None:
         return None
@@ -112,7 +114,9 @@ def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConf
             continue  # a smaller size that still takes the whole prompt in one step is the same plan
         plan = model.prefill_seconds(new_tokens, chunk, side.num_decoding, side.num_draft_tokens, side.context_tokens)
         worst = side.tpot_correction * plan.worst_step_s + sigma
-        if side.num_decoding and side.running_tpot_slo_s is not None and worst > side.running_tpot_slo_s:
+        is_last = chunk == min(config.chunk_tokens)
+        if side.num_decoding and side.running_tpot_slo_s is not None and worst > side.running_tpot_slo_s \
+                and (protect or not is_last):
             continue
         ttft = side.ttft_correction * plan.seconds + sigma * math.sqrt(plan.num_steps)
         extra = side.tpot_correction * plan.extra_decode_seconds
@@ -123,19 +127,24 @@ def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConf
 
 def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, decode_sides: Sequence[DecodeSide],
           config: PlacementConfig) -> Placement:
-    """The cheapest option that meets the request's SLOs; CapacityError (a sentence naming the
-    best prediction) when none does, ValueError when there is no option at all."""
+    """The cheapest option that meets the request's SLOs. When none does: with
+    ``config.admission``, CapacityError (a sentence naming the best prediction); without, the
+    cheapest option all the same (and the smallest chunk where no chunk keeps a decode worker's
+    running requests within TPOT). ValueError when there is no worker at all."""
     options = [] if remote is None else [Placement(REMOTE, remote.prefill_worker, remote.decode_worker,
                                                    remote.ttft_s, remote.tpot_s, remote.ttft_s)]
     options += [o for side in decode_sides if (o := local_option(side, num_prompt_tokens, config)) is not None]
+    if not options and not config.admission:
+        options = [o for side in decode_sides
+                   if (o := local_option(side, num_prompt_tokens, config, protect=False)) is not None]
     if not options:
         if remote is None and decode_sides:
             raise CapacityError("no decode worker can prefill the request locally without pushing the requests "
                                 "running there past their TPOT SLO; retry later or relax the SLO")
         raise ValueError("no worker to place the request on")
     meeting = [o for o in options if _meets(o, slo)]
-    if meeting:
-        return min(meeting, key=lambda o: (o.cost_s, o.kind != REMOTE, o.decode_worker))
+    if meeting or not config.admission:
+        return min(meeting or options, key=lambda o: (o.cost_s, o.kind != REMOTE, o.decode_worker))
     best = min(options, key=lambda o: o.predicted_ttft_s)
     what, predicted, target = ("TTFT", best.predicted_ttft_s, slo.ttft_s) if not _meets_ttft(best, slo) else \
         ("TPOT", best.predicted_tpot_s, slo.tpot_s)

@@ -107,7 +107,7 @@ def test_serve_defaults_are_the_configs() -> None:
         "address": options.address, "grpc_host": options.grpc_host, "grpc_port": options.grpc_port,
         "http_host": options.http_host, "http_port": options.http_port, "grace": options.grace_s,
         "router_only": options.router_only, "balance_roles": options.roles.enabled,
-        "role_dwell": options.roles.min_dwell_s,
+        "role_dwell": options.roles.min_dwell_s, "admission": options.placement.admission,
         "model": engine.model, "dtype": engine.dtype, "num_kv_blocks": engine.num_kv_blocks,
         "max_num_batched_tokens": engine.max_num_batched_tokens,
         "enable_prefix_caching": engine.enable_prefix_caching,

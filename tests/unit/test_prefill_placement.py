@@ -124,3 +124,15 @@ def test_a_correction_follows_observed_over_predicted_within_bounds():
     assert corrections.factor("w", "ttft") == 4.0 and corrections.factor("w", "tpot") == 1.0
     corrections.observe("w", "tpot", predicted_s=float("inf"), actual_s=1.0)  # nothing predicted: ignored
     assert corrections.factor("w", "tpot") == 1.0
+
+
+def test_without_admission_the_cheapest_option_is_taken_when_none_holds():
+    open_door = PlacementConfig(margin_sigmas=0.0, admission=False)
+    slo = SLO(ttft_s=1.0, tpot_s=0.01)
+    chosen = place(PROMPT, slo, Remote("p", "d", 2.0, 0.035), [side(running_tpot_slo_s=0.04)], open_door)
+    assert chosen.kind == REMOTE  # the only option; it misses, and is taken all the same
+    # No prefill pool and no chunk within the running requests' TPOT: the smallest chunk.
+    chosen = place(PROMPT, SLO(ttft_s=1.0), None, [side(running_tpot_slo_s=0.04)], open_door)
+    assert (chosen.kind, chosen.chunk_tokens) == (LOCAL, 32)
+    # Options that hold still win over those that do not.
+    assert place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 2.0, 0.035), [side()], open_door).kind == LOCAL
