@@ -168,7 +168,10 @@ def slo_profiles(args: argparse.Namespace) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------- systems
 
-def systems(args: argparse.Namespace) -> list[System]:
+def systems(args: argparse.Namespace, tpot_slo_ms: float) -> list[System]:
+    """The servers; ``tpot_slo_ms``: the TPOT target elastic is deployed with, so its placement
+    keeps a local prefill from pushing running requests past it; with --no-admission it refuses
+    nothing, like every other server here (no request carries an SLO)."""
     # Prefix caching off everywhere: every rate of the sweep sends the same seeded prompts, and
     # a cache hit would skip the prefill the workload is meant to cost.
     def splitserve(port: int, mode: str, *workers: str, threads: int = 1) -> list[str]:
@@ -177,7 +180,8 @@ def systems(args: argparse.Namespace) -> list[System]:
 
     one_one = ("--prefill-workers", "1", "--decode-workers", "1")
     known = {
-        ELASTIC: System(ELASTIC, splitserve(8106, "elastic", "--workers", "2"), 8106),
+        ELASTIC: System(ELASTIC, splitserve(8106, "elastic", "--workers", "2", "--slo-tpot-ms", f"{tpot_slo_ms:g}",
+                                             "--no-admission"), 8106),
         DISAGGREGATED: System(DISAGGREGATED, splitserve(8101, "disaggregated", *one_one), 8101),
         ADMISSION: System(ADMISSION, splitserve(8105, "disaggregated", *one_one), 8105, send_slo=True),
         COLOCATED: System(COLOCATED, splitserve(8102, "colocated", "--workers", "1", threads=2), 8102),
@@ -290,7 +294,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log("profiling the SLOs")
     profiles = slo_profiles(args)
-    listed = systems(args)
+    listed = systems(args, tpot_slo_ms=min(p["tpot_ms"] for p in profiles.values()))
     result = {
         "benchmark": "goodput", "command": command_line(), "machine": machine, "revision": git_revision(ROOT),
         "model": model_path().name,
