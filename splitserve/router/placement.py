@@ -39,6 +39,11 @@ def prompt_block_hashes(prompt_ids: Sequence[int], block_size: int) -> list[byte
     return hashes
 
 
+def blocks_for(num_prompt_tokens: int, block_size: int) -> int:
+    """The KV blocks a prompt needs on the worker that decodes it (its first output token included)."""
+    return -(-(num_prompt_tokens + 1) // block_size)
+
+
 def rank_prefill(
     worker_ids: Sequence[str],
     num_prompt_tokens: int,
@@ -72,7 +77,7 @@ def rank_decode(
 ) -> list[Choice]:
     """Decode workers by predicted TPOT with one more request; those that reported too few free
     blocks for the prompt go last (their own answer, CapacityError or ValueError, is the truth)."""
-    needed_blocks = -(-(num_prompt_tokens + 1) // block_size)
+    needed_blocks = blocks_for(num_prompt_tokens, block_size)
     choices = []
     full = set()
     for worker_id in worker_ids:

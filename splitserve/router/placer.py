@@ -9,8 +9,9 @@ model, the requests decoding there (and their drafts per step, from the speculat
 controller), the prompt tokens it has queued, and the tightest TPOT SLO among the requests this
 router runs there (the default SLO stands in for requests other routers run there). The chosen
 prefill worker counts the prompt as queued (``ClusterView.inflight_tokens``) from the decision
-until the router sees its first token, so the next request of a burst is placed knowing it. After the request it folds observed over predicted TTFT and TPOT into the workers' correction factors and
-the KV transfer's exposed wait into a running average.
+until the router sees its first token, so the next request of a burst is placed knowing it.
+After the request it folds observed over predicted TTFT and TPOT into the workers' correction
+factors and the KV transfer's exposed wait into a running average.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from splitserve.config import PlacementConfig
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
-from splitserve.router.placement import prompt_block_hashes, rank_decode, rank_prefill
+from splitserve.router.placement import blocks_for, prompt_block_hashes, rank_decode, rank_prefill
 from splitserve.router.prefill_placement import Corrections, DecodeSide, Placement, Remote, place
 from splitserve.router.spec_control import SpecController
 
@@ -70,7 +71,7 @@ class Placer:
 
     def _decode_sides(self, req: RoutedRequest, decode_ids: Sequence[str], cached: dict[str, int]) -> list[DecodeSide]:
         view, n = self.view, len(req.prompt_ids)
-        needed_blocks = -(-(n + 1) // self.block_size)
+        needed_blocks = blocks_for(n, self.block_size)
         sides = []
         for worker_id in decode_ids:
             load = view.loads.get(worker_id)
