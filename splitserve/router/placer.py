@@ -6,8 +6,10 @@ For a request it reads the prompt's prefix-cache hits per worker (one store read
 prefill pool by predicted TTFT and the decode pool by predicted TPOT (placement.py), and
 describes every decode-pool worker with room for the prompt as a local option: its mixed-step
 model, the requests decoding there (and their drafts per step, from the speculation
-controller), the prompt tokens it has queued, and the tightest TPOT SLO among the requests this
-router runs there (the default SLO stands in for requests other routers run there). The chosen
+controller), the prompt tokens it has queued, and -- for the TPOT guard -- where each request
+this router runs there stands against its TPOT SLO (tokens streamed, seconds since its first,
+tokens still due when it ignores EOS; requests other routers run there count as just started
+under the default SLO). The chosen
 prefill worker counts the prompt as queued (``ClusterView.inflight_tokens``) from the decision
 until the router sees its first token, so the next request of a burst is placed knowing it.
 After the request it folds observed over predicted TTFT and TPOT into the workers' correction
@@ -18,27 +20,45 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from splitserve.engine.sampling_params import SamplingParams
 
 from splitserve.config import PlacementConfig
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
 from splitserve.router.placement import blocks_for, prompt_block_hashes, rank_decode, rank_prefill
-from splitserve.router.prefill_placement import Corrections, DecodeSide, Placement, Remote, place
+from splitserve.router.prefill_placement import Corrections, DecodeSide, Placement, Remote, Running, place
 from splitserve.router.spec_control import SpecController
 
 _TRANSFER_WEIGHT = 0.2  # how fast the exposed-transfer average follows new hand-offs
 
 
+@dataclass
+class _Decoding:
+    """A request this router streams from a worker, since its first token."""
+
+    tpot_slo_s: float
+    first_at: float
+    params: SamplingParams
+    num_output_tokens: int = 1
+
+    def running(self, now: float) -> Running:
+        certain = self.params.max_tokens - self.num_output_tokens if self.params.ignore_eos else None
+        return Running(self.tpot_slo_s, self.num_output_tokens - 1, now - self.first_at, certain)
+
+
 class Placer:
     def __init__(self, view: ClusterView, controller: SpecController, block_size: int, config: PlacementConfig,
-                 default_slo: SLO):
+                 default_slo: SLO, clock: Callable[[], float] = time.monotonic):
         self.view, self.controller, self.block_size, self.config = view, controller, block_size, config
-        self.default_slo = default_slo
+        self.default_slo, self.clock = default_slo, clock
         self.corrections = Corrections(config.correction_weight, config.correction_bounds)
         self.transfer_s = 0.0  # the exposed part of a KV hand-off, averaged
-        self._decoding: dict[str, dict[str, float | None]] = {}  # worker -> request -> its TPOT SLO
+        self._decoding: dict[str, dict[str, _Decoding | None]] = {}  # worker -> request (None: no TPOT SLO)
 
     async def place(self, req: RoutedRequest, local: bool = True) -> Placement:
         """Where the request's prefill runs (``local``: whether decode workers may prefill it);
@@ -77,7 +97,6 @@ class Placer:
             load = view.loads.get(worker_id)
             if load is not None and load.num_free_blocks < needed_blocks or worker_id in req.tried:
                 continue
-            known = self._decoding.get(worker_id, {})
             num_decoding = max(load.num_running_requests if load else 0, view.inflight[worker_id])
             sides.append(DecodeSide(
                 worker_id, view.models_of(worker_id).mixed_step, num_decoding,
@@ -85,23 +104,34 @@ class Placer:
                 queued_prefill_tokens=max(load.num_queued_prompt_tokens if load else 0,
                                           view.inflight_tokens[worker_id]),
                 cached_tokens=min(cached.get(worker_id, 0) * self.block_size, n - 1),
-                running_tpot_slo_s=self._tightest_tpot_slo(known, num_decoding),
+                running=self.running_at(worker_id, num_decoding),
                 ttft_correction=self.corrections.factor(worker_id, "ttft"),
                 tpot_correction=self.corrections.factor(worker_id, "tpot"),
             ))
         return sides
 
-    def _tightest_tpot_slo(self, known: dict[str, float | None], num_decoding: int) -> float | None:
-        slos = [s for s in known.values() if s is not None]
-        if num_decoding > len(known) and self.default_slo.tpot_s is not None:
-            slos.append(self.default_slo.tpot_s)  # requests another router runs there
-        return min(slos, default=None)
+    def running_at(self, worker_id: str, num_decoding: int) -> tuple[Running, ...]:
+        """The requests decoding at the worker (``num_decoding`` of them, as it reported) that
+        have a TPOT SLO, as the TPOT guard sees them now."""
+        known, now = self._decoding.get(worker_id, {}), self.clock()
+        running = [d.running(now) for d in known.values() if d is not None]
+        if self.default_slo.tpot_s is not None:  # requests another router runs there
+            running += [Running(self.default_slo.tpot_s)] * max(num_decoding - len(known), 0)
+        return tuple(running)
 
     # ------------------------------------------------------------ what placed requests did
 
-    def decoding(self, worker_id: str, request_id: str, tpot_slo_s: float | None) -> None:
-        """The request decodes at the worker from now on (its TPOT SLO protects it there)."""
-        self._decoding.setdefault(worker_id, {})[request_id] = tpot_slo_s
+    def decoding(self, worker_id: str, request_id: str, slo: SLO, params: SamplingParams) -> None:
+        """The request decodes at the worker from its first token, now (its TPOT SLO protects
+        it there)."""
+        tracked = None if slo.tpot_s is None else _Decoding(slo.tpot_s, self.clock(), params)
+        self._decoding.setdefault(worker_id, {})[request_id] = tracked
+
+    def streamed(self, worker_id: str, request_id: str, num_output_tokens: int) -> None:
+        """The request has produced ``num_output_tokens`` tokens in all."""
+        tracked = self._decoding.get(worker_id, {}).get(request_id)
+        if tracked is not None:
+            tracked.num_output_tokens = num_output_tokens
 
     def done(self, worker_id: str, request_id: str) -> None:
         self._decoding.get(worker_id, {}).pop(request_id, None)

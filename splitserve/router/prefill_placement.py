@@ -12,8 +12,16 @@ The options for a request of n prompt tokens:
   its running decode batch. Predicted TTFT = the mixed steps that run D's queued prefill
   tokens and then this prompt's uncached ones (D's mixed-step model: a decode step with a
   prefill chunk in it). Each of those steps also delays every request decoding at D, so C is
-  the largest size (of ``PlacementConfig.chunk_tokens``) whose worst mixed step stays within
-  the tightest TPOT SLO among them; when none does, D has no local option.
+  the largest size (of ``PlacementConfig.chunk_tokens``) whose delay every running request
+  can absorb (``Running.absorbs``); when none does, D has no local option.
+
+The guard is amortized, as TPOT is a mean: a running request absorbs a delay when its mean
+time per output token still meets its SLO at the end of the horizon it is sure to decode over
+(the tokens it must still produce when it ignores EOS, else just the prefill's steps) -- the
+slack it banked so far (SLO x tokens produced - seconds taken) plus, over the horizon, the SLO
+less the predicted step time. A request running well ahead of its SLO thus pays for a long
+local prefill; one that just started only for chunks whose added time per step fits under
+its SLO; one that misses its SLO even without the delay does not veto it.
 
 TTFT is the time to the first token, which the worker that prefills samples at the end of the
 prefill; the decode steps after it count toward TPOT, which for the newcomer is D's step with
@@ -56,14 +64,41 @@ class Remote:
 
 
 @dataclass(frozen=True)
+class Running:
+    """A request decoding at a worker, as the TPOT guard sees it.
+
+    tpot_slo_s: its TPOT SLO; num_tokens: the tokens it produced after its first; decode_s: the
+    seconds since its first token; tokens_left: the tokens it will still produce for certain
+    (None: it may end at any step, on EOS)."""
+
+    tpot_slo_s: float
+    num_tokens: int = 0
+    decode_s: float = 0.0
+    tokens_left: int | None = None
+
+    def absorbs(self, delay_s: float, step_s: float, num_steps: int) -> bool:
+        """Whether ``delay_s`` spread over the next ``num_steps`` steps (of ``step_s`` each
+        without it) keeps its mean TPOT within its SLO at the end of its horizon. A request
+        that misses its SLO even without the delay does not veto it: it is lost either way."""
+        horizon = num_steps if self.tokens_left is None else self.tokens_left
+        delay = delay_s * min(horizon, num_steps) / num_steps  # it may leave before the last chunk
+        slack = self.slack_s(step_s, horizon)
+        return slack < 0 or delay <= slack
+
+    def slack_s(self, step_s: float, horizon: int) -> float:
+        """The delay it can absorb and still meet its SLO after ``horizon`` more tokens."""
+        return self.tpot_slo_s * (self.num_tokens + horizon) - self.decode_s - step_s * horizon
+
+
+@dataclass(frozen=True)
 class DecodeSide:
     """A decode-pool worker as the place of a local prefill: its mixed-step model and batch.
 
     num_decoding / num_draft_tokens / context_tokens: the requests decoding there, their drafts
     per step and their context; queued_prefill_tokens: prompt tokens it has yet to prefill;
-    cached_tokens: this prompt's tokens already in its prefix cache; running_tpot_slo_s: the
-    tightest TPOT SLO among the requests decoding there (None: none has one);
-    ttft_correction / tpot_correction: observed over predicted, for its recent requests.
+    cached_tokens: this prompt's tokens already in its prefix cache; running: the requests
+    decoding there that have a TPOT SLO; ttft_correction / tpot_correction: observed over
+    predicted, for its recent requests.
     """
 
     worker_id: str
@@ -73,7 +108,7 @@ class DecodeSide:
     context_tokens: int
     queued_prefill_tokens: int = 0
     cached_tokens: int = 0
-    running_tpot_slo_s: float | None = None
+    running: tuple[Running, ...] = ()
     ttft_correction: float = 1.0
     tpot_correction: float = 1.0
 
@@ -98,9 +133,9 @@ class Placement:
 
 def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConfig,
                  protect: bool = True) -> Placement | None:
-    """The local prefill at ``side`` with the largest chunk that keeps its running requests
-    within their TPOT SLO (``protect=False``: the smallest chunk when none does); None when no
-    chunk size does or the worker has no mixed-step model yet. (Whether it meets the
+    """The local prefill at ``side`` with the largest chunk whose delay its running requests
+    absorb within their TPOT SLO (``protect=False``: the smallest chunk when none does); None
+    when no chunk size does or the worker has no mixed-step model yet. (Whether it meets the
     newcomer's own SLOs is ``place``'s question.)"""
     model = side.model
     if model is None:
@@ -113,13 +148,12 @@ def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConf
         if chunk > new_tokens and chunk != max(config.chunk_tokens):
             continue  # a smaller size that still takes the whole prompt in one step is the same plan
         plan = model.prefill_seconds(new_tokens, chunk, side.num_decoding, side.num_draft_tokens, side.context_tokens)
-        worst = side.tpot_correction * plan.worst_step_s + sigma
-        is_last = chunk == min(config.chunk_tokens)
-        if side.num_decoding and side.running_tpot_slo_s is not None and worst > side.running_tpot_slo_s \
-                and (protect or not is_last):
+        extra = side.tpot_correction * plan.extra_decode_seconds
+        delay = extra + sigma * math.sqrt(plan.num_steps)
+        absorbed = all(r.absorbs(delay, tpot, plan.num_steps) for r in side.running)
+        if not absorbed and (protect or chunk != min(config.chunk_tokens)):
             continue
         ttft = side.ttft_correction * plan.seconds + sigma * math.sqrt(plan.num_steps)
-        extra = side.tpot_correction * plan.extra_decode_seconds
         return Placement(LOCAL, side.worker_id, side.worker_id, ttft, tpot, ttft + extra * side.num_decoding,
                          chunk_tokens=min(chunk, new_tokens), extra_decode_s=extra)
     return None

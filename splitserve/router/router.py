@@ -241,7 +241,8 @@ class Router:
                 if first_at is None:
                     first_at = time.monotonic()
                     self._prefilled(req, worker_id)
-                    self.placer.decoding(worker_id, req.request_id, req.slo.tpot_s)
+                    self.placer.decoding(worker_id, req.request_id, req.slo, req.params)
+                self.placer.streamed(worker_id, req.request_id, delta.num_output_tokens)
                 self.speculation.observe(worker_id, visit.handle, delta)
                 if delta.finished:
                     delta = dataclasses.replace(delta, report=self._report(
@@ -268,7 +269,7 @@ class Router:
         try:
             first_at = time.monotonic()
             self.placer.observe_transfer(result.handoff_wait_s)
-            self.placer.decoding(decode.worker_id, req.request_id, req.slo.tpot_s)
+            self.placer.decoding(decode.worker_id, req.request_id, req.slo, req.params)
 
             def finished(delta: GenerateDelta) -> GenerateDelta:
                 return dataclasses.replace(delta, report=self._report(
@@ -291,6 +292,7 @@ class Router:
             async for ref in stream:
                 delta = await call(ref, decode.worker_id)
                 decode.finished = delta.finished
+                self.placer.streamed(decode.worker_id, req.request_id, delta.num_output_tokens)
                 self.speculation.observe(decode.worker_id, decode.handle, delta)
                 yield finished(delta) if delta.finished else delta
         finally:

@@ -1,25 +1,32 @@
 """Elastic prefill placement on constructed latency models: the decision rules as specified
 (local when the prefill pool would miss the TTFT SLO and local chunks keep the running
 requests within TPOT; remote when local chunks would push them past it; refusal when neither
-holds), the chunk size, the cost that breaks ties, margins and correction factors."""
+holds), the chunk size, the amortized TPOT guard (slack banked, horizons), the cost that
+breaks ties, margins and correction factors."""
 
 from __future__ import annotations
 
 import pytest
 
+from splitserve.cluster.embedded_store import MemoryStore
 from splitserve.config import PlacementConfig
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError
 from splitserve.latency import MixedStepModel
 from splitserve.protocol import SLO
+from splitserve.router.cluster_view import ClusterView
+from splitserve.router.placer import Placer
 from splitserve.router.prefill_placement import (
     LOCAL,
     REMOTE,
     Corrections,
     DecodeSide,
     Remote,
+    Running,
     local_option,
     place,
 )
+from splitserve.router.spec_control import SpecController
 
 # A decode step costs 20 ms + 3 ms per decoding request; a prefill chunk adds 1 ms and 1 ms per token.
 COEFFICIENTS = {"const": 0.02, "requests": 0.001, "decode_tokens": 0.002, "draft_tokens": 0.0,
@@ -29,14 +36,16 @@ EXACT = PlacementConfig(margin_sigmas=0.0)
 PROMPT = 200
 
 
-def side(num_decoding: int = 4, running_tpot_slo_s: float | None = 0.1, model=MIXED, **kwargs) -> DecodeSide:
-    return DecodeSide("d", model, num_decoding, num_draft_tokens=0, context_tokens=0,
-                      running_tpot_slo_s=running_tpot_slo_s, **kwargs)
+def side(num_decoding: int = 4, tpot_slo_s: float = 0.1, model=MIXED, running=None, **kwargs) -> DecodeSide:
+    """A decode worker whose ``num_decoding`` requests just started (by default)."""
+    running = (Running(tpot_slo_s),) * num_decoding if running is None else running
+    return DecodeSide("d", model, num_decoding, num_draft_tokens=0, context_tokens=0, running=running, **kwargs)
 
 
 def test_the_largest_chunk_that_keeps_running_requests_within_tpot_is_used():
-    # With 4 decoding (32 ms steps): a 200-token chunk makes a 233 ms step, 128 tokens 161 ms,
-    # 64 tokens 97 ms -- the first within the running requests' 100 ms.
+    # With 4 decoding (32 ms steps, 35 ms with the newcomer): just started, each can absorb
+    # 100 - 35 = 65 ms per step of the prefill. One 200-token step adds 201 ms, two 128-token
+    # steps 202 ms over 2 steps; four 64-token steps add 204 ms over 4 -- the first that fits.
     option = local_option(side(), PROMPT, EXACT)
     assert option is not None and option.kind == LOCAL and option.chunk_tokens == 64
     assert option.predicted_ttft_s == pytest.approx(4 * 0.033 + 0.2)  # chunks 64, 64, 64, 8
@@ -54,19 +63,40 @@ def test_local_when_the_prefill_pool_would_miss_the_ttft_slo():
 
 
 def test_remote_when_local_chunks_would_push_running_requests_past_their_tpot():
-    # Even a 32-token chunk makes a 65 ms step; the running requests allow 40 ms.
-    assert local_option(side(running_tpot_slo_s=0.04), PROMPT, EXACT) is None
+    # Even 32-token chunks add 207 ms over 7 steps; the running requests allow 5 ms a step.
+    assert local_option(side(tpot_slo_s=0.04), PROMPT, EXACT) is None
     chosen = place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 0.5, 0.035),
-                   [side(running_tpot_slo_s=0.04)], EXACT)
+                   [side(tpot_slo_s=0.04)], EXACT)
     assert (chosen.kind, chosen.prefill_worker, chosen.decode_worker) == (REMOTE, "p", "d")
+
+
+def test_slack_a_running_request_banked_or_is_sure_to_have_pays_for_larger_chunks():
+    # 50 tokens in 1.75 s under a 100 ms SLO: 3.25 s banked, enough for the whole prompt at once.
+    ahead = Running(0.1, num_tokens=50, decode_s=1.75)
+    assert local_option(side(running=(ahead,) * 4), PROMPT, EXACT).chunk_tokens == PROMPT
+    # Just started, but sure to produce 100 more tokens (ignore_eos): 65 ms x 100 to spread it over.
+    long = Running(0.1, tokens_left=100)
+    assert local_option(side(running=(long,) * 4), PROMPT, EXACT).chunk_tokens == PROMPT
+    # The tightest running request decides: one just started without a horizon keeps chunks at 64.
+    assert local_option(side(running=(ahead, long, Running(0.1))), PROMPT, EXACT).chunk_tokens == 64
+    # One about to finish bears only the steps it is still there for: its 1 token takes 1/4 of
+    # the 64-token plan's 204 ms (51 ms), within its 65 ms; a 128-token chunk's half (101 ms) is not.
+    assert local_option(side(running=(Running(0.1, tokens_left=1),)), PROMPT, EXACT).chunk_tokens == 64
+
+
+def test_a_running_request_that_misses_its_slo_anyway_does_not_veto():
+    behind = Running(0.04, num_tokens=10, decode_s=1.0)  # 0.4 s allowed, 1.0 s taken: lost already
+    assert behind.slack_s(step_s=0.035, horizon=7) < 0
+    assert local_option(side(running=(behind,)), PROMPT, EXACT).chunk_tokens == PROMPT
+    assert local_option(side(running=(behind, Running(0.04))), PROMPT, EXACT) is None
 
 
 def test_refused_when_neither_holds():
     with pytest.raises(CapacityError, match="predicted TTFT 2000 ms .* exceeds the request's SLO of 1000 ms"):
-        place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 2.0, 0.035), [side(running_tpot_slo_s=0.04)],
+        place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 2.0, 0.035), [side(tpot_slo_s=0.04)],
               EXACT)
     with pytest.raises(CapacityError, match="past their TPOT SLO"):
-        place(PROMPT, SLO(ttft_s=1.0), None, [side(running_tpot_slo_s=0.04)], EXACT)
+        place(PROMPT, SLO(ttft_s=1.0), None, [side(tpot_slo_s=0.04)], EXACT)
     with pytest.raises(CapacityError, match="predicted TPOT"):  # the newcomer's own TPOT, either way
         place(PROMPT, SLO(tpot_s=0.01), Remote("p", "d", 0.3, 0.035), [side()], EXACT)
 
@@ -129,10 +159,27 @@ def test_a_correction_follows_observed_over_predicted_within_bounds():
 def test_without_admission_the_cheapest_option_is_taken_when_none_holds():
     open_door = PlacementConfig(margin_sigmas=0.0, admission=False)
     slo = SLO(ttft_s=1.0, tpot_s=0.01)
-    chosen = place(PROMPT, slo, Remote("p", "d", 2.0, 0.035), [side(running_tpot_slo_s=0.04)], open_door)
+    chosen = place(PROMPT, slo, Remote("p", "d", 2.0, 0.035), [side(tpot_slo_s=0.04)], open_door)
     assert chosen.kind == REMOTE  # the only option; it misses, and is taken all the same
     # No prefill pool and no chunk within the running requests' TPOT: the smallest chunk.
-    chosen = place(PROMPT, SLO(ttft_s=1.0), None, [side(running_tpot_slo_s=0.04)], open_door)
+    chosen = place(PROMPT, SLO(ttft_s=1.0), None, [side(tpot_slo_s=0.04)], open_door)
     assert (chosen.kind, chosen.chunk_tokens) == (LOCAL, 32)
     # Options that hold still win over those that do not.
     assert place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 2.0, 0.035), [side()], open_door).kind == LOCAL
+
+
+def test_the_placer_sees_each_running_request_against_its_slo_and_strangers_as_just_started():
+    now = [100.0]
+    placer = Placer(ClusterView(MemoryStore(), get_actor=lambda name: None), SpecController(), 16,
+                    EXACT, default_slo=SLO(tpot_s=0.05), clock=lambda: now[0])
+    placer.decoding("d", "sure", SLO(tpot_s=0.1), SamplingParams(max_tokens=64, ignore_eos=True))
+    placer.decoding("d", "eos", SLO(tpot_s=0.2), SamplingParams(max_tokens=64))
+    placer.decoding("d", "free", SLO(), SamplingParams())  # no TPOT SLO: nothing to protect
+    now[0] += 1.5
+    placer.streamed("d", "sure", 21)
+    placer.streamed("d", "eos", 11)
+    assert placer.running_at("d", num_decoding=5) == (
+        Running(0.1, num_tokens=20, decode_s=1.5, tokens_left=43), Running(0.2, num_tokens=10, decode_s=1.5),
+        Running(0.05), Running(0.05))  # two requests another router runs there
+    placer.done("d", "sure")
+    assert len(placer.running_at("d", num_decoding=2)) == 1
