@@ -83,13 +83,23 @@ class GenerateDelta:
 
 @dataclass(frozen=True)
 class KVDestination:
-    """Where one request's prompt K/V go: a decode worker's receiver and the blocks it reserved."""
+    """Where one request's prompt K/V go: a decode worker's receiver and the blocks it reserved.
+
+    start_token: the first prompt position whose K/V must be sent. The decode worker already
+    holds the positions before it (a prefix of whole blocks from its own prefix cache, shared
+    with other requests there), so only the prompt's tail travels.
+    """
 
     worker_id: str
     backend: str  # "collective" or "grpc"
     endpoint: str
     block_ids: tuple[int, ...]  # the request's block table on the decode worker
     codec: str = "raw"
+    start_token: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start_token, bool) or not isinstance(self.start_token, int) or self.start_token < 0:
+            raise ValueError(f"start_token must be an integer >= 0, got {self.start_token!r}")
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ class PrefillResult:
     prefill_s: float  # from arrival to the first token, queueing included
     handoff_wait_s: float  # after the first token, until the last chunk was acknowledged
     num_kv_chunks: int
-    num_kv_bytes: int
+    num_kv_bytes: int  # on the wire: the prompt's K/V from the destination's start_token on
     num_kv_resends: int
 
 

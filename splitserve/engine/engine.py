@@ -15,8 +15,10 @@ Disaggregation needs two more paths, one per side of the KV handoff:
   the first token the request leaves this engine (its blocks go back), unless that token
   already ended it; its output carries the sampler's RNG state for the decode side.
 - decode side: ``reserve`` validates a request and holds blocks for its prompt without
-  scheduling it; the KV arrive into those blocks from outside; ``start_reserved`` adds the
-  request, prompt computed and first token given, to the running batch.
+  scheduling it, sharing the full blocks of a prefix this engine's prefix cache already holds
+  (like a prefix hit: references taken, given back by ``abort``); the KV of the rest arrive
+  into the other blocks from outside; ``start_reserved`` adds the request, prompt computed and
+  first token given, to the running batch.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from splitserve.engine.spec.verifier import VerifyItem, verify_batch
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.errors import CapacityError
 
-__all__ = ["KVExporter", "KVSlice", "LLMEngine", "LoadedModel", "RequestOutput", "StepStats"]
+__all__ = ["KVExporter", "KVSlice", "LLMEngine", "LoadedModel", "RequestOutput", "Reservation", "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,20 @@ class KVSlice:
     token_start: int
     token_end: int
     block_table: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks a decode-side engine holds for a prompt whose K/V come from elsewhere.
+
+    ``block_ids``: the request's block table (position p in slot ``block_ids[p // block_size] *
+    block_size + p % block_size``). Its first ``num_cached_tokens`` positions (whole blocks,
+    never the last prompt token) are already there, shared with this engine's prefix cache;
+    only the K/V of positions from there on must arrive (and nothing may write the others).
+    """
+
+    block_ids: tuple[int, ...]
+    num_cached_tokens: int
 
 
 class KVExporter(Protocol):
@@ -175,27 +191,29 @@ class LLMEngine:
 
     def reserve(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> list[int]:
-        """Decode side: validate a request and hold KV blocks for its prompt (and first token).
+    ) -> Reservation:
+        """Decode side: validate a request and hold KV blocks for its prompt (and first token),
+        sharing the blocks of its longest prefix already in the prefix cache.
 
-        Returns the request's block table: its prompt's K/V belong in these blocks, position p
-        in slot ``table[p // block_size] * block_size + p % block_size``. Nothing runs until
-        ``start_reserved``; ``abort`` gives the blocks back. Raises ValueError for bad input and
-        CapacityError when the blocks or a sequence slot are not free now.
+        Nothing runs until ``start_reserved``; ``abort`` gives the blocks back (the shared ones
+        keep their other holders). Raises ValueError for bad input and CapacityError when the
+        blocks or a sequence slot are not free now.
         """
         request = self._new_request(prompt, params, request_id)
         if len(self.scheduler.running) + len(self._reserved) >= self.config.max_num_seqs:
             raise CapacityError(f"all {self.config.max_num_seqs} sequence slots are taken")
+        prefix = self.kv_cache.find_prefix(request.prompt_token_ids)  # never the last prompt token's block
         num_tokens = request.num_prompt_tokens + 1
-        if not self.kv_cache.can_allocate(num_tokens):
+        if not self.kv_cache.can_allocate(num_tokens, prefix):
             raise CapacityError(
                 f"a {request.num_prompt_tokens}-token prompt needs {self.kv_cache.num_blocks_for(num_tokens)} "
-                f"KV blocks; {self.kv_cache.num_free_blocks} are free"
+                f"KV blocks ({len(prefix)} of them cached); {self.kv_cache.num_free_blocks} are free"
             )
-        self.kv_cache.allocate(request.request_id, num_tokens)
+        self.kv_cache.allocate(request.request_id, num_tokens, prefix)
         self._reserved[request.request_id] = request
         self._outputs[request.request_id] = OutputState(request, self.tokenizer)
-        return list(self.kv_cache.block_table(request.request_id))
+        table = tuple(self.kv_cache.block_table(request.request_id))
+        return Reservation(table, len(prefix) * self.config.block_size)
 
     def start_reserved(
         self, request_id: str, first_token_id: int, generator_state: torch.Tensor | None = None

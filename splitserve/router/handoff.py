@@ -3,9 +3,12 @@
 An attempt reserves blocks on the decode-pool worker with the best predicted TPOT (a worker
 without room answers CapacityError and the next is asked), then prefills on the prefill-pool
 worker with the best predicted TTFT into that reservation; the PrefillResult means every KV
-chunk landed. (Admission is decided before, by the Placer.) A failed attempt (a transfer error, a dead worker) releases its reservation
-and raises ``HandoffFailed``; the next attempt asks other workers first, up to ``attempts``.
-What happens after the first token is the Router's.
+chunk landed. (Admission is decided before, by the Placer.) The decode worker reserves from
+its own prefix cache where it can, and the prefill worker then sends only the prompt's tail;
+between decode workers predicted alike, one holding more of the prompt goes first. A failed
+attempt (a transfer error, a dead worker) releases its reservation and raises
+``HandoffFailed``; the next attempt asks other workers first, up to ``attempts``. What happens
+after the first token is the Router's.
 """
 
 from __future__ import annotations
@@ -80,9 +83,10 @@ class Handoff:
     async def _attempt(self, req: RoutedRequest, attempt: int, placed: tuple[str, str] | None) -> HandedOff:
         """Reserve on a decode worker, prefill into it; HandoffFailed (reservation released)
         when the transfer or a worker failed, CapacityError when no worker can take it."""
-        decode, decode_params, destination = await self._reserve(req, None if placed is None else placed[1])
+        cached = {} if placed is not None else await self._cached_blocks(req)  # the placed pair is ranked already
+        decode, decode_params, destination = await self._reserve(req, None if placed is None else placed[1], cached)
         try:
-            prefill_id = placed[0] if placed is not None else await self._choose_prefill(req)
+            prefill_id = placed[0] if placed is not None else self._choose_prefill(req, cached)
             queue_s = time.monotonic() - req.arrival
             result = await self._prefill(req, prefill_id, destination, decode.worker_id)
         except BaseException:
@@ -105,23 +109,28 @@ class Handoff:
         finally:
             await prefill.leave()
 
-    async def _choose_prefill(self, req: RoutedRequest) -> str:
+    async def _cached_blocks(self, req: RoutedRequest) -> dict[str, int]:
+        """The prompt's blocks each worker holds in its prefix cache (one store read)."""
+        hashes = prompt_block_hashes(req.prompt_ids, self.block_size)
+        return await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
+
+    def _choose_prefill(self, req: RoutedRequest, cached: dict[str, int]) -> str:
         """The prefill worker with the lowest predicted TTFT (prefix-cache hits included)."""
         ids = self.view.ids("prefill")
-        hashes = prompt_block_hashes(req.prompt_ids, self.block_size)
-        cached = await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
         models = {w: m for w in ids if (m := self.view.models_of(w).prefill) is not None}
         ranked = rank_prefill(ids, len(req.prompt_ids), cached, self.block_size, self.view.loads,
                               self.view.inflight_tokens, models, req.tried)
         return ranked[0].worker_id
 
-    async def _reserve(self, req: RoutedRequest, preferred: str | None) -> tuple[Visit, SamplingParams, KVDestination]:
+    async def _reserve(self, req: RoutedRequest, preferred: str | None,
+                       cached: dict[str, int]) -> tuple[Visit, SamplingParams, KVDestination]:
         """Blocks for the prompt on the ``preferred`` decode worker, else the best one that has
-        room: its visit, the request's parameters there and the KV destination."""
+        room (``cached``: the prompt's blocks per worker): its visit, the request's parameters
+        there and the KV destination."""
         ids = self.view.members("decode")
         models = {w: m for w in ids if (m := self.view.models_of(w).decode_step) is not None}
         ranked = rank_decode(ids, len(req.prompt_ids), self.block_size, self.view.loads, self.view.inflight,
-                             models, req.tried)
+                             models, req.tried, cached=cached)
         order = [c.worker_id for c in ranked if c.worker_id != preferred]
         if preferred is not None:
             order.insert(0, preferred)

@@ -5,7 +5,9 @@ publish and the loads they report (pure functions; the Placer and the Handoff fe
   including what this router sent and not yet finished, plus this prompt's tokens that are not
   already in its prefix cache). A repeated system prompt therefore goes where its blocks are.
 - Decode worker: predicted TPOT = its fitted step time with one more request in the batch;
-  workers that reported no room for the prompt's blocks are asked last.
+  workers that reported no room for the prompt's blocks are asked last. Among workers whose
+  predictions are within ``CLOSE_TPOT`` of the best, the one holding most of the prompt's
+  prefix in its cache goes first: it takes those blocks from its own cache, so less KV travels.
 
 Where a prefill runs and whether a request is admitted at all is prefill_placement's decision,
 made from these rankings and the decode workers' mixed-step models.
@@ -14,12 +16,14 @@ made from these rankings and the decode workers' mixed-step models.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from splitserve.cluster.store import WorkerLoad
 from splitserve.engine.block_pool import hash_block_tokens
 from splitserve.latency import DecodeStepModel, PrefillModel
+
+CLOSE_TPOT = 0.05  # relative: decode workers predicted this close to the best count as equal
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,13 @@ def rank_decode(
     inflight: Mapping[str, int],
     models: Mapping[str, DecodeStepModel],
     avoid: frozenset[str] | set[str] = frozenset(),
+    *,
+    cached: Mapping[str, int] | None = None,
 ) -> list[Choice]:
     """Decode workers by predicted TPOT with one more request; those that reported too few free
-    blocks for the prompt go last (their own answer, CapacityError or ValueError, is the truth)."""
+    blocks for the prompt go last (their own answer, CapacityError or ValueError, is the truth).
+    ``cached``: the prompt's blocks each worker holds (``MetadataStore.match_prefix``); the one
+    holding most, among those predicted within ``CLOSE_TPOT`` of the first, moves first."""
     needed_blocks = blocks_for(num_prompt_tokens, block_size)
     choices = []
     full = set()
@@ -89,4 +97,21 @@ def rank_decode(
         context = batch * num_prompt_tokens  # the newcomer's prompt as the typical context
         predicted = math.inf if model is None else model.predict(batch, batch, context, 0)
         choices.append(Choice(worker_id, predicted))
-    return sorted(choices, key=lambda c: (c.worker_id in avoid, c.worker_id in full, c.predicted_s, c.worker_id))
+
+    def group(c: Choice) -> tuple[bool, bool]:
+        return c.worker_id in avoid, c.worker_id in full
+
+    ranked = sorted(choices, key=lambda c: (group(c), c.predicted_s, c.worker_id))
+    return _holder_first(ranked, cached or {}, group)
+
+
+def _holder_first(ranked: list[Choice], cached: Mapping[str, int],
+                  group: Callable[[Choice], tuple[bool, bool]]) -> list[Choice]:
+    """``ranked`` with the worker holding most cached blocks moved first, among those in the first
+    one's group predicted within ``CLOSE_TPOT`` of it (the first itself on a tie)."""
+    if not ranked or not cached:
+        return ranked
+    best = ranked[0]
+    equals = [c for c in ranked if group(c) == group(best) and c.predicted_s <= best.predicted_s * (1 + CLOSE_TPOT)]
+    holder = max(equals, key=lambda c: cached.get(c.worker_id, 0))  # max keeps the first of equal counts
+    return [holder] + [c for c in ranked if c is not holder]

@@ -82,7 +82,8 @@ class Placer:
         prefill = rank_prefill(prefill_ids, n, cached, self.block_size, view.loads, view.inflight_tokens,
                                prefill_models, req.tried)[0]
         decode_models = {w: m for w in decode_ids if (m := view.models_of(w).decode_step) is not None}
-        decode = rank_decode(decode_ids, n, self.block_size, view.loads, view.inflight, decode_models, req.tried)[0]
+        decode = rank_decode(decode_ids, n, self.block_size, view.loads, view.inflight, decode_models, req.tried,
+                             cached=cached)[0]
         model = prefill_models.get(prefill.worker_id)
         margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
         ttft = prefill.predicted_s * self.corrections.factor(prefill.worker_id, "ttft") + margin + self.transfer_s

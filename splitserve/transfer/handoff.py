@@ -2,16 +2,20 @@
 takes it in.
 
 - ``KVDestination`` (splitserve.protocol): what a decode worker hands out after reserving
-  blocks for a request (its receiver's endpoint and the block table that the prompt's K/V
-  belong in).
+  blocks for a request (its receiver's endpoint, the block table that the prompt's K/V
+  belong in, and ``start_token``: the positions before it the decode worker already holds).
 - ``KVStreamer`` (prefill side; the engine's ``KVExporter``): as each layer group of a step
-  lands in the cache, it copies out every routed request's new tokens and queues them, one
-  sending thread per destination, so the wire runs while the next layers compute. ``finish``
-  waits until every chunk of a request was acknowledged.
+  lands in the cache, it copies out every routed request's new tokens from the destination's
+  ``start_token`` on and queues them, one sending thread per destination, so the wire runs
+  while the next layers compute. ``finish`` waits until every chunk of a request was
+  acknowledged.
 - ``KVIngest`` (decode side; the receiver's sink): writes a chunk only into blocks the request
-  still holds, under a lock that ``cancel`` also takes, so a late chunk can never land in
-  blocks that were given back; it tracks which (layer, token) cells arrived and reports the
-  request complete when all did. Re-sent chunks are harmless.
+  still holds and only at positions it expects (from its ``start_token`` on: the blocks before
+  are shared with other requests), under a lock that ``cancel`` also takes, so a late chunk can
+  never land in blocks that were given back; it tracks which (layer, token) cells arrived and
+  reports the request complete when all did. Re-sent chunks are harmless.
+
+Neither side knows why the decode worker holds a prefix, or which requests share it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -141,10 +145,11 @@ class KVStreamer:
 
     def begin_step(self, slices: list[KVSlice]) -> Callable[[int], None]:
         with self._lock:
-            routed = [(s, self._routes[s.request_id]) for s in slices if s.request_id in self._routes]
-        missing = {s.request_id for s in slices} - {s.request_id for s, _ in routed}
+            known = [(s, self._routes[s.request_id]) for s in slices if s.request_id in self._routes]
+        missing = {s.request_id for s in slices} - {s.request_id for s, _ in known}
         if missing:
             logger.warning("exporting requests without a KV destination: %s", sorted(missing))
+        routed = [(tail, route) for s, route in known if (tail := _tail(s, route.destination)) is not None]
         group_start = 0
 
         def on_layer(layer: int) -> None:
@@ -199,10 +204,18 @@ class KVStreamer:
             return self._senders[key]
 
 
+def _tail(s: KVSlice, destination: KVDestination) -> KVSlice | None:
+    """The part of a slice the destination lacks (None: it holds all of it already)."""
+    if s.token_end <= destination.start_token:
+        return None
+    return replace(s, token_start=max(s.token_start, destination.start_token))
+
+
 @dataclass
 class _Expected:
     block_table: tuple[int, ...]
-    arrived: np.ndarray  # [layers, tokens] bool
+    start_token: int
+    arrived: np.ndarray  # [layers, tokens] bool; positions before start_token count as arrived
     on_complete: Callable[[], None]
     done: bool = False
 
@@ -221,14 +234,20 @@ class KVIngest:
         self._stalls_released = threading.Event()
 
     def expect(
-        self, request_id: str, block_table: Sequence[int], num_tokens: int, on_complete: Callable[[], None]
+        self, request_id: str, block_table: Sequence[int], num_tokens: int, on_complete: Callable[[], None],
+        start_token: int = 0,
     ) -> None:
-        """Accept chunks for tokens [0, num_tokens) of a request into ``block_table``;
-        ``on_complete`` runs (on a receiver thread) once every layer of every token arrived."""
+        """Accept chunks for tokens [start_token, num_tokens) of a request into ``block_table``
+        (the K/V before ``start_token`` are there already, in blocks other requests may share: no
+        chunk may touch them); ``on_complete`` runs (on a receiver thread) once every layer of
+        every expected token arrived."""
+        if not 0 <= start_token < num_tokens:
+            raise ValueError(f"start_token must be in [0, {num_tokens}) for a {num_tokens}-token prompt, "
+                             f"got {start_token}")
+        arrived = np.zeros((self.num_layers, num_tokens), dtype=bool)
+        arrived[:, :start_token] = True
         with self._lock:
-            self._expected[request_id] = _Expected(
-                tuple(block_table), np.zeros((self.num_layers, num_tokens), dtype=bool), on_complete
-            )
+            self._expected[request_id] = _Expected(tuple(block_table), start_token, arrived, on_complete)
 
     def cancel(self, request_id: str) -> None:
         """Stop accepting the request's chunks; once this returns none will touch its blocks."""
@@ -249,6 +268,9 @@ class KVIngest:
             num_tokens = entry.arrived.shape[1]
             if manifest.token_end > num_tokens:
                 raise ValueError(f"tokens up to {manifest.token_end} exceed the reserved prompt of {num_tokens}")
+            if manifest.token_start < entry.start_token:
+                raise ValueError(f"chunk starts at token {manifest.token_start}; tokens before {entry.start_token} "
+                                 "are this worker's cached prefix and take no chunks")
             owned = covering_blocks(entry.block_table, manifest.token_start, manifest.token_end, self.block_size)
             if manifest.dst_block_ids != owned or manifest.block_size != self.block_size:
                 raise ValueError(

@@ -2,9 +2,12 @@
 
 It installs a ``KVStreamer`` as the engine's KV exporter: as each layer group of a step lands
 in the cache, every routed request's new tokens go to the blocks its decode worker reserved,
-so the wire runs while later layers compute. ``prefill`` returns once the first token is
-sampled and every chunk was acknowledged: a result means the decode worker holds the whole
-prompt's KV. It does not know how the request was placed or what the decode side does next.
+so the wire runs while later layers compute. The whole prompt is computed here (this worker's
+own prefix cache may supply part of it), but only positions from the destination's
+``start_token`` on are sent: the decode worker holds the ones before. ``prefill`` returns once
+the first token is sampled and every chunk was acknowledged: a result means the decode worker
+holds the whole prompt's KV, and its ``num_kv_bytes`` counts what was sent. It does not know
+how the request was placed or what the decode side does next.
 """
 
 from __future__ import annotations

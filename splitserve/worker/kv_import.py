@@ -1,11 +1,13 @@
 """KVImport: the part every worker carries to take a handed-off request in.
 
 A request arrives twice. ``reserve`` holds blocks for the prompt (CapacityError when there is
-no room) and returns a ``KVDestination``; chunks then land through the worker's KV receiver
-into exactly those blocks (``KVIngest``). ``wait_landed`` returns once every layer of every
-prompt token arrived, after which the blocks are the engine's alone. ``release`` at any point
-stops further chunks and forgets the reservation (the caller then aborts the request in the
-engine, which gives the blocks back). A reservation never started is released after
+no room), sharing those of a prefix the engine's prefix cache already holds, and returns a
+``KVDestination`` whose ``start_token`` says where that prefix ends; chunks then land through
+the worker's KV receiver into exactly the other blocks (``KVIngest``). ``wait_landed`` returns
+once every layer of every prompt token from ``start_token`` on arrived, after which the blocks
+are the engine's alone. ``release`` at any point stops further chunks and forgets the
+reservation (the caller then aborts the request in the engine, which gives the blocks back,
+the shared ones keeping their other holders). A reservation never started is released after
 ``reservation_ttl_s``. It does not know what the request decodes or who sent its KV.
 """
 
@@ -42,20 +44,23 @@ class KVImport:
         return self.receiver.endpoint
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVDestination:
-        """Hold blocks for the prompt; ValueError for a bad request, CapacityError when full."""
-        table = await self.loop.call(self.engine.reserve, prompt_token_ids, params, request_id)
+        """Hold blocks for the prompt (a cached prefix's shared); ValueError for a bad request,
+        CapacityError when full."""
+        reservation = await self.loop.call(self.engine.reserve, prompt_token_ids, params, request_id)
         aio = asyncio.get_running_loop()
         landed = self._landed[request_id] = aio.create_future()
 
         def on_complete() -> None:
             aio.call_soon_threadsafe(lambda: landed.done() or landed.set_result(None))
 
-        self.ingest.expect(request_id, table, len(prompt_token_ids), on_complete)
+        start = reservation.num_cached_tokens
+        self.ingest.expect(request_id, reservation.block_ids, len(prompt_token_ids), on_complete, start)
         # A router that vanished between reserve and generate_from must not strand the blocks.
         self._expiry[request_id] = aio.call_later(
             self.transfer.reservation_ttl_s, lambda: asyncio.ensure_future(self._expire(request_id))
         )
-        return KVDestination(self.worker_id, self.transfer.backend, self.endpoint, tuple(table), self.transfer.kv_codec)
+        return KVDestination(self.worker_id, self.transfer.backend, self.endpoint, reservation.block_ids,
+                             self.transfer.kv_codec, start)
 
     async def wait_landed(self, request_id: str) -> None:
         """Until the prompt's KV all arrived; ValueError without a reservation, ServingError

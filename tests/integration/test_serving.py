@@ -132,6 +132,30 @@ def test_workers_publish_their_prefix_caches_to_the_store(server):
         store.close()
 
 
+def test_a_decode_worker_takes_a_shared_prefix_from_its_cache_and_receives_only_the_tail(server, llm):
+    # The opening sentence is in no other test's prompt, so neither worker caches any of it yet.
+    prefix = llm.tokenizer.encode(f"Notes for the prefix reuse drill. {PROMPTS[4]} {PROMPTS[2]} {PROMPTS[5]}")
+    prompts = [prefix + llm.tokenizer.encode(PROMPTS[i]) for i in (0, 6)]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    prefill = actor(server, "prefill")
+    outputs, kv_bytes, decode_workers = [], [], set()
+    with GenerationClient(server.address) as client:
+        for prompt in prompts:
+            before = ray.get(prefill.stats.remote())["kv_bytes"]
+            out = list(client.generate(make_request(prompt_token_ids=prompt, max_tokens=MAX_TOKENS, temperature=0)))
+            outputs.append([t for r in out for t in r.token_ids])
+            kv_bytes.append(ray.get(prefill.stats.remote())["kv_bytes"] - before)
+            decode_workers.add(out[-1].report.decode_worker)
+    assert outputs == expected
+    assert len(decode_workers) == 1
+    # The second prompt's shared whole blocks came from the decode worker's cache: only its tail
+    # travelled, at the first prompt's bytes per token.
+    start = len(prefix) // ENGINE.block_size * ENGINE.block_size
+    assert start >= 48 and kv_bytes[1] < kv_bytes[0]
+    assert kv_bytes[1] * len(prompts[0]) == kv_bytes[0] * (len(prompts[1]) - start)
+
+
 # ------------------------------------------------------------------------------ faults
 
 

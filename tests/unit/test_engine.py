@@ -205,3 +205,35 @@ def test_duplicate_request_id_is_refused(llm):
     while engine.has_unfinished_requests():
         engine.step()
     _assert_idle(llm)
+
+
+def test_reserve_shares_the_cached_prefix_and_gives_back_exactly_its_references(make_llm):
+    llm = make_llm(block_size=4)
+    engine, pool = llm.engine, llm.engine.block_pool
+    prompt = list(range(300, 322))  # five full blocks of 4 and a partial one
+    running = engine.add_request(prompt, GREEDY_32)
+    engine.step()  # the prompt is computed and its full blocks cached
+    table = list(engine.kv_cache.block_table(running))
+    shared = engine.reserve(prompt[:20] + [400, 401], SamplingParams(max_tokens=4), "shared")
+    assert shared.num_cached_tokens == 20 and shared.block_ids[:5] == tuple(table[:5])
+    assert set(shared.block_ids[5:]).isdisjoint(table)
+    # Never the block of the last prompt token: it must arrive, and it computes the first logits.
+    aligned = engine.reserve(prompt[:20], SamplingParams(max_tokens=4), "aligned")
+    assert aligned.num_cached_tokens == 16 and aligned.block_ids[4] not in table
+    assert [pool.blocks[b].ref_count for b in table[:5]] == [3, 3, 3, 3, 2]
+    engine.abort("shared")
+    engine.abort("aligned")
+    assert [pool.blocks[b].ref_count for b in table[:5]] == [1] * 5
+    while engine.has_unfinished_requests():
+        engine.step()
+    _assert_idle(llm)
+    # Free but cached blocks are taken back for a reservation, and given back again.
+    revived = engine.reserve(prompt, SamplingParams(max_tokens=4), "revived")
+    assert revived.num_cached_tokens == 20 and revived.block_ids[:5] == tuple(table[:5])
+    engine.abort("revived")
+    _assert_idle(llm)
+    cold = make_llm(block_size=4, enable_prefix_caching=False)
+    cold.generate([prompt], SamplingParams(max_tokens=2))
+    assert cold.engine.reserve(prompt, SamplingParams(max_tokens=4), "cold").num_cached_tokens == 0
+    cold.engine.abort("cold")
+    _assert_idle(cold)

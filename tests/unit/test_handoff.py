@@ -3,7 +3,8 @@
 A prefill engine (``export_kv``) streams through a ``KVStreamer`` into blocks a decode engine
 reserved (``KVIngest`` behind a real receiver), and the decode engine finishes the request.
 The output must equal the offline engine's, and the K/V that arrived must equal the K/V the
-prefill side computed.
+prefill side computed. A prompt whose prefix the decode engine has cached takes that prefix
+from its own blocks: only the tail travels, and the output stays the same.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from splitserve.config import EngineConfig
 from splitserve.engine.engine import KVSlice, LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError
-from splitserve.transfer import TransferError, gather_kv, make_receiver, make_sender
 from splitserve.protocol import KVDestination
-from splitserve.transfer.handoff import KVIngest, KVStreamer
+from splitserve.transfer import TransferError, gather_kv, make_receiver, make_sender
+from splitserve.transfer.handoff import HandoffReport, KVIngest, KVStreamer
 from tests.conftest import PROMPTS
 
 BLOCK = 16
@@ -44,6 +45,8 @@ class Pair:
         self.streamer = KVStreamer("prefill-0", self.prefill.runner.kv_cache, BLOCK, sender, layers_per_chunk)
         self.prefill.kv_exporter = self.Recorder(self.streamer)
         self.completed: set[str] = set()
+        self.reports: dict[str, HandoffReport] = {}
+        self.starts: dict[str, int] = {}  # each handoff's start_token
 
     class Recorder:
         """Wraps the streamer to remember each request's source block table."""
@@ -63,11 +66,12 @@ class Pair:
 
     def handoff(self, request_id: str, prompt, params: SamplingParams):
         """Reserve, prefill with streaming, wait for the acks; return the prefill output."""
-        table = self.decode.reserve(prompt, params, request_id)
+        reservation = self.decode.reserve(prompt, params, request_id)
         n = len(self.decode._outputs[request_id].request.prompt_token_ids)
-        self.ingest.expect(request_id, table, n, lambda: self.completed.add(request_id))
+        start = self.starts[request_id] = reservation.num_cached_tokens
+        self.ingest.expect(request_id, reservation.block_ids, n, lambda: self.completed.add(request_id), start)
         self.streamer.route(request_id, KVDestination("decode-0", self.backend, self.receiver.endpoint,
-                                                      tuple(table), self.codec))
+                                                      reservation.block_ids, self.codec, start))
         self.prefill.add_request(prompt, params, request_id, export_kv=True)
         first = None
         while self.prefill.has_unfinished_requests():
@@ -75,14 +79,14 @@ class Pair:
                 if out.request_id == request_id:
                     first = out
         assert first is not None
-        self.streamer.finish(request_id, timeout_s=10)
+        self.reports[request_id] = self.streamer.finish(request_id, timeout_s=10)
         return first
 
-    def run(self, prompts, params: SamplingParams) -> dict[str, list[int]]:
-        """Hand every prompt off, then decode them all as one batch."""
+    def run(self, prompts, params: SamplingParams, prefix: str = "r") -> dict[str, list[int]]:
+        """Hand every prompt off (request ids ``prefix`` + index), then decode them all as one batch."""
         results = {}
         for i, prompt in enumerate(prompts):
-            rid = f"r{i}"
+            rid = f"{prefix}{i}"
             first = self.handoff(rid, prompt, params)
             assert rid in self.completed, "all layers of all tokens arrived"
             if first.finished:  # the first token ended it: release the reservation
@@ -139,11 +143,12 @@ def test_prefix_cache_hit_on_the_prefill_side_still_sends_every_token(loaded, ll
         params = SamplingParams(max_tokens=8, temperature=0)
         prompt = PROMPTS[5] * 2  # long enough for several full blocks
         expected = llm.generate([prompt], params)[0].token_ids
-        p.run([prompt], params)  # warms the prefill side's prefix cache
-        p.completed.clear()
+        p.run([prompt], params, "cold")  # warms the prefill side's prefix cache
+        p.decode.block_pool.reset_prefix_cache()  # the decode side has nothing cached: all must travel
         assert p.prefill.kv_cache.find_prefix(p.prefill.tokenizer.encode(prompt))  # the hit is real
         results = p.run([prompt], params)
         assert results["r0"] == expected
+        assert p.starts["r0"] == 0 and p.reports["r0"].num_bytes == p.reports["cold0"].num_bytes
         assert idle(p.prefill) and idle(p.decode)
     finally:
         p.close()
@@ -188,12 +193,12 @@ def test_first_token_that_ends_the_request(pair):
 
 def test_chunk_for_a_cancelled_reservation_is_refused_and_blocks_stay_free(pair):
     prompt = list(range(2000, 2040))
-    table = pair.decode.reserve(prompt, SamplingParams(max_tokens=4), "gone")
+    table = pair.decode.reserve(prompt, SamplingParams(max_tokens=4), "gone").block_ids
     pair.ingest.expect("gone", table, len(prompt), lambda: None)
     pair.ingest.cancel("gone")
     pair.decode.abort("gone")
     assert idle(pair.decode)
-    pair.streamer.route("gone", KVDestination("decode-0", pair.backend, pair.receiver.endpoint, tuple(table)))
+    pair.streamer.route("gone", KVDestination("decode-0", pair.backend, pair.receiver.endpoint, table))
     pair.prefill.add_request(prompt, SamplingParams(max_tokens=4), "gone", export_kv=True)
     while pair.prefill.has_unfinished_requests():
         pair.prefill.step()
@@ -210,11 +215,11 @@ def test_stalled_receiver_fails_the_send_within_its_deadline(loaded):
     try:
         p.senders.clear()
         prompt = list(range(3000, 3020))
-        table = p.decode.reserve(prompt, SamplingParams(max_tokens=4), "slow")
+        table = p.decode.reserve(prompt, SamplingParams(max_tokens=4), "slow").block_ids
         p.ingest.expect("slow", table, len(prompt), lambda: None)
         p.ingest.inject_stall(2.0, num_chunks=1)
         p.streamer._make_sender = lambda b, e: make_sender(b, e, timeout_s=0.5, max_retries=0)
-        p.streamer.route("slow", KVDestination("decode-0", "grpc", p.receiver.endpoint, tuple(table)))
+        p.streamer.route("slow", KVDestination("decode-0", "grpc", p.receiver.endpoint, table))
         p.prefill.add_request(prompt, SamplingParams(max_tokens=4), "slow", export_kv=True)
         while p.prefill.has_unfinished_requests():
             p.prefill.step()
@@ -233,8 +238,8 @@ def test_stalled_receiver_fails_the_send_within_its_deadline(loaded):
 
 def test_reserve_refuses_cleanly_when_full(loaded):
     engine = LLMEngine(EngineConfig(num_kv_blocks=4, block_size=BLOCK), loaded=loaded)
-    table = engine.reserve(list(range(100, 140)), SamplingParams(max_tokens=4), "a")
-    assert len(table) == 3
+    reservation = engine.reserve(list(range(100, 140)), SamplingParams(max_tokens=4), "a")
+    assert len(reservation.block_ids) == 3 and reservation.num_cached_tokens == 0
     with pytest.raises(CapacityError, match="KV blocks"):
         engine.reserve(list(range(100, 140)), SamplingParams(max_tokens=4), "b")
     with pytest.raises(ValueError, match="empty"):
@@ -246,3 +251,84 @@ def test_reserve_refuses_cleanly_when_full(loaded):
     engine.abort("a")
     assert idle(engine)
     assert engine.reserve(list(range(100, 140)), SamplingParams(max_tokens=4), "b")
+
+
+# ----------------------------------------------------------- decode-side prefix reuse
+
+SHARED_BLOCKS = 3  # the prompts below share 60 tokens: three whole blocks of 16
+
+
+def shared_prefix_prompts(tokenizer) -> list[list[int]]:
+    """Two prompts with a 60-token prefix in common and different tails."""
+    prefix = [t for p in (PROMPTS[5], PROMPTS[4], PROMPTS[2]) for t in tokenizer.encode(p)]
+    assert len(prefix) == 60
+    return [prefix + tokenizer.encode(PROMPTS[0]), prefix + tokenizer.encode(PROMPTS[6])]
+
+
+def kv_bytes_per_token(engine: LLMEngine) -> int:
+    cache = engine.runner.kv_cache  # [layers, 2, slots, kv_heads, head_dim]
+    return cache.shape[0] * 2 * cache.shape[3] * cache.shape[4] * cache.element_size()
+
+
+def test_decode_side_prefix_hit_receives_only_the_tail(pair, llm):
+    params = SamplingParams(max_tokens=16, temperature=0)
+    prompts = shared_prefix_prompts(llm.tokenizer)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    first = pair.run(prompts[:1], params, "a")  # the decode side caches the prompt's blocks
+    pair.prefill.block_pool.reset_prefix_cache()  # the prefill side computes the whole prompt again
+    second = pair.run(prompts[1:], params, "b")
+    assert [first["a0"], second["b0"]] == expected
+    start = SHARED_BLOCKS * BLOCK
+    assert pair.starts == {"a0": 0, "b0": start}
+    per_token = kv_bytes_per_token(pair.decode)
+    assert pair.reports["a0"].num_bytes == len(prompts[0]) * per_token
+    assert pair.reports["b0"].num_bytes == (len(prompts[1]) - start) * per_token
+    assert idle(pair.prefill) and idle(pair.decode)
+
+
+def test_a_shared_prefix_reservation_aborted_before_or_after_its_kv_landed_leaks_nothing(pair, llm):
+    params = SamplingParams(max_tokens=8, temperature=0)
+    prompts = shared_prefix_prompts(llm.tokenizer)
+    pair.run(prompts[:1], params, "warm")
+    cached = pair.decode.kv_cache.find_prefix(prompts[1])
+    assert len(cached) == SHARED_BLOCKS
+    before = pair.decode.reserve(prompts[1], params, "before")  # no KV sent yet
+    assert before.block_ids[:SHARED_BLOCKS] == tuple(cached)
+    pair.decode.abort("before")
+    assert idle(pair.decode)
+    pair.handoff("after", prompts[1], params)  # every chunk landed; it never started decoding
+    assert "after" in pair.completed and pair.starts["after"] == SHARED_BLOCKS * BLOCK
+    pair.ingest.cancel("after")
+    pair.decode.abort("after")
+    assert idle(pair.prefill) and idle(pair.decode)
+    assert pair.decode.kv_cache.find_prefix(prompts[1]) == cached  # still cached, for the next one
+    expected = llm.generate(prompts[1:], params)[0].token_ids
+    assert pair.run(prompts[1:], params, "again") == {"again0": expected}
+    assert idle(pair.decode)
+
+
+def test_a_chunk_for_the_cached_prefix_is_refused_and_the_shared_blocks_keep_their_kv(pair, llm):
+    params = SamplingParams(max_tokens=4, temperature=0)
+    prompts = shared_prefix_prompts(llm.tokenizer)
+    pair.run(prompts[:1], params, "warm")
+    reservation = pair.decode.reserve(prompts[1], params, "stale")
+    start = reservation.num_cached_tokens
+    layers, shared_blocks = (0, pair.decode.model_config.num_layers), reservation.block_ids[:SHARED_BLOCKS]
+    shared_kv = gather_kv(pair.decode.runner.kv_cache, layers, shared_blocks, (0, start), BLOCK)
+    pair.ingest.expect("stale", reservation.block_ids, len(prompts[1]), lambda: None, start)
+    # A sender that ignores the start sends every position, the shared prefix's too.
+    pair.streamer.route("stale", KVDestination("decode-0", pair.backend, pair.receiver.endpoint,
+                                               reservation.block_ids))
+    pair.prefill.add_request(prompts[1], params, "stale", export_kv=True)
+    while pair.prefill.has_unfinished_requests():
+        pair.prefill.step()
+    with pytest.raises(TransferError, match="cached prefix"):
+        pair.streamer.finish("stale", timeout_s=10)
+    assert torch.equal(gather_kv(pair.decode.runner.kv_cache, layers, shared_blocks, (0, start), BLOCK), shared_kv)
+    pair.ingest.cancel("stale")
+    pair.decode.abort("stale")
+    assert idle(pair.prefill) and idle(pair.decode)
+    with pytest.raises(ValueError, match="start_token"):
+        KVDestination("decode-0", pair.backend, pair.receiver.endpoint, reservation.block_ids, start_token=-1)
+    with pytest.raises(ValueError, match="start_token"):
+        pair.ingest.expect("whole", reservation.block_ids, 16, lambda: None, 16)

@@ -49,6 +49,21 @@ def test_decode_skips_full_workers_and_prefers_the_smaller_batch():
     assert ranked[0].predicted_s == pytest.approx(DECODE.predict(3, 3, 120, 0))
 
 
+def test_decode_prefers_the_worker_holding_the_prefix_when_predictions_are_close():
+    models = {w: DECODE for w in ("a", "b", "c", "full")}
+    loads = {"a": load(running=2), "b": load(running=2), "c": load(running=3), "full": load(free=1)}
+
+    def order(cached: dict[str, int] | None, avoid: frozenset[str] = frozenset()) -> list[str]:
+        ranked = rank_decode(["a", "b", "c", "full"], 40, 16, loads, {}, models, avoid, cached=cached)
+        return [c.worker_id for c in ranked]
+
+    assert order(None) == order({}) == ["a", "b", "c", "full"]
+    assert order({"b": 2, "a": 1}) == ["b", "a", "c", "full"]  # equal predictions: the bigger holder
+    assert order({"c": 2}) == ["a", "b", "c", "full"]  # one more request predicts ~14% slower: not close
+    assert order({"full": 2}) == ["a", "b", "c", "full"]  # no room: its hits do not matter
+    assert order({"b": 2}, avoid={"b"}) == ["a", "c", "full", "b"]  # a failed attempt's worker stays last
+
+
 def test_block_hashes_match_the_prefix_index_chain():
     hashes = prompt_block_hashes(list(range(40)), 16)
     assert len(hashes) == 2 and hashes[0] != hashes[1]

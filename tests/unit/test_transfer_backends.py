@@ -190,6 +190,17 @@ def test_raw_chunks_arrive_bitwise_in_exactly_their_slots(backend, receiver, pee
     assert [m.checksum for m in recorder.seen] == [r["checksum"] for r in results]
 
 
+def test_a_tail_from_a_block_aligned_start_lands_and_the_blocks_before_stay_untouched(backend, receiver, peers):
+    # A decode worker with the first two blocks cached takes only tokens from 8 on.
+    rx, recorder = receiver
+    placed = [(R2, (0, 3), (8, 22)), (R2, (3, 6), (8, 22))]
+    chunks = [R2.chunk(i, layers, tokens) for i, (_, layers, tokens) in enumerate(placed)]
+    assert [m.dst_block_ids for m, _ in chunks] == [R2.dst_table[2:]] * 2
+    results = oks(peers[0].send(backend, rx.endpoint, chunks))
+    assert sum(r["nbytes"] for r in results) == LAYERS * 2 * 14 * HEADS * DIM * 4
+    assert_landed(recorder.cache, placed)  # blocks 30 and 31 (tokens 0-7) kept the background
+
+
 def test_fp16_and_int8_carry_half_and_a_quarter_of_the_bytes(backend, receiver, peers):
     rx, recorder = receiver
     tokens, layers = (2, 21), (0, LAYERS)
