@@ -40,9 +40,9 @@ def load_systems() -> dict[str, ClusterConfig]:
     return {
         "disagg 1P+1D x1t": ClusterConfig(mode="disaggregated", num_threads=1, engine=ENGINE,
                                           store=StoreConfig(prefix="bench.load-disagg")),
-        "colocated 1 x2t": ClusterConfig(mode="colocated", num_colocated_workers=1, num_threads=2, engine=ENGINE,
+        "colocated 1 x2t": ClusterConfig(mode="colocated", num_workers=1, num_threads=2, engine=ENGINE,
                                          store=StoreConfig(prefix="bench.load-colo1")),
-        "colocated 2 x1t": ClusterConfig(mode="colocated", num_colocated_workers=2, num_threads=1, engine=ENGINE,
+        "colocated 2 x1t": ClusterConfig(mode="colocated", num_workers=2, num_threads=1, engine=ENGINE,
                                          store=StoreConfig(prefix="bench.load-colo2")),
     }
 

@@ -41,6 +41,11 @@ def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_stream_interval(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"stream_interval must be an integer >= 1 (tokens per message), got {value!r}")
+
+
 def _check_positive(owner: object, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
@@ -206,7 +211,9 @@ class StoreConfig:
 class WorkerConfig:
     """One worker: its id and kind, its engine, and the deployment's transfer and store settings.
     num_threads: torch threads for the engine (None: torch's default). profile_at_start: a few
-    synthetic steps seed the latency model before the worker serves."""
+    synthetic steps seed the latency model before the worker serves. stream_interval: a
+    request's tokens go to its router in messages of at least this many (its first token and its
+    last go at once), so fewer messages cost the worker and the router CPU."""
 
     worker_id: str
     kind: str
@@ -215,12 +222,14 @@ class WorkerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     num_threads: int | None = None
     profile_at_start: bool = True
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)
         _check_choice("worker kind", self.kind, WORKER_KINDS)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        _check_stream_interval(self.stream_interval)
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,7 @@ class ClusterConfig:
     engine: every worker's engine settings; decode_engine, if given, replaces them for every
     worker that may decode (speculation lives there): all but disaggregated prefill workers.
     num_threads: torch threads per worker (None: the cluster's CPUs split evenly).
+    stream_interval: tokens per message from a worker to its router (``WorkerConfig``).
     """
 
     mode: str = "elastic"
@@ -249,12 +259,14 @@ class ClusterConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     num_threads: int | None = None
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         self.worker_counts()  # checks the counts
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        _check_stream_interval(self.stream_interval)
 
     def worker_counts(self) -> dict[str, int]:
         """Workers per starting role; ValueError (a sentence) for counts the mode cannot run."""
@@ -300,7 +312,7 @@ class ClusterConfig:
             for i in range(count):
                 name = f"worker-{len(configs)}" if self.mode == "elastic" else f"{kind}-{i}"
                 configs.append(WorkerConfig(f"{self.store.prefix}.{name}", kind, engine, self.transfer, self.store,
-                                            num_threads=threads))
+                                            num_threads=threads, stream_interval=self.stream_interval))
         return configs
 
 

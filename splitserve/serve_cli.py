@@ -52,7 +52,7 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
     cluster = ClusterConfig(mode=args.mode, num_workers=args.workers, num_prefill_workers=args.prefill_workers,
                             num_decode_workers=args.decode_workers,
                             engine=engine, decode_engine=decode_engine, transfer=transfer, store=store,
-                            num_threads=args.threads_per_worker)
+                            num_threads=args.threads_per_worker, stream_interval=args.stream_interval)
     serve = ServeConfig(grpc_host=args.grpc_host, grpc_port=args.grpc_port, http_host=args.http_host,
                         http_port=args.http_port, address=args.address, grace_s=args.grace,
                         slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
@@ -129,6 +129,9 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
             "(default: %(default)g)", type=float, metavar="SECONDS")
     _option(group, ClusterConfig, "--threads-per-worker", "num_threads",
             "torch threads (and Ray CPUs) per worker (default: the cluster's CPUs split evenly)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--stream-interval", "stream_interval", "send a request's tokens from its "
+            "worker in messages of at least N (the first and the last at once): fewer messages, less CPU taken from "
+            "the engines, burstier streams (default: %(default)s)", type=int, metavar="N")
     _option(group, TransferConfig, "--host", "host",
             "the address workers reach each other at for KV transfer (default: %(default)s)")
     _option(group, TransferConfig, "--transfer", "backend",

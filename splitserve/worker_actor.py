@@ -62,6 +62,9 @@ class WorkerActor:
     def stats(self) -> dict[str, int]:
         return self.worker.stats()
 
+    def cpu_times(self) -> dict[str, float]:
+        return self.worker.cpu_times()
+
     def inject_corruption(self, num_sends: int = 1) -> None:
         self.worker.inject_corruption(num_sends)
 

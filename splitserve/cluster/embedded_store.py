@@ -20,6 +20,7 @@ import ray
 from splitserve.cluster import RAY_NAMESPACE
 from splitserve.cluster.store import (
     MetadataStore,
+    Snapshot,
     StoreConnectionError,
     WorkerInfo,
     WorkerKind,
@@ -265,6 +266,19 @@ class EmbeddedStore(MetadataStore):
     def get_models(self, name: str) -> dict[str, dict[str, float]]:
         check_name("model name", name)
         return self._call(MemoryStore.get_models, name)
+
+    def report(self, worker_id: str, ttl_s: float, load: WorkerLoad,
+               models: Mapping[str, Mapping[str, float]]) -> bool:
+        check_ttl(ttl_s)
+        for name in models:
+            check_name("model name", name)
+        checked = {name: check_coefficients(coefficients) for name, coefficients in models.items()}
+        return self._call(MemoryStore.report, worker_id, ttl_s, load, checked)
+
+    def snapshot(self, model_names: Sequence[str]) -> Snapshot:
+        for name in model_names:
+            check_name("model name", name)
+        return self._call(MemoryStore.snapshot, list(model_names))
 
     def acquire_lease(self, lease_id: str, owner: str, ttl_s: float) -> bool:
         check_name("lease_id", lease_id)

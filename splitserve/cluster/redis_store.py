@@ -193,6 +193,22 @@ class RedisStore(MetadataStore):
             pipe.sadd(self._key("workers"), worker_id)
             pipe.execute()
 
+    def report(self, worker_id: str, ttl_s: float, load: WorkerLoad,
+               models: Mapping[str, Mapping[str, float]]) -> bool:
+        check_ttl(ttl_s)
+        for name in models:
+            check_name("model name", name)
+        checked = {name: check_coefficients(coefficients) for name, coefficients in models.items()}
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.pexpire(self._key("worker", worker_id), _ms(ttl_s))
+            pipe.hset(self._key("loads"), worker_id, json.dumps(asdict(load)))
+            for name, values in checked.items():
+                pipe.hset(self._key("model", name), worker_id, json.dumps(values))
+            if checked:
+                pipe.sadd(self._key("model_names", worker_id), *checked)
+            pipe.sadd(self._key("workers"), worker_id)
+            return bool(pipe.execute()[0])
+
     def get_models(self, name: str) -> dict[str, dict[str, float]]:
         check_name("model name", name)
         raw = self._redis.hgetall(self._key("model", name))

@@ -68,6 +68,16 @@ class WorkerLoad:
             )
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What a router reads of the cluster at once: live workers (sorted by id), their loads,
+    and for each model name asked for, the coefficients per worker."""
+
+    workers: list[WorkerInfo]
+    loads: dict[str, WorkerLoad]
+    models: dict[str, dict[str, dict[str, float]]]
+
+
 class MetadataStore(abc.ABC):
     """The shared-state contract. Every method is safe to call from several clients at once.
 
@@ -142,6 +152,26 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     def release_lease(self, lease_id: str, owner: str) -> bool:
         """Give the lease up; False (and nothing changes) unless ``owner`` holds it."""
+
+    # Batched: what a worker's heartbeat writes and a router's refresh reads, each in one round
+    # trip where the backend can (these defaults compose the calls above; backends override).
+    def report(self, worker_id: str, ttl_s: float, load: WorkerLoad,
+               models: Mapping[str, Mapping[str, float]]) -> bool:
+        """``heartbeat``, then ``put_load`` and ``put_model`` for each model; what heartbeat
+        returned (False: the worker had expired, and what it wrote is never visible)."""
+        check_ttl(ttl_s)
+        for name, coefficients in models.items():
+            check_name("model name", name)
+            check_coefficients(coefficients)
+        alive = self.heartbeat(worker_id, ttl_s)
+        self.put_load(worker_id, load)
+        for name, coefficients in models.items():
+            self.put_model(worker_id, name, coefficients)
+        return alive
+
+    def snapshot(self, model_names: Sequence[str]) -> Snapshot:
+        """``list_workers()``, ``get_loads()`` and ``get_models(name)`` for each name, at once."""
+        return Snapshot(self.list_workers(), self.get_loads(), {name: self.get_models(name) for name in model_names})
 
     @abc.abstractmethod
     def close(self) -> None:

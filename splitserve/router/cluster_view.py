@@ -1,6 +1,6 @@
 """ClusterView: what a router knows of the workers -- who is alive, their loads and published
-models (read from the MetadataStore, reused for ``ttl_s``), their Ray actor handles, and the
-requests this router has in flight at each.
+models (read from the MetadataStore in one round trip, ``MetadataStore.snapshot``, reused for
+``ttl_s``), their Ray actor handles, and the requests this router has in flight at each.
 
 The models arrive as typed objects (``WorkerModels``), rebuilt from the coefficients the
 workers publish; placement and the speculation controller read them. It does not decide
@@ -35,12 +35,12 @@ class WorkerModels:
     speculation: SpeculationLimits = SpeculationLimits(0, 0)
 
 
-def read_models(store: MetadataStore) -> dict[str, WorkerModels]:
-    """Every live worker's models, typed (one store read per model kind)."""
-    prefill = store.get_models(PrefillModel.NAME)
-    decode = store.get_models(DecodeStepModel.NAME)
-    mixed = store.get_models(MixedStepModel.NAME)
-    speculation = store.get_models(SpeculationLimits.NAME)
+MODEL_NAMES = (PrefillModel.NAME, DecodeStepModel.NAME, MixedStepModel.NAME, SpeculationLimits.NAME)
+
+
+def typed_models(published: dict[str, dict[str, dict[str, float]]]) -> dict[str, WorkerModels]:
+    """Every live worker's models, typed, from the coefficients per model name and worker."""
+    prefill, decode, mixed, speculation = (published.get(name, {}) for name in MODEL_NAMES)
     return {
         worker_id: WorkerModels(
             prefill=PrefillModel.from_coefficients(prefill[worker_id]) if worker_id in prefill else None,
@@ -70,10 +70,8 @@ class ClusterView:
         if not force and time.monotonic() - self._read_at < self._ttl_s:
             return
 
-        def read() -> tuple[list[WorkerInfo], dict[str, WorkerLoad], dict[str, WorkerModels]]:
-            return self.store.list_workers(), self.store.get_loads(), read_models(self.store)
-
-        self.workers, self.loads, self.models = await asyncio.to_thread(read)
+        snapshot = await asyncio.to_thread(self.store.snapshot, MODEL_NAMES)
+        self.workers, self.loads, self.models = snapshot.workers, snapshot.loads, typed_models(snapshot.models)
         self._read_at = time.monotonic()
 
     def members(self, kind: str) -> list[str]:

@@ -4,7 +4,8 @@ The engine is single-threaded by design. Its thread alternates between the calls
 submitted (``await loop.call(engine.add_request, ...)`` — run between steps, results and
 exceptions carried back to the caller) and engine steps while any request is unfinished. Each
 step's outputs go to the asyncio queue of the request's stream, if one is open. When idle the
-thread blocks on the call queue, so an idle worker costs no CPU.
+thread blocks on the call queue, so an idle worker costs no CPU; ``cpu_s`` is the CPU time the
+thread has used (what serving overhead is measured against).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -57,6 +59,7 @@ class EngineLoop:
         self._stopping = False
         self._num_steps = 0
         self._error: BaseException | None = None
+        self.cpu_s = 0.0  # CPU seconds of the engine thread (steps and calls), as of its last step or call
         self.on_step: Callable[[Any], None] | None = None  # gets each step's StepStats (engine thread)
         self.load = self._snapshot()
 
@@ -118,6 +121,7 @@ class EngineLoop:
                 return
             self._num_steps += 1
             self.load = self._snapshot()
+            self.cpu_s = time.thread_time()
             if self.on_step is not None and engine.step_stats:
                 self.on_step(engine.step_stats[-1])
             for output in outputs:
@@ -139,6 +143,7 @@ class EngineLoop:
                 except BaseException as e:
                     future.set_exception(e)
             self.load = self._snapshot()
+            self.cpu_s = time.thread_time()
             block = False
 
     def _deliver(self, output: RequestOutput) -> None:

@@ -2,7 +2,9 @@
 
 Each beat keeps the worker listed (joining afresh when its membership lapsed, which wiped what
 the store held for it) and publishes what routers read about it: its load, its prefix-cache
-changes, its fitted latency models and its speculation limits. The beat runs on its own
+changes, its fitted latency models and its speculation limits -- the heartbeat, load and
+models in one store round trip (``MetadataStore.report``), the prefix changes in another when
+there are any. The beat runs on its own
 thread, so a slow store never blocks the engine; a failed beat is logged and the next one
 starts over with a fresh registration.
 """
@@ -41,15 +43,16 @@ class Membership:
         """Stay listed, then publish; any failure makes the next beat register afresh."""
         store, worker_id = self.store, self.info.worker_id
         try:
-            is_fresh = self._must_register or not store.heartbeat(worker_id, self.ttl_s)
+            models = self._models.refit() | {SpeculationLimits.NAME: self._speculation.to_record()}
+            is_fresh = self._must_register
+            if not is_fresh and not store.report(worker_id, self.ttl_s, self._load(), models):
+                is_fresh = True  # it had lapsed: what it wrote was dropped
             if is_fresh:
                 store.register_worker(self.info, self.ttl_s)
                 self._must_register = False
+                store.report(worker_id, self.ttl_s, self._load(), models)
             if self._prefixes is not None:
                 self._prefixes.publish(store, worker_id, is_fresh)
-            self._models.publish(store, worker_id)
-            store.put_model(worker_id, SpeculationLimits.NAME, self._speculation.to_record())
-            store.put_load(worker_id, self._load())
         except Exception:
             self._must_register = True
             raise

@@ -1,7 +1,7 @@
 """StepModels: the latency models a worker fits from its own steps and publishes for routers.
 
 The engine thread records each step's ``StepStats``; the heartbeat thread folds them into the
-models and publishes their coefficients (splitserve.latency). Which steps feed which model:
+models and takes their coefficients (splitserve.latency) to publish. Which steps feed which model:
 a prefill-role worker fits ``PrefillModel`` on every step that ran prompt tokens (what queued
 prompts will cost); a decode-role worker fits ``DecodeStepModel`` on decode and verification
 steps only -- a step carrying a prefill chunk is compute-bound per token, a different regime
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import deque
 
-from splitserve.cluster.store import MetadataStore
 from splitserve.engine.engine import StepStats
 from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
 
@@ -29,13 +28,12 @@ class StepModels:
         """Keep a step for the next fit (engine thread; cheap)."""
         self._pending.append(stats)
 
-    def publish(self, store: MetadataStore, worker_id: str) -> None:
-        """Fold the recorded steps in, refit, and publish each model's coefficients."""
+    def refit(self) -> dict[str, dict[str, float]]:
+        """Fold the recorded steps in, refit, and return each model's coefficients by name."""
         while self._pending:
             self._add(self._pending.popleft())
-        for model in (self.prefill, self.decode_step, self.mixed_step):
-            if model is not None:
-                store.put_model(worker_id, model.NAME, model.to_coefficients())
+        return {model.NAME: model.to_coefficients() for model in (self.prefill, self.decode_step, self.mixed_step)
+                if model is not None}
 
     def _add(self, stats: StepStats) -> None:
         if self.prefill is not None and stats.num_batched_tokens:

@@ -2,7 +2,9 @@
 
 ``stream_deltas`` reads one request's stream from the EngineLoop and yields a delta per read:
 outputs that queued up while the reader was busy go out merged as one (so a slow reader gets
-fewer, larger messages rather than falling behind). It owns nothing but the stream it reads.
+fewer, larger messages rather than falling behind), and after the first delta it waits for at
+least ``interval`` new tokens (or the end) before the next -- each message costs the worker
+and its router CPU the engines could use. It owns nothing but the stream it reads.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from splitserve.worker.engine_loop import EngineLoop, StreamEnd
 
 async def stream_deltas(
     loop: EngineLoop, request_id: str, stream: asyncio.Queue, abort: Callable[[str], Awaitable[None]],
+    interval: int = 1,
 ) -> AsyncIterator[GenerateDelta]:
-    """The request's outputs as deltas until it finishes. Leaving early (the reader closed or
-    was cancelled) calls ``abort(request_id)``; an engine failure raises its ServingError."""
-    finished = False
+    """The request's outputs as deltas until it finishes, each after the first carrying at
+    least ``interval`` tokens unless it is the last. Leaving early (the reader closed or was
+    cancelled) calls ``abort(request_id)``; an engine failure raises its ServingError."""
+    finished, is_first = False, True
     try:
         while not finished:
             items = [await stream.get()]
-            while not stream.empty():
-                items.append(stream.get_nowait())
+            while not stream.empty() or not is_first and not _ends(items) and _num_tokens(items) < interval:
+                items.append(stream.get_nowait() if not stream.empty() else await stream.get())
+            is_first = False
             outputs: list[RequestOutput | None] = []
             for item in items:
                 if isinstance(item, StreamEnd):
@@ -44,6 +49,15 @@ async def stream_deltas(
         if not finished:
             with contextlib.suppress(ServingError):  # the engine is gone already
                 await asyncio.shield(abort(request_id))
+
+
+def _ends(items: list) -> bool:
+    last = items[-1]
+    return isinstance(last, StreamEnd) or last.finished
+
+
+def _num_tokens(items: list) -> int:
+    return sum(len(item.new_token_ids) for item in items)
 
 
 def merge_outputs(request_id: str, outputs: list[RequestOutput | None]) -> GenerateDelta:

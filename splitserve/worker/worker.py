@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -136,7 +137,7 @@ class Worker:
         except BaseException:
             self.loop.close_stream(request_id)
             raise
-        async for delta in stream_deltas(self.loop, request_id, stream, self.abort):
+        async for delta in stream_deltas(self.loop, request_id, stream, self.abort, self.config.stream_interval):
             yield delta
 
     async def prefill(
@@ -171,7 +172,7 @@ class Worker:
             self.loop.close_stream(request_id)
             yield merge_outputs(request_id, [first])
             return
-        async for delta in stream_deltas(self.loop, request_id, stream, self.abort):
+        async for delta in stream_deltas(self.loop, request_id, stream, self.abort, self.config.stream_interval):
             yield delta
 
     async def set_speculation(self, request_id: str, num_speculative_tokens: int) -> bool:
@@ -197,6 +198,12 @@ class Worker:
     def stats(self) -> dict[str, int]:
         """Handoffs it prefilled since start: handoffs, failed_handoffs, kv_chunks, kv_bytes, kv_resends."""
         return asdict(self.export.counters)
+
+    def cpu_times(self) -> dict[str, float]:
+        """CPU seconds since start: ``engine`` (the engine thread: steps and calls between
+        them) and ``process`` (the whole worker process: also its event loop, Ray calls, token
+        streams, KV transfer threads and heartbeats)."""
+        return {"engine": self.loop.cpu_s, "process": time.process_time()}
 
     def inject_corruption(self, num_sends: int = 1) -> None:
         """Fault drill: corrupt the next ``num_sends`` KV chunks it sends (they are re-sent)."""

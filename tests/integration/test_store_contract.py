@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from splitserve.cluster.store import MetadataStore, StoreConnectionError, WorkerInfo, WorkerLoad
+from splitserve.cluster.store import MetadataStore, Snapshot, StoreConnectionError, WorkerInfo, WorkerLoad
 from splitserve.cluster.stores import make_store
 from splitserve.engine.block_pool import hash_block_tokens
 
@@ -199,6 +199,23 @@ def test_models_per_worker_and_name(store: MetadataStore) -> None:
     assert store.get_models("unknown") == {}
 
 
+def test_a_report_beats_and_publishes_at_once_and_a_snapshot_reads_it_all(store: MetadataStore) -> None:
+    store.register_worker(worker("d1", "decode"), LONG_TTL)
+    store.register_worker(worker("p1"), LONG_TTL)
+    assert store.report("d1", LONG_TTL, load(queued=3), {"step": {"a": 1.0}, "limits": {"k": 4.0}}) is True
+    assert store.report("p1", LONG_TTL, load(queued=9), {}) is True
+    assert store.get_loads() == {"d1": load(queued=3), "p1": load(queued=9)}
+    assert store.get_models("step") == {"d1": {"a": 1.0}} and store.get_models("limits") == {"d1": {"k": 4.0}}
+    assert store.snapshot(["step", "unknown"]) == Snapshot(
+        store.list_workers(), store.get_loads(), {"step": {"d1": {"a": 1.0}}, "unknown": {}})
+    # An expired (or unknown) worker's report says so, and nothing it wrote is visible.
+    assert store.report("gone", LONG_TTL, load(queued=1), {"step": {"a": 5.0}}) is False
+    assert "gone" not in store.get_loads() and "gone" not in store.get_models("step")
+    assert store.report("d1", SHORT_TTL, load(queued=3), {}) is True  # its last report
+    time.sleep(EXPIRY_WAIT)
+    assert store.snapshot(["step"]) == Snapshot([worker("p1")], {"p1": load(queued=9)}, {"step": {}})
+
+
 # Leases
 
 
@@ -287,6 +304,9 @@ def test_another_process_sees_the_same_state(
         (lambda s: s.match_prefix([b""]), "non-empty bytes"),
         (lambda s: s.put_model("w", "step", {"a": math.nan}), "finite"),
         (lambda s: s.put_model("w", "", {"a": 1.0}), "model name"),
+        (lambda s: s.report("w", 0, load(), {}), "ttl_s"),
+        (lambda s: s.report("w", 1.0, load(), {"step": {"a": math.inf}}), "finite"),
+        (lambda s: s.snapshot([""]), "model name"),
         (lambda s: s.acquire_lease("", "me", 1.0), "lease_id"),
         (lambda s: s.acquire_lease("x", "me", 0.0), "ttl_s"),
     ],

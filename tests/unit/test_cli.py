@@ -101,7 +101,7 @@ def test_serve_defaults_are_the_configs() -> None:
     expected = {
         "mode": cluster.mode, "prefill_workers": cluster.num_prefill_workers,
         "decode_workers": cluster.num_decode_workers, "workers": cluster.num_workers,
-        "threads_per_worker": cluster.num_threads, "host": transfer.host, "transfer": transfer.backend,
+        "threads_per_worker": cluster.num_threads, "stream_interval": cluster.stream_interval, "host": transfer.host, "transfer": transfer.backend,
         "kv_codec": transfer.kv_codec, "layers_per_chunk": transfer.layers_per_chunk,
         "redis_url": store.redis_url, "store_prefix": store.prefix,
         "address": options.address, "grpc_host": options.grpc_host, "grpc_port": options.grpc_port,
@@ -145,8 +145,9 @@ def test_serve_flags_build_the_configs() -> None:
     args = cli.build_parser().parse_args([
         "serve", "--transfer", "grpc", "--kv-codec", "int8", "--redis-url", "redis://127.0.0.1:1/0",
         "--store-prefix", "p", "--speculative", "ngram", "--num-speculative-tokens", "2", "--slo-ttft-ms", "250",
-        "--http-port", "0"])
+        "--http-port", "0", "--stream-interval", "4"])
     cluster, serve = configs(args)
+    assert cluster.stream_interval == 4 and all(w.stream_interval == 4 for w in cluster.worker_configs(2, 0))
     assert cluster.transfer == TransferConfig(backend="grpc", kv_codec="int8")
     assert cluster.store == StoreConfig(redis_url="redis://127.0.0.1:1/0", prefix="p")
     assert cluster.decode_engine is not None and cluster.decode_engine.speculative == SpeculativeConfig(
@@ -166,6 +167,7 @@ def test_serve_flags_build_the_configs() -> None:
     (["--mode", "colocated", "--decode-workers", "1"], "colocated mode has no prefill/decode split"),
     (["--grace", "-1"], "grace_s >= 0"),
     (["--role-dwell", "-1"], "min_dwell_s >= 0"),
+    (["--stream-interval", "0"], "stream_interval must be an integer >= 1"),
 ])
 def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

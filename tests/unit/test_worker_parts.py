@@ -1,9 +1,11 @@
 """The worker runtime's parts without Ray or the model: membership beats against an in-memory
 store (registration, renewal, re-registration after a lapse, what each beat publishes), the
-prefix mirror's net changes, which steps feed which latency model, and the startup profile's
-plan and the steps it measures."""
+prefix mirror's net changes, which steps feed which latency model, the startup profile's plan
+and the steps it measures, and how a request's tokens are grouped into messages."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -11,11 +13,13 @@ from splitserve.cluster.embedded_store import MemoryStore
 from splitserve.cluster.store import WorkerInfo, WorkerLoad
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.engine import StepStats
+from splitserve.engine.output import FinishReason, RequestOutput, SpecStats
 from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
-from splitserve.protocol import SpeculationLimits
+from splitserve.protocol import GenerateDelta, SpeculationLimits
 from splitserve.worker.membership import Heartbeat, Membership
 from splitserve.worker.prefix_mirror import PrefixMirror
 from splitserve.worker.step_models import StepModels
+from splitserve.worker.streams import stream_deltas
 
 
 class Clock:
@@ -111,12 +115,10 @@ def test_step_models_feed_prefill_steps_and_pure_decode_steps_to_their_models():
     both = StepModels(fits_prefill=True, fits_decode=True)
     for stats in (step(2, 300, prefill=300), step(4, 4), step(4, 12, drafts=8), step(3, 64 + 2, prefill=64)):
         both.record(stats)
-    store = MemoryStore()
-    store.register_worker(WorkerInfo("w0", "colocated", "w0", "", "node"), 30)
-    both.publish(store, "w0")
+    assert set(both.refit()) == {PrefillModel.NAME, DecodeStepModel.NAME}
     assert both.prefill is not None and both.prefill.fit().num_samples == 4  # every step ran tokens
     assert both.decode_step is not None and both.decode_step.fit().num_samples == 2  # not the mixed ones
-    assert both.mixed_step is None and store.get_models(MixedStepModel.NAME) == {}
+    assert both.mixed_step is None
     only_prefill = StepModels(fits_prefill=True, fits_decode=False)
     assert only_prefill.decode_step is None
 
@@ -173,3 +175,38 @@ def test_profile_plans_a_batch_prompts_joining_decodes_then_one_request_per_k(lo
     assert len(mixed) >= 4, "prompt chunks ran beside the decodes"
     assert any(s.prefill_attention > s.num_prefill_tokens**2 for s in mixed), "a capped prompt's later chunk"
     assert not spec.has_unfinished_requests() and spec.block_pool.num_free_blocks == spec.block_pool.num_blocks
+
+
+
+def output(num_tokens: int, total: int, finished: bool = False) -> RequestOutput:
+    """A step's output for request "r": ``num_tokens`` new, ``total`` so far."""
+    return RequestOutput("r", [1, 2], list(range(total)), "", list(range(total - num_tokens, total)),
+                         "t" * num_tokens, finished, FinishReason.LENGTH if finished else None, 0.0, None, None,
+                         SpecStats(0, 0, 0))
+
+
+class StreamsOnly:
+    """The one EngineLoop method stream_deltas calls."""
+
+    def close_stream(self, request_id: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("interval", "sizes"), [(1, [1, 1, 1, 1, 1, 1, 1]), (3, [1, 3, 3]), (4, [1, 4, 2])])
+def test_tokens_stream_in_messages_of_the_interval_the_first_and_the_last_at_once(interval, sizes):
+    async def run() -> list[GenerateDelta]:
+        stream: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> list[GenerateDelta]:
+            return [d async for d in stream_deltas(StreamsOnly(), "r", stream, abort=None, interval=interval)]
+
+        reader = asyncio.create_task(read())
+        for total in range(1, 8):  # a token a step, the reader waiting each time
+            stream.put_nowait(output(1, total, finished=total == 7))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        return await reader
+
+    deltas = asyncio.run(run())
+    assert [len(d.token_ids) for d in deltas] == sizes
+    assert [t for d in deltas for t in d.token_ids] == list(range(7)) and deltas[-1].finished
