@@ -4,7 +4,7 @@ then did.
 
 For a request it reads the prompt's prefix-cache hits per worker (one store read), ranks the
 prefill pool by predicted TTFT and the decode pool by predicted TPOT (placement.py), and
-describes every decode-pool worker with room for the prompt as a local option: its mixed-step
+describes every worker with room for the prompt, of either pool, as a local option: its mixed-step
 model, the requests decoding there (and their drafts per step, from the speculation
 controller), the prompt tokens it has queued, and -- for the TPOT guard -- where each request
 this router runs there stands against its TPOT SLO (tokens streamed, seconds since its first,
@@ -31,7 +31,7 @@ from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
 from splitserve.router.placement import blocks_for, prompt_block_hashes, rank_decode, rank_prefill
-from splitserve.router.prefill_placement import Corrections, DecodeSide, Placement, Remote, Running, place
+from splitserve.router.prefill_placement import Corrections, LocalSide, Placement, Remote, Running, place
 from splitserve.router.spec_control import SpecController
 
 _TRANSFER_WEIGHT = 0.2  # how fast the exposed-transfer average follows new hand-offs
@@ -61,7 +61,7 @@ class Placer:
         self._decoding: dict[str, dict[str, _Decoding | None]] = {}  # worker -> request (None: no TPOT SLO)
 
     async def place(self, req: RoutedRequest, local: bool = True) -> Placement:
-        """Where the request's prefill runs (``local``: whether decode workers may prefill it);
+        """Where the request's prefill runs (``local``: whether a worker may run it end to end);
         CapacityError when no option meets its SLO, ServingError when a pool it needs is empty."""
         n = len(req.prompt_ids)
         prefill_ids = self.view.members("prefill") if local else self.view.ids("prefill")
@@ -69,7 +69,7 @@ class Placer:
         hashes = prompt_block_hashes(req.prompt_ids, self.block_size)
         cached = await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
         remote = self._remote(req, prefill_ids, decode_ids, cached) if prefill_ids else None
-        sides = self._decode_sides(req, decode_ids, cached) if local else []
+        sides = self._local_sides(req, [*decode_ids, *prefill_ids], cached) if local else []
         placement = place(n, req.slo, remote, sides, self.config)
         # Counted at once (no await since the facts were read), so a burst's next request sees it.
         self.view.inflight_tokens[placement.prefill_worker] += n
@@ -90,16 +90,16 @@ class Placer:
         tpot = decode.predicted_s * self.corrections.factor(decode.worker_id, "tpot")
         return Remote(prefill.worker_id, decode.worker_id, ttft, tpot)
 
-    def _decode_sides(self, req: RoutedRequest, decode_ids: Sequence[str], cached: dict[str, int]) -> list[DecodeSide]:
+    def _local_sides(self, req: RoutedRequest, worker_ids: Sequence[str], cached: dict[str, int]) -> list[LocalSide]:
         view, n = self.view, len(req.prompt_ids)
         needed_blocks = blocks_for(n, self.block_size)
         sides = []
-        for worker_id in decode_ids:
+        for worker_id in worker_ids:
             load = view.loads.get(worker_id)
             if load is not None and load.num_free_blocks < needed_blocks or worker_id in req.tried:
                 continue
             num_decoding = max(load.num_running_requests if load else 0, view.inflight[worker_id])
-            sides.append(DecodeSide(
+            sides.append(LocalSide(
                 worker_id, view.models_of(worker_id).mixed_step, num_decoding,
                 self.controller.drafts_per_step(worker_id), context_tokens=num_decoding * n,
                 queued_prefill_tokens=max(load.num_queued_prompt_tokens if load else 0,

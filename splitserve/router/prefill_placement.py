@@ -8,12 +8,14 @@ The options for a request of n prompt tokens:
   prompt's uncached tokens, as time (P's prefill model), plus the exposed part of the KV
   transfer (the wait after P's first token, averaged by the router). The requests running at
   D are not slowed.
-- **local on D**, for every decode-pool worker D: D prefills it in chunks of C tokens inside
-  its running decode batch. Predicted TTFT = the mixed steps that run D's queued prefill
-  tokens and then this prompt's uncached ones (D's mixed-step model: a decode step with a
-  prefill chunk in it). Each of those steps also delays every request decoding at D, so C is
-  the largest size (of ``PlacementConfig.chunk_tokens``) whose delay every running request
-  can absorb (``Running.absorbs``); when none does, D has no local option.
+- **local on W**, for every worker W of either pool (a pool is a preference, not a
+  capability: a prefill-pool worker that takes a request decodes it too): W prefills it in
+  chunks of C tokens inside its running decode batch. Predicted TTFT = the mixed steps that
+  run W's queued prefill tokens and then this prompt's uncached ones (W's mixed-step model: a
+  decode step with a prefill chunk in it). Each of those steps also delays every request
+  decoding at W, so C is the largest size (of ``PlacementConfig.chunk_tokens``) whose delay
+  every running request can absorb (``Running.absorbs``); when none does, W has no local
+  option.
 
 The guard is amortized, as TPOT is a mean: a running request absorbs a delay when its mean
 time per output token still meets its SLO at the end of the horizon it is sure to decode over
@@ -24,8 +26,8 @@ local prefill; one that just started only for chunks whose added time per step f
 its SLO; one that misses its SLO even without the delay does not veto it.
 
 TTFT is the time to the first token, which the worker that prefills samples at the end of the
-prefill; the decode steps after it count toward TPOT, which for the newcomer is D's step with
-one more request in either case.
+prefill; the decode steps after it count toward TPOT, which for the newcomer is its decode
+worker's step with one more request in either case.
 
 Predictions are scaled by the worker's correction factor (``Corrections``: observed over
 predicted, for its recent requests) and get a margin of ``margin_sigmas`` times the model's
@@ -91,8 +93,8 @@ class Running:
 
 
 @dataclass(frozen=True)
-class DecodeSide:
-    """A decode-pool worker as the place of a local prefill: its mixed-step model and batch.
+class LocalSide:
+    """A worker as the place of a local prefill: its mixed-step model and batch.
 
     num_decoding / num_draft_tokens / context_tokens: the requests decoding there, their drafts
     per step and their context; queued_prefill_tokens: prompt tokens it has yet to prefill;
@@ -131,7 +133,7 @@ class Placement:
     extra_decode_s: float = 0.0
 
 
-def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConfig,
+def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig,
                  protect: bool = True) -> Placement | None:
     """The local prefill at ``side`` with the largest chunk whose delay its running requests
     absorb within their TPOT SLO (``protect=False``: the smallest chunk when none does); None
@@ -159,7 +161,7 @@ def local_option(side: DecodeSide, num_prompt_tokens: int, config: PlacementConf
     return None
 
 
-def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, decode_sides: Sequence[DecodeSide],
+def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: Sequence[LocalSide],
           config: PlacementConfig) -> Placement:
     """The cheapest option that meets the request's SLOs. When none does: with
     ``config.admission``, CapacityError (a sentence naming the best prediction); without, the
@@ -167,13 +169,13 @@ def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, decode_sides:
     running requests within TPOT). ValueError when there is no worker at all."""
     options = [] if remote is None else [Placement(REMOTE, remote.prefill_worker, remote.decode_worker,
                                                    remote.ttft_s, remote.tpot_s, remote.ttft_s)]
-    options += [o for side in decode_sides if (o := local_option(side, num_prompt_tokens, config)) is not None]
+    options += [o for side in local_sides if (o := local_option(side, num_prompt_tokens, config)) is not None]
     if not options and not config.admission:
-        options = [o for side in decode_sides
+        options = [o for side in local_sides
                    if (o := local_option(side, num_prompt_tokens, config, protect=False)) is not None]
     if not options:
-        if remote is None and decode_sides:
-            raise CapacityError("no decode worker can prefill the request locally without pushing the requests "
+        if remote is None and local_sides:
+            raise CapacityError("no worker can prefill the request locally without pushing the requests "
                                 "running there past their TPOT SLO; retry later or relax the SLO")
         raise ValueError("no worker to place the request on")
     meeting = [o for o in options if _meets(o, slo)]

@@ -6,21 +6,25 @@ breaks ties, margins and correction factors."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from splitserve.cluster.embedded_store import MemoryStore
+from splitserve.cluster.store import WorkerInfo, WorkerLoad
 from splitserve.config import PlacementConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError
-from splitserve.latency import MixedStepModel
+from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
+from splitserve.router.handoff import RoutedRequest
 from splitserve.router.placer import Placer
 from splitserve.router.prefill_placement import (
     LOCAL,
     REMOTE,
     Corrections,
-    DecodeSide,
+    LocalSide,
     Remote,
     Running,
     local_option,
@@ -36,10 +40,10 @@ EXACT = PlacementConfig(margin_sigmas=0.0)
 PROMPT = 200
 
 
-def side(num_decoding: int = 4, tpot_slo_s: float = 0.1, model=MIXED, running=None, **kwargs) -> DecodeSide:
+def side(num_decoding: int = 4, tpot_slo_s: float = 0.1, model=MIXED, running=None, **kwargs) -> LocalSide:
     """A decode worker whose ``num_decoding`` requests just started (by default)."""
     running = (Running(tpot_slo_s),) * num_decoding if running is None else running
-    return DecodeSide("d", model, num_decoding, num_draft_tokens=0, context_tokens=0, running=running, **kwargs)
+    return LocalSide("d", model, num_decoding, num_draft_tokens=0, context_tokens=0, running=running, **kwargs)
 
 
 def test_the_largest_chunk_that_keeps_running_requests_within_tpot_is_used():
@@ -183,3 +187,29 @@ def test_the_placer_sees_each_running_request_against_its_slo_and_strangers_as_j
         Running(0.05), Running(0.05))  # two requests another router runs there
     placer.done("d", "sure")
     assert len(placer.running_at("d", num_decoding=2)) == 1
+
+
+def test_an_idle_prefill_pool_worker_may_run_a_request_end_to_end_in_elastic_mode():
+    store = MemoryStore()
+    prefill = {"const": 0.02, "tokens": 0.001, "tokens_sq": 0.0}
+    decode = {"const": 0.02, "requests": 0.001, "batched_tokens": 0.002, "context_tokens": 0.0, "draft_tokens": 0.0}
+    for worker_id, kind, running in (("p", "prefill", 0), ("d", "decode", 4)):
+        store.register_worker(WorkerInfo(worker_id, kind, worker_id, "", "node"), 60.0)
+        store.report(worker_id, 60.0, WorkerLoad(0, running, 100, 100),
+                     {PrefillModel.NAME: prefill, DecodeStepModel.NAME: decode, MixedStepModel.NAME: COEFFICIENTS})
+    view = ClusterView(store, get_actor=lambda name: None)
+    placer = Placer(view, SpecController(), 16, EXACT, default_slo=SLO(tpot_s=0.1))
+    placer.transfer_s = 0.05  # the hand-off's exposed wait
+    asyncio.run(view.refresh(force=True))
+
+    def placed(local: bool):
+        req = RoutedRequest(f"r{local}", list(range(PROMPT)), SamplingParams(), SLO(ttft_s=1.0, tpot_s=0.1), 0.0)
+        return asyncio.run(placer.place(req, local=local))
+
+    # p is idle: it prefills and decodes the request itself (221 ms, nobody delayed) rather than
+    # hand it to the busy d (220 ms + 50 ms of transfer) or prefill it inside d's batch.
+    chosen = placed(local=True)
+    assert (chosen.kind, chosen.prefill_worker, chosen.decode_worker) == (LOCAL, "p", "p")
+    assert view.inflight_tokens["p"] == PROMPT  # counted as queued at p until its first token
+    # Disaggregated: always the hand-off.
+    assert placed(local=False).kind == REMOTE
