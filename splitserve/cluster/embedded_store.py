@@ -28,6 +28,7 @@ from splitserve.cluster.store import (
     check_coefficients,
     check_hashes,
     check_kind,
+    check_report,
     check_ttl,
 )
 from splitserve.config import DEFAULT_STORE_PREFIX, check_name
@@ -269,10 +270,7 @@ class EmbeddedStore(MetadataStore):
 
     def report(self, worker_id: str, ttl_s: float, load: WorkerLoad,
                models: Mapping[str, Mapping[str, float]]) -> bool:
-        check_ttl(ttl_s)
-        for name in models:
-            check_name("model name", name)
-        checked = {name: check_coefficients(coefficients) for name, coefficients in models.items()}
+        checked = check_report(ttl_s, models)
         return self._call(MemoryStore.report, worker_id, ttl_s, load, checked)
 
     def snapshot(self, model_names: Sequence[str]) -> Snapshot:

@@ -34,6 +34,7 @@ from splitserve.cluster.store import (
     check_coefficients,
     check_hashes,
     check_kind,
+    check_report,
     check_ttl,
 )
 from splitserve.config import DEFAULT_STORE_PREFIX, check_name
@@ -195,10 +196,7 @@ class RedisStore(MetadataStore):
 
     def report(self, worker_id: str, ttl_s: float, load: WorkerLoad,
                models: Mapping[str, Mapping[str, float]]) -> bool:
-        check_ttl(ttl_s)
-        for name in models:
-            check_name("model name", name)
-        checked = {name: check_coefficients(coefficients) for name, coefficients in models.items()}
+        checked = check_report(ttl_s, models)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.pexpire(self._key("worker", worker_id), _ms(ttl_s))
             pipe.hset(self._key("loads"), worker_id, json.dumps(asdict(load)))

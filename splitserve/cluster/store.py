@@ -159,10 +159,7 @@ class MetadataStore(abc.ABC):
                models: Mapping[str, Mapping[str, float]]) -> bool:
         """``heartbeat``, then ``put_load`` and ``put_model`` for each model; what heartbeat
         returned (False: the worker had expired, and what it wrote is never visible)."""
-        check_ttl(ttl_s)
-        for name, coefficients in models.items():
-            check_name("model name", name)
-            check_coefficients(coefficients)
+        check_report(ttl_s, models)
         alive = self.heartbeat(worker_id, ttl_s)
         self.put_load(worker_id, load)
         for name, coefficients in models.items():
@@ -203,6 +200,14 @@ def check_hashes(block_hashes: Sequence[bytes]) -> None:
     for h in block_hashes:
         if not isinstance(h, bytes) or not h:
             raise ValueError(f"each block hash must be non-empty bytes, got {h!r}")
+
+
+def check_report(ttl_s: float, models: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """A report's models as plain-float copies by name; ValueError for a bad TTL, name or value."""
+    check_ttl(ttl_s)
+    for name in models:
+        check_name("model name", name)
+    return {name: check_coefficients(coefficients) for name, coefficients in models.items()}
 
 
 def check_coefficients(coefficients: Mapping[str, float]) -> dict[str, float]:
