@@ -169,9 +169,11 @@ def slo_profiles(args: argparse.Namespace) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------- systems
 
 def systems(args: argparse.Namespace, tpot_slo_ms: float) -> list[System]:
-    """The servers; ``tpot_slo_ms``: the TPOT target elastic is deployed with, so its placement
-    keeps a local prefill from pushing running requests past it; with --no-admission it refuses
-    nothing, like every other server here (no request carries an SLO)."""
+    """The servers; ``tpot_slo_ms``: the TPOT target elastic is deployed with. Elastic's requests
+    also carry their workload's SLO (``send_slo``): its placement weighs each prefill's
+    predicted TTFT against it and keeps a local prefill from pushing running requests past
+    their TPOT; with --no-admission it refuses nothing, like every other server here (their
+    requests carry no SLO: the SLO-aware placement is what elastic is measured for)."""
     # Prefix caching off everywhere: every rate of the sweep sends the same seeded prompts, and
     # a cache hit would skip the prefill the workload is meant to cost.
     def splitserve(port: int, mode: str, *workers: str, threads: int = 1) -> list[str]:
@@ -181,7 +183,7 @@ def systems(args: argparse.Namespace, tpot_slo_ms: float) -> list[System]:
     one_one = ("--prefill-workers", "1", "--decode-workers", "1")
     known = {
         ELASTIC: System(ELASTIC, splitserve(8106, "elastic", "--workers", "2", "--slo-tpot-ms", f"{tpot_slo_ms:g}",
-                                             "--no-admission"), 8106),
+                                             "--no-admission"), 8106, send_slo=True),
         DISAGGREGATED: System(DISAGGREGATED, splitserve(8101, "disaggregated", *one_one), 8101),
         ADMISSION: System(ADMISSION, splitserve(8105, "disaggregated", *one_one), 8105, send_slo=True),
         COLOCATED: System(COLOCATED, splitserve(8102, "colocated", "--workers", "1", threads=2), 8102),
