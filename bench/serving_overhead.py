@@ -72,13 +72,14 @@ def cpu_seconds(workers: list, exclude: set[int]) -> dict[str, float]:
     return parts
 
 
-def measure(name: str, config: ClusterConfig, args: argparse.Namespace, out: Path) -> dict:
-    """One load on a fresh deployment: CPU seconds per part over the load, and its summary."""
+def measure(name: str, config: ClusterConfig, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """One load on a fresh deployment: CPU seconds per part over the load."""
     server = start_server(config)
     try:
         workers = list(server.deployment.handles.values())
-        command = [str(Path(sys.executable).with_name("splitserve")), "loadtest", "run", "--target", f"grpc://{server.address}",
-                   "--workload", "chat", "--scale", str(args.scale), "--rate", str(args.rate),
+        command = [str(Path(sys.executable).with_name("splitserve")), "loadtest", "run",
+                   "--target", f"grpc://{server.address}", "--workload", "chat", "--scale", str(args.scale),
+                   "--rate", str(args.rate),
                    "--num-requests", str(args.num_requests), "--seed", str(args.seed), "--out", str(out),
                    "--no-progress"]
         loadtest = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -89,14 +90,12 @@ def measure(name: str, config: ClusterConfig, args: argparse.Namespace, out: Pat
             raise RuntimeError(f"the load test against {name} failed: {stderr.strip()[-500:]}")
     finally:
         stop_server(server)
-    summary = json.loads((out / "summary.json").read_text())
-    return {"cpu_s": {part: after[part] - before[part] for part in PARTS},
-            "num_ok": summary.get("num_ok", summary.get("num_completed")), "summary": summary}
+    return {part: after[part] - before[part] for part in PARTS}
 
 
-def per_request(run: dict, num_requests: int) -> dict[str, float]:
+def per_request(cpu_s: dict[str, float], num_requests: int) -> dict[str, float]:
     """CPU ms per request by part, the total, and the share outside the engines."""
-    ms = {part: 1000 * seconds / num_requests for part, seconds in run["cpu_s"].items()}
+    ms = {part: 1000 * seconds / num_requests for part, seconds in cpu_s.items()}
     total = sum(ms.values())
     return ms | {"total": total, "outside_share": 1 - ms["engines"] / total if total else 0.0}
 

@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from splitserve.engine.sampling_params import SamplingParams
-
 from splitserve.config import PlacementConfig
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest

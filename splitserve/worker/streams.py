@@ -30,8 +30,10 @@ async def stream_deltas(
     try:
         while not finished:
             items = [await stream.get()]
-            while not stream.empty() or not is_first and not _ends(items) and _num_tokens(items) < interval:
-                items.append(stream.get_nowait() if not stream.empty() else await stream.get())
+            _drain(stream, items)
+            while not is_first and not _ends(items) and _num_tokens(items) < interval:
+                items.append(await stream.get())
+                _drain(stream, items)
             is_first = False
             outputs: list[RequestOutput | None] = []
             for item in items:
@@ -49,6 +51,12 @@ async def stream_deltas(
         if not finished:
             with contextlib.suppress(ServingError):  # the engine is gone already
                 await asyncio.shield(abort(request_id))
+
+
+def _drain(stream: asyncio.Queue, items: list) -> None:
+    """Add what is queued already."""
+    while not stream.empty():
+        items.append(stream.get_nowait())
 
 
 def _ends(items: list) -> bool:
