@@ -9,9 +9,12 @@ model, the requests decoding there (and their drafts per step, from the speculat
 controller), the prompt tokens it has queued, and -- for the TPOT guard -- where each request
 this router runs there stands against its TPOT SLO (tokens streamed, seconds since its first,
 tokens still due when it ignores EOS; requests other routers run there count as just started
-under the default SLO). The chosen
-prefill worker counts the prompt as queued (``ClusterView.inflight_tokens``) from the decision
-until the router sees its first token, so the next request of a burst is placed knowing it.
+under the default SLO). A request placed to decode at a worker is protected there before its
+first token too, as pending: each local prefill placed there after it adds its delay to what
+it was promised, so a burst's later prompts cannot take the TPOT of its earlier ones. The
+chosen prefill worker counts the prompt as queued (``ClusterView.inflight_tokens``) from the
+decision until the router sees its first token, so the next request of a burst is placed
+knowing it.
 After the request it folds observed over predicted TTFT and TPOT into the workers' correction
 factors and the KV transfer's exposed wait into a running average.
 """
@@ -30,7 +33,7 @@ from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
 from splitserve.router.placement import blocks_for, prompt_block_hashes, rank_decode, rank_prefill
-from splitserve.router.prefill_placement import Corrections, LocalSide, Placement, Remote, Running, place
+from splitserve.router.prefill_placement import LOCAL, Corrections, LocalSide, Placement, Remote, Running, place
 from splitserve.router.spec_control import SpecController
 
 _TRANSFER_WEIGHT = 0.2  # how fast the exposed-transfer average follows new hand-offs
@@ -50,6 +53,25 @@ class _Decoding:
         return Running(self.tpot_slo_s, self.num_output_tokens - 1, now - self.first_at, certain)
 
 
+@dataclass
+class _Pending:
+    """A request placed to decode at a worker, before its first token: what the local prefills
+    placed there after it promised it."""
+
+    worker_id: str
+    tpot_slo_s: float | None
+    params: SamplingParams
+    promised_s: float = 0.0
+    promised_steps: int = 0
+
+    def running(self) -> Running | None:
+        if self.tpot_slo_s is None:
+            return None
+        certain = self.params.max_tokens - 1 if self.params.ignore_eos else None
+        return Running(self.tpot_slo_s, tokens_left=certain, pending=True, promised_s=self.promised_s,
+                       promised_steps=self.promised_steps)
+
+
 class Placer:
     def __init__(self, view: ClusterView, controller: SpecController, block_size: int, config: PlacementConfig,
                  default_slo: SLO, clock: Callable[[], float] = time.monotonic):
@@ -58,6 +80,7 @@ class Placer:
         self.corrections = Corrections(config.correction_weight, config.correction_bounds)
         self.transfer_s = 0.0  # the exposed part of a KV hand-off, averaged
         self._decoding: dict[str, dict[str, _Decoding | None]] = {}  # worker -> request (None: no TPOT SLO)
+        self._pending: dict[str, _Pending] = {}  # request -> where it will decode, until its first token
 
     async def place(self, req: RoutedRequest, local: bool = True) -> Placement:
         """Where the request's prefill runs (``local``: whether a worker may run it end to end);
@@ -72,6 +95,12 @@ class Placer:
         placement = place(n, req.slo, remote, sides, self.config)
         # Counted at once (no await since the facts were read), so a burst's next request sees it.
         self.view.inflight_tokens[placement.prefill_worker] += n
+        if placement.kind == LOCAL:
+            for pending in self._pending.values():
+                if pending.worker_id == placement.decode_worker:
+                    pending.promised_s += placement.extra_decode_s
+                    pending.promised_steps += placement.extra_steps
+        self._pending[req.request_id] = _Pending(placement.decode_worker, req.slo.tpot_s, req.params)
         return placement
 
     def _remote(self, req: RoutedRequest, prefill_ids: Sequence[str], decode_ids: Sequence[str],
@@ -114,9 +143,11 @@ class Placer:
         """The requests decoding at the worker (``num_decoding`` of them, as it reported) that
         have a TPOT SLO, as the TPOT guard sees them now."""
         known, now = self._decoding.get(worker_id, {}), self.clock()
+        pending = [p for p in self._pending.values() if p.worker_id == worker_id]
         running = [d.running(now) for d in known.values() if d is not None]
+        running += [r for p in pending if (r := p.running()) is not None]
         if self.default_slo.tpot_s is not None:  # requests another router runs there
-            running += [Running(self.default_slo.tpot_s)] * max(num_decoding - len(known), 0)
+            running += [Running(self.default_slo.tpot_s)] * max(num_decoding - len(known) - len(pending), 0)
         return tuple(running)
 
     # ------------------------------------------------------------ what placed requests did
@@ -124,6 +155,7 @@ class Placer:
     def decoding(self, worker_id: str, request_id: str, slo: SLO, params: SamplingParams) -> None:
         """The request decodes at the worker from its first token, now (its TPOT SLO protects
         it there)."""
+        self._pending.pop(request_id, None)
         tracked = None if slo.tpot_s is None else _Decoding(slo.tpot_s, self.clock(), params)
         self._decoding.setdefault(worker_id, {})[request_id] = tracked
 
@@ -135,6 +167,10 @@ class Placer:
 
     def done(self, worker_id: str, request_id: str) -> None:
         self._decoding.get(worker_id, {}).pop(request_id, None)
+
+    def forget(self, request_id: str) -> None:
+        """The request is over (whether or not it ever decoded)."""
+        self._pending.pop(request_id, None)
 
     def observe_transfer(self, seconds: float) -> None:
         self.transfer_s += _TRANSFER_WEIGHT * (seconds - self.transfer_s)

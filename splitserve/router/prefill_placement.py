@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from splitserve.config import PlacementConfig
 from splitserve.errors import CapacityError
-from splitserve.latency import MixedStepModel
+from splitserve.latency import ChunkedPrefill, MixedStepModel
 from splitserve.protocol import SLO
 
 REMOTE, LOCAL = "remote", "local"
@@ -71,19 +71,29 @@ class Running:
 
     tpot_slo_s: its TPOT SLO; num_tokens: the tokens it produced after its first; decode_s: the
     seconds since its first token; tokens_left: the tokens it will still produce for certain
-    (None: it may end at any step, on EOS)."""
+    (None: it may end at any step, on EOS).
+
+    pending: placed to decode here, its first token not out yet (its prompt is still being
+    prefilled, here or at a remote worker). The prompts queued before it are done by the time
+    it decodes, so only the prefills placed here after it delay it: ``promised_s`` over
+    ``promised_steps`` steps, what those placements promised it, plus the one being decided."""
 
     tpot_slo_s: float
     num_tokens: int = 0
     decode_s: float = 0.0
     tokens_left: int | None = None
+    pending: bool = False
+    promised_s: float = 0.0
+    promised_steps: int = 0
 
     def absorbs(self, delay_s: float, step_s: float, num_steps: int) -> bool:
         """Whether ``delay_s`` spread over the next ``num_steps`` steps (of ``step_s`` each
-        without it) keeps its mean TPOT within its SLO at the end of its horizon. A request
-        that misses its SLO even without the delay does not veto it: it is lost either way."""
-        horizon = num_steps if self.tokens_left is None else self.tokens_left
-        delay = delay_s * min(horizon, num_steps) / num_steps  # it may leave before the last chunk
+        without it), on top of what it was promised, keeps its mean TPOT within its SLO at the
+        end of its horizon. A request that misses its SLO even without the delay does not veto
+        it: it is lost either way."""
+        steps = num_steps + self.promised_steps
+        horizon = steps if self.tokens_left is None else self.tokens_left
+        delay = (delay_s + self.promised_s) * min(horizon, steps) / steps  # it may leave before the last chunk
         slack = self.slack_s(step_s, horizon)
         return slack < 0 or delay <= slack
 
@@ -120,8 +130,8 @@ class Placement:
     """Where a request's prefill runs, and what was predicted for it.
 
     kind: REMOTE or LOCAL (then prefill_worker == decode_worker); chunk_tokens: a local
-    prefill's chunk size; extra_decode_s: the seconds its chunks add to the running requests'
-    steps; cost_s: what the choice minimized."""
+    prefill's chunk size; extra_decode_s / extra_steps: the seconds its own chunks add to the
+    running requests' steps, and over how many steps; cost_s: what the choice minimized."""
 
     kind: str
     prefill_worker: str
@@ -131,6 +141,7 @@ class Placement:
     cost_s: float
     chunk_tokens: int | None = None
     extra_decode_s: float = 0.0
+    extra_steps: int = 0
 
 
 def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig,
@@ -138,26 +149,39 @@ def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfi
     """The local prefill at ``side`` with the largest chunk whose delay its running requests
     absorb within their TPOT SLO (``protect=False``: the smallest chunk when none does); None
     when no chunk size does or the worker has no mixed-step model yet. (Whether it meets the
-    newcomer's own SLOs is ``place``'s question.)"""
+    newcomer's own SLOs is ``place``'s question.)
+
+    A request decoding there is delayed by the chunks of every prompt queued there and then
+    this one's; a pending one (``Running.pending``) by this one's chunks, beside what it was
+    promised."""
     model = side.model
     if model is None:
         return None
     sigma = config.margin_sigmas * model.fit().rmse
-    new_tokens = side.queued_prefill_tokens + max(num_prompt_tokens - side.cached_tokens, 1)
+    own_tokens = max(num_prompt_tokens - side.cached_tokens, 1)
+    new_tokens = side.queued_prefill_tokens + own_tokens
     tpot = side.tpot_correction * model.predict(side.num_decoding + 1, side.num_draft_tokens,
                                                 side.context_tokens + num_prompt_tokens) + sigma
+
+    def delays(tokens: int, chunk: int) -> tuple[ChunkedPrefill, float]:
+        """Prefilling ``tokens`` there in chunks of ``chunk``: the plan and its delay of each
+        decode there (margin included)."""
+        plan = model.prefill_seconds(tokens, chunk, side.num_decoding, side.num_draft_tokens, side.context_tokens)
+        return plan, side.tpot_correction * plan.extra_decode_seconds + sigma * math.sqrt(plan.num_steps)
+
     for chunk in sorted(set(config.chunk_tokens), reverse=True):
         if chunk > new_tokens and chunk != max(config.chunk_tokens):
             continue  # a smaller size that still takes the whole prompt in one step is the same plan
-        plan = model.prefill_seconds(new_tokens, chunk, side.num_decoding, side.num_draft_tokens, side.context_tokens)
-        extra = side.tpot_correction * plan.extra_decode_seconds
-        delay = extra + sigma * math.sqrt(plan.num_steps)
-        absorbed = all(r.absorbs(delay, tpot, plan.num_steps) for r in side.running)
+        plan, queue_delay = delays(new_tokens, chunk)
+        own, own_delay = delays(own_tokens, chunk) if side.queued_prefill_tokens else (plan, queue_delay)
+        absorbed = all(r.absorbs(own_delay, tpot, own.num_steps) if r.pending else
+                       r.absorbs(queue_delay, tpot, plan.num_steps) for r in side.running)
         if not absorbed and (protect or chunk != min(config.chunk_tokens)):
             continue
         ttft = side.ttft_correction * plan.seconds + sigma * math.sqrt(plan.num_steps)
+        extra = side.tpot_correction * own.extra_decode_seconds
         return Placement(LOCAL, side.worker_id, side.worker_id, ttft, tpot, ttft + extra * side.num_decoding,
-                         chunk_tokens=min(chunk, new_tokens), extra_decode_s=extra)
+                         chunk_tokens=min(chunk, new_tokens), extra_decode_s=own_delay, extra_steps=own.num_steps)
     return None
 
 

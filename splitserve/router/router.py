@@ -158,6 +158,7 @@ class Router:
                     yield delta
         finally:
             self.speculation.forget(req.request_id)
+            self.placer.forget(req.request_id)
             if task is not None:
                 self._active.discard(task)
 

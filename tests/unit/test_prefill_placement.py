@@ -213,3 +213,45 @@ def test_an_idle_prefill_pool_worker_may_run_a_request_end_to_end_in_elastic_mod
     assert view.inflight_tokens["p"] == PROMPT  # counted as queued at p until its first token
     # Disaggregated: always the hand-off.
     assert placed(local=False).kind == REMOTE
+
+
+def test_a_pending_request_bears_only_the_prefills_placed_after_it_and_what_they_promised():
+    # 1000 prompt tokens queued at an idle worker, and a request placed there that is sure to
+    # decode 10 tokens (77 ms of slack each under a 100 ms SLO, 770 ms in all).
+    queued = dict(num_decoding=0, queued_prefill_tokens=1000)
+    # Decoding already, it bears the whole queue: only 64-token chunks spread the 1.2 s thin enough.
+    decoding = Running(0.1, tokens_left=10)
+    assert local_option(side(running=(decoding,), **queued), PROMPT, EXACT).chunk_tokens == 64
+    # Pending, it decodes after the queue: this prompt's one 201 ms step is all it bears.
+    pending = Running(0.1, tokens_left=10, pending=True)
+    option = local_option(side(running=(pending,), **queued), PROMPT, EXACT)
+    assert option.chunk_tokens == 512 and (option.extra_decode_s, option.extra_steps) == (pytest.approx(0.201), 1)
+    # What earlier placements promised it counts. Without a horizon it absorbs 77 ms a step:
+    # 64-token chunks (204 ms over 4 steps) alone, 32-token ones beside a 400 ms promise over 3.
+    assert local_option(side(running=(Running(0.1, pending=True),), **queued), PROMPT, EXACT).chunk_tokens == 64
+    promised = Running(0.1, pending=True, promised_s=0.4, promised_steps=3)
+    assert local_option(side(running=(promised,), **queued), PROMPT, EXACT).chunk_tokens == 32
+
+
+def test_the_placer_protects_a_burst_s_earlier_requests_before_their_first_token():
+    store = MemoryStore()
+    store.register_worker(WorkerInfo("d", "decode", "d", "", "node"), 60.0)
+    store.report("d", 60.0, WorkerLoad(0, 0, 100, 100), {MixedStepModel.NAME: COEFFICIENTS})
+    view = ClusterView(store, get_actor=lambda name: None)
+    placer = Placer(view, SpecController(), 16, EXACT, default_slo=SLO(), clock=lambda: 0.0)
+    asyncio.run(view.refresh(force=True))
+
+    def placed(request_id: str):
+        req = RoutedRequest(request_id, list(range(PROMPT)), SamplingParams(), SLO(tpot_s=0.1), 0.0)
+        return asyncio.run(placer.place(req))
+
+    first = placed("r1")
+    assert (first.kind, first.chunk_tokens) == (LOCAL, PROMPT)  # nobody to protect: one step
+    assert placer.running_at("d", num_decoding=0) == (Running(0.1, pending=True),)
+    second = placed("r2")  # r1 is pending there: 77 ms a step to spare, so 64-token chunks
+    assert (second.kind, second.chunk_tokens) == (LOCAL, 64)
+    assert placer.running_at("d", num_decoding=0)[0] == Running(
+        0.1, pending=True, promised_s=second.extra_decode_s, promised_steps=second.extra_steps)
+    placer.decoding("d", "r1", SLO(tpot_s=0.1), SamplingParams())  # r1's first token: decoding now
+    placer.forget("r2")  # r2 failed before its first
+    assert placer.running_at("d", num_decoding=1) == (Running(0.1),)
