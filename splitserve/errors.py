@@ -5,10 +5,22 @@ Bad input is always a plain ``ValueError`` (INVALID_ARGUMENT / HTTP 400).
 
 from __future__ import annotations
 
+import math
+
 
 class CapacityError(RuntimeError):
     """Nothing can take the request now: no free KV blocks, no free sequence slot, or admission
-    refused it (RESOURCE_EXHAUSTED / HTTP 429). Retrying later, or elsewhere, may succeed."""
+    refused it (RESOURCE_EXHAUSTED / HTTP 429). Retrying later, or elsewhere, may succeed.
+
+    retry_after_s: when a retry may succeed, in seconds from now (None: no hint); the front ends
+    send it as gRPC's ``grpc-retry-pushback-ms`` trailer and HTTP's ``Retry-After`` header.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        if not (retry_after_s is None or 0 <= retry_after_s < math.inf):  # the front ends round it
+            raise ValueError(f"retry_after_s must be None or finite seconds >= 0, got {retry_after_s!r}")
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ServingError(RuntimeError):

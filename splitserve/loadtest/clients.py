@@ -12,7 +12,9 @@ Both send the prompt as text with ``max_tokens``, ``ignore_eos`` (so the server 
 token asked for) and temperature 0. A client is an async context manager: entering it connects
 (and, over HTTP without a model name, asks GET /v1/models for one) and raises ``TargetError``
 with a sentence when the server cannot be reached. ``send`` raises ``RequestFailed`` for a
-request the server refused or failed; the runner owns deadlines and cancellation.
+request the server refused or failed, with the server's retry hint when a refusal carries one
+(gRPC ``grpc-retry-pushback-ms``, HTTP ``Retry-After`` in seconds); the runner owns deadlines
+and cancellation.
 
 Counting tokens over HTTP: OpenAI's chunks carry text, not token ids. With
 ``stream_options.continuous_usage_stats`` (vLLM's extension, also splitserve's) every chunk
@@ -37,7 +39,7 @@ import grpc
 from splitserve.loadtest.records import Chunk, RequestRecord, RequestSpec, Status
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
-from splitserve.router.client import make_request
+from splitserve.router.client import make_request, pushback_s
 
 Clock = Callable[[], float]
 """Seconds since the run's start, on a monotonic clock."""
@@ -51,11 +53,12 @@ class TargetError(Exception):
 
 class RequestFailed(Exception):
     """The server refused (status "refused") or failed (status "failed") a request; the
-    message is the server's sentence."""
+    message is the server's sentence, retry_after_s its retry hint in seconds (None: none)."""
 
-    def __init__(self, status: Status, message: str):
+    def __init__(self, status: Status, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class Client(Protocol):
@@ -149,7 +152,8 @@ class GrpcClient:
                 last = response
         except grpc.aio.AioRpcError as error:
             status: Status = "refused" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "failed"
-            raise RequestFailed(status, f"{error.code().name}: {error.details()}") from None
+            raise RequestFailed(status, f"{error.code().name}: {error.details()}",
+                                pushback_s(error.trailing_metadata())) from None
         finally:
             call.cancel()  # a no-op once the stream has ended; aborts the request when cancelled
         if last is None or not last.finished:
@@ -238,7 +242,7 @@ class OpenAIClient:
         try:
             async with self._session.post(f"{self._base_url}/completions", json=self.body(spec)) as response:
                 if response.status != 200:
-                    raise _status_error(response.status, await response.text())
+                    raise _status_error(response.status, await response.text(), response.headers.get("Retry-After"))
                 await _read_stream(_sse_events(response.content), record, clock)
         except (aiohttp.ClientError, ConnectionError) as error:
             raise RequestFailed("failed", f"{type(error).__name__}: {error}") from None
@@ -309,13 +313,15 @@ async def _sse_events(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, 
         yield event
 
 
-def _status_error(status: int, text: str) -> RequestFailed:
-    """429 is a refusal (capacity); any other error status a failure."""
+def _status_error(status: int, text: str, retry_after: str | None = None) -> RequestFailed:
+    """429 is a refusal (capacity); any other error status a failure. retry_after: the
+    Retry-After header, read when it is delay-seconds (an HTTP date is ignored)."""
     try:
         message = _error_message(json.loads(text))
     except ValueError:
         message = text.strip()[:500] or "no body"
-    return RequestFailed("refused" if status == 429 else "failed", f"HTTP {status}: {message}")
+    retry_after_s = float(retry_after) if retry_after is not None and retry_after.isdecimal() else None
+    return RequestFailed("refused" if status == 429 else "failed", f"HTTP {status}: {message}", retry_after_s)
 
 
 def _error_message(body: Any) -> str:

@@ -58,6 +58,7 @@ class RequestRecord:
     max_tokens: int
     status: Status = "ok"
     error: str = ""                       # the server's or client's sentence when status != "ok"
+    retry_after_s: float | None = None    # a refusal's retry hint (gRPC pushback, HTTP Retry-After); None: none
     chunks: list[Chunk] = field(default_factory=list)
     finished_s: float | None = None       # when the stream ended (ok or not)
     server: dict[str, Any] = field(default_factory=dict)  # what the server reported: worker ids, phase times, k

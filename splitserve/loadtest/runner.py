@@ -144,7 +144,7 @@ class _Sender:
             async with asyncio.timeout(self.timeout_s):
                 await self.client.send(spec, record, self.now)
         except RequestFailed as error:
-            record.status, record.error = error.status, str(error)
+            record.status, record.error, record.retry_after_s = error.status, str(error), error.retry_after_s
         except TimeoutError:
             record.status, record.error = "failed", f"timed out after {self.timeout_s:g} s"
         except asyncio.CancelledError:

@@ -6,7 +6,8 @@ turns each ``GenerateDelta`` (splitserve.protocol) back into a wire message. Err
 
 - ``ValueError``: the request is bad (empty or too long prompt, bad sampling params, unknown
   model name, bad messages) -> gRPC INVALID_ARGUMENT / HTTP 400.
-- ``CapacityError``: nothing can take the request now -> RESOURCE_EXHAUSTED / HTTP 429.
+- ``CapacityError``: nothing can take the request now -> RESOURCE_EXHAUSTED / HTTP 429; its
+  ``retry_after_s``, when set, goes out as the ``grpc-retry-pushback-ms`` trailer / ``Retry-After``.
 - ``ServingError``: the request was accepted but failed (a worker died, the KV handoff failed
   after retries, the server is shutting down) -> UNAVAILABLE / HTTP 503.
 

@@ -1,5 +1,6 @@
 """A blocking client of a splitserve server: ``make_request`` builds a GenerateRequest,
-``GenerationClient.generate`` streams its responses, ``wait_ready`` polls the health service.
+``GenerationClient.generate`` streams its responses, ``wait_ready`` polls the health service,
+``pushback_s`` reads a refusal's retry hint from its trailing metadata.
 
 Used by ``splitserve client`` and by tests; any gRPC client generated from
 protos/splitserve/v1/serving.proto works the same way.
@@ -8,7 +9,7 @@ protos/splitserve/v1/serving.proto works the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 import grpc
@@ -21,6 +22,7 @@ from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = f"localhost:{DEFAULT_GRPC_PORT}"
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # the health service's name for it
 _READY_POLL_S = 0.1
+_RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6; the server's grpc_server.RETRY_PUSHBACK_KEY
 # gRPC's reconnect backoff grows to two minutes; capped at a second, wait_ready notices a server
 # that has just come up within a second.
 _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -70,9 +72,20 @@ def make_request(
     return request
 
 
+def pushback_s(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:
+    """The seconds a refused call's server asks the client to wait before retrying (its
+    grpc-retry-pushback-ms trailer), or None without a usable one. Pass the error's
+    ``trailing_metadata()``."""
+    for key, value in trailing_metadata or ():
+        if key == _RETRY_PUSHBACK_KEY and isinstance(value, str) and value.isdecimal():
+            return int(value) / 1000
+    return None
+
+
 class GenerationClient:
     """One channel to a server at address ("host:port"). Calls raise grpc.RpcError, whose
-    code() and details() say what went wrong (see serving.proto for the statuses)."""
+    code() and details() say what went wrong (see serving.proto for the statuses), and whose
+    trailing_metadata() may hold a retry hint (``pushback_s``)."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS):
         self.address = address

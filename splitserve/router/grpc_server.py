@@ -4,14 +4,16 @@
 ``GrpcServer`` owns a grpc.aio server with three services: Generation, grpc.health.v1 (which
 follows ``Frontend.is_ready``) and reflection. Protobuf stays here: requests become
 ``GenerateInput`` and ``GenerateDelta`` becomes a response in the pure functions below, and
-errors map to statuses by type as ``splitserve.router.api`` describes. The serve command
-starts it inside the router's event loop and stops it on shutdown.
+errors map to statuses by type as ``splitserve.router.api`` describes; a RESOURCE_EXHAUSTED whose
+CapacityError carries a retry hint also sends the ``grpc-retry-pushback-ms`` trailer. The serve
+command starts it inside the router's event loop and stops it on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -36,6 +38,8 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "skip_special_tokens",
     "num_speculative_tokens",
 )
+# gRFC A6's server pushback: a client whose retry policy covers the status waits this long.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -120,6 +124,14 @@ def status_for_error(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"the server failed on this request ({type(error).__name__}: {message})"
 
 
+def trailers_for_error(error: Exception) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a failed request ends with besides its status: for a refusal with a
+    retry hint, grpc-retry-pushback-ms in whole milliseconds, rounded up."""
+    if isinstance(error, CapacityError) and error.retry_after_s is not None:
+        return ((RETRY_PUSHBACK_KEY, str(math.ceil(error.retry_after_s * 1000))),)
+    return ()
+
+
 # ------------------------------------------------------------------------- services
 
 
@@ -146,7 +158,7 @@ class _GenerationService(pb_grpc.GenerationServicer):
             code, details = status_for_error(error)
             if code == grpc.StatusCode.INTERNAL:
                 logger.exception("Generate %r failed", request.request_id)
-            await context.abort(code, details)
+            await context.abort(code, details, trailers_for_error(error))
         finally:
             # A client cancel (or stop) arrives as CancelledError at whichever await the handler
             # is in. Closing the frontend's iterator here, instead of leaving it to garbage

@@ -4,11 +4,12 @@
 ``stream: true``), GET /v1/models, /health (200 while ``Frontend.is_ready``, else 503) and
 /metrics (Prometheus text), so the ``openai`` client and ``vllm bench serve`` work unchanged.
 The wire format lives in ``openai_protocol``; here is the I/O. Errors map to statuses by type as
-``splitserve.router.api`` describes (400/429/503, 500 for bugs) with OpenAI's error body; an
-error after a stream has begun is sent as an SSE ``error`` event before ``[DONE]``. The first
-output is awaited before the response starts, so input errors still get their status. A client
-that disconnects cancels its handler, which closes the frontend's iterator: the request is
-aborted. The serve command starts it inside the router's event loop, after the gRPC server.
+``splitserve.router.api`` describes (400/429/503, 500 for bugs) with OpenAI's error body; a 429
+whose CapacityError carries a retry hint also gets ``Retry-After``. An error after a stream has
+begun is sent as an SSE ``error`` event before ``[DONE]``. The first output is awaited before
+the response starts, so input errors still get their status (and headers). A client that
+disconnects cancels its handler, which closes the frontend's iterator: the request is aborted.
+The serve command starts it inside the router's event loop, after the gRPC server.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -48,8 +50,16 @@ def status_for_error(error: Exception) -> tuple[int, str]:
     return 500, f"the server failed on this request ({type(error).__name__}: {message})"
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response(error_body(status, message), status=status)
+def headers_for_error(error: Exception) -> dict[str, str]:
+    """The headers a failed request's answer carries besides its status: for a refusal with a
+    retry hint, Retry-After in whole seconds (RFC 9110 delay-seconds), rounded up, at least 1."""
+    if isinstance(error, CapacityError) and error.retry_after_s is not None:
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return {}
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(status, message), status=status, headers=headers)
 
 
 def _sse(data: dict[str, Any]) -> bytes:
@@ -58,7 +68,8 @@ def _sse(data: dict[str, Any]) -> bytes:
 
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Every error before a response starts becomes an OpenAI error body with its status."""
+    """Every error before a response starts becomes an OpenAI error body with its status (and
+    headers_for_error's headers)."""
     try:
         return await handler(request)
     except web.HTTPException as error:  # unknown route, wrong method
@@ -69,7 +80,7 @@ async def _errors_as_json(request: web.Request, handler: _Handler) -> web.Stream
         status, message = status_for_error(error)
         if status == 500:
             logger.exception("%s %s failed", request.method, request.path)
-        return error_response(status, message)
+        return error_response(status, message, headers_for_error(error))
 
 
 class HttpServer:

@@ -36,8 +36,9 @@ fit RMSE per step, so a drifting or poorly fitted model is not trusted blindly.
 The choice: among the options that meet the request's TTFT and TPOT SLOs, the lowest cost =
 predicted TTFT + the delay it imposes on requests already decoding (local: the extra seconds
 its chunks add to D's steps, times the requests running there). Nothing holds -> CapacityError,
-which the router answers with RESOURCE_EXHAUSTED / HTTP 429. It knows nothing of Ray, the
-store or how a placement is carried out.
+which the router answers with RESOURCE_EXHAUSTED / HTTP 429, and a retry hint: a TTFT miss's
+excess (the queued work must drain by that much), a TPOT miss's predicted TTFT (a batch shrinks
+no sooner than a prefill). It knows nothing of Ray, the store or how a placement is carried out.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from splitserve.latency import ChunkedPrefill, MixedStepModel
 from splitserve.protocol import SLO
 
 REMOTE, LOCAL = "remote", "local"
+_NO_PREDICTION_RETRY_S = 1.0  # the retry hint where no prediction says when a worker will have room
 
 
 @dataclass(frozen=True)
@@ -200,17 +202,22 @@ def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: 
     if not options:
         if remote is None and local_sides:
             raise CapacityError("no worker can prefill the request locally without pushing the requests "
-                                "running there past their TPOT SLO; retry later or relax the SLO")
+                                "running there past their TPOT SLO; retry later or relax the SLO",
+                                retry_after_s=_NO_PREDICTION_RETRY_S)
         raise ValueError("no worker to place the request on")
     meeting = [o for o in options if _meets(o, slo)]
     if meeting or not config.admission:
         return min(meeting or options, key=lambda o: (o.cost_s, o.kind != REMOTE, o.decode_worker))
     best = min(options, key=lambda o: o.predicted_ttft_s)
-    what, predicted, target = ("TTFT", best.predicted_ttft_s, slo.ttft_s) if not _meets_ttft(best, slo) else \
-        ("TPOT", best.predicted_tpot_s, slo.tpot_s)
+    if not _meets_ttft(best, slo):
+        what, predicted, target = "TTFT", best.predicted_ttft_s, slo.ttft_s
+        retry_after = predicted - target  # the work queued ahead of it must drain by that much
+    else:
+        what, predicted, target = "TPOT", best.predicted_tpot_s, slo.tpot_s
+        retry_after = best.predicted_ttft_s  # a batch shrinks as its requests finish: no sooner than a prefill
     raise CapacityError(f"predicted {what} {predicted * 1000:.0f} ms on the best placement ({best.kind} on "
                         f"{best.prefill_worker}) exceeds the request's SLO of {target * 1000:.0f} ms; retry later "
-                        f"or relax the SLO")
+                        f"or relax the SLO", retry_after_s=retry_after if math.isfinite(retry_after) else None)
 
 
 def _meets_ttft(option: Placement, slo: SLO) -> bool:

@@ -50,6 +50,7 @@ class Service:
     tokens_per_chunk: int = 1
     capacity: int | None = None
     queue: bool = False
+    retry_after_s: float | None = None  # the retry hint InProcessClient's refusals carry
     in_flight: int = 0
     max_in_flight: int = 0
     num_refused: int = 0
@@ -219,7 +220,8 @@ class InProcessClient:
         if "FAIL" in spec.prompt and "MIDFAIL" not in spec.prompt:
             raise RequestFailed("failed", "UNAVAILABLE: prefill-0 died")
         if not self.service.admit(spec):
-            raise RequestFailed("refused", "RESOURCE_EXHAUSTED: no decode worker has free KV blocks")
+            raise RequestFailed("refused", "RESOURCE_EXHAUSTED: no decode worker has free KV blocks",
+                                self.service.retry_after_s)
         try:
             async for tokens in self.service.chunks(spec.prompt, spec.max_tokens):
                 record.chunks.append(Chunk(clock(), tokens))

@@ -24,9 +24,9 @@ from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import GenerateDelta, SLO
 from splitserve.router.api import GenerateInput
-from splitserve.router.client import GenerationClient, make_request
+from splitserve.router.client import GenerationClient, make_request, pushback_s
 from splitserve.router.grpc_server import (
-    GENERATION_SERVICE, GrpcServer, delta_to_pb, input_from_pb, status_for_error,
+    GENERATION_SERVICE, GrpcServer, delta_to_pb, input_from_pb, status_for_error, trailers_for_error,
 )
 from tests.conftest import PROMPTS
 from tests.unit.frontend_helpers import MODEL_NAME, EngineFrontend, LoopThread
@@ -119,6 +119,28 @@ class _BadMessages(ValueError):
 ])
 def test_status_for_error(error: Exception, code: grpc.StatusCode, details: str):
     assert status_for_error(error) == (code, details)
+
+
+@pytest.mark.parametrize(("error", "trailers"), [
+    (CapacityError("full", retry_after_s=1.2), (("grpc-retry-pushback-ms", "1200"),)),
+    (CapacityError("full", retry_after_s=0.0004), (("grpc-retry-pushback-ms", "1"),)),  # whole ms, rounded up
+    (CapacityError("full"), ()),
+    (ServingError("died"), ()),
+])
+def test_trailers_for_error(error: Exception, trailers: tuple[tuple[str, str], ...]):
+    assert trailers_for_error(error) == trailers
+
+
+@pytest.mark.parametrize(("trailing_metadata", "seconds"), [
+    ((("x-other", "5"), ("grpc-retry-pushback-ms", "1200")), 1.2),
+    ((("grpc-retry-pushback-ms", "0"),), 0.0),
+    ((("grpc-retry-pushback-ms", "-1"),), None),  # gRFC A6: negative means do not retry
+    ((("grpc-retry-pushback-ms", "soon"),), None),
+    ((("x-other", "5"),), None),
+    (None, None),
+])
+def test_pushback_s(trailing_metadata: tuple[tuple[str, str], ...] | None, seconds: float | None):
+    assert pushback_s(trailing_metadata) == seconds
 
 
 # ------------------------------------------------------------------- a served engine
@@ -252,12 +274,15 @@ def test_the_server_keeps_serving_after_bad_requests(served: Served, llm):
     assert_engine_idle(served.engine)
 
 
-@pytest.mark.parametrize(("error", "code"), [
-    (CapacityError("no decode worker has 40 free blocks"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ServingError("prefill-0 died"), grpc.StatusCode.UNAVAILABLE),
-    (ZeroDivisionError("a bug"), grpc.StatusCode.INTERNAL),
+@pytest.mark.parametrize(("error", "code", "pushback"), [
+    (CapacityError("no decode worker has 40 free blocks"), grpc.StatusCode.RESOURCE_EXHAUSTED, None),
+    (CapacityError("no decode worker has 40 free blocks", retry_after_s=1.2), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "1200"),
+    (ServingError("prefill-0 died"), grpc.StatusCode.UNAVAILABLE, None),
+    (ZeroDivisionError("a bug"), grpc.StatusCode.INTERNAL, None),
 ])
-def test_frontend_errors_map_to_statuses(served: Served, error: Exception, code: grpc.StatusCode, caplog):
+def test_frontend_errors_map_to_statuses(served: Served, error: Exception, code: grpc.StatusCode,
+                                         pushback: str | None, caplog):
     served.frontend.fail_with = error
     try:
         with pytest.raises(grpc.RpcError) as info:
@@ -266,6 +291,7 @@ def test_frontend_errors_map_to_statuses(served: Served, error: Exception, code:
         served.frontend.fail_with = None
     assert info.value.code() == code
     assert str(error) in info.value.details()
+    assert dict(info.value.trailing_metadata()).get("grpc-retry-pushback-ms") == pushback
     logged = [r for r in caplog.records if r.name == "splitserve.router.grpc_server" and r.exc_info]
     assert len(logged) == (code == grpc.StatusCode.INTERNAL)  # only bugs leave a trace in the log
 

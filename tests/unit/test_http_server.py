@@ -26,7 +26,7 @@ from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import GenerateDelta, RequestReport, SLO
 from splitserve.router.api import GenerateInput
-from splitserve.router.http_server import HttpServer, status_for_error
+from splitserve.router.http_server import HttpServer, headers_for_error, status_for_error
 from splitserve.router.metrics import Metrics
 from splitserve.router.openai_protocol import (
     CHAT_DEFAULT_MAX_TOKENS, Reply, ReplyOptions, chat_input, completion_input, error_body,
@@ -179,6 +179,17 @@ def test_the_last_chunk_carries_the_request_report():
 def test_status_for_error(error: Exception, status: int):
     assert status_for_error(error)[0] == status
     assert error_body(status, "m")["error"]["message"] == "m"
+
+
+@pytest.mark.parametrize(("error", "headers"), [
+    (CapacityError("full", retry_after_s=1.2), {"Retry-After": "2"}),  # whole seconds, rounded up
+    (CapacityError("full", retry_after_s=3.0), {"Retry-After": "3"}),
+    (CapacityError("full", retry_after_s=0.0), {"Retry-After": "1"}),  # at least 1
+    (CapacityError("full"), {}),
+    (ServingError("died"), {}),
+])
+def test_headers_for_error(error: Exception, headers: dict[str, str]):
+    assert headers_for_error(error) == headers
 
 
 class Answer:
@@ -386,12 +397,14 @@ def test_the_server_keeps_serving_after_errors(served: Served, llm):
     assert_engine_idle(served.engine)
 
 
-@pytest.mark.parametrize(("error", "status", "exception"), [
-    (CapacityError("no decode worker has 40 free blocks"), 429, openai.RateLimitError),
-    (ServingError("prefill-0 died"), 503, openai.InternalServerError),
-    (ZeroDivisionError("a bug"), 500, openai.InternalServerError),
+@pytest.mark.parametrize(("error", "status", "exception", "retry_after"), [
+    (CapacityError("no decode worker has 40 free blocks"), 429, openai.RateLimitError, None),
+    (CapacityError("no decode worker has 40 free blocks", retry_after_s=1.2), 429, openai.RateLimitError, "2"),
+    (ServingError("prefill-0 died"), 503, openai.InternalServerError, None),
+    (ZeroDivisionError("a bug"), 500, openai.InternalServerError, None),
 ])
-def test_frontend_errors_map_to_statuses(served: Served, error: Exception, status: int, exception: type, caplog):
+def test_frontend_errors_map_to_statuses(served: Served, error: Exception, status: int, exception: type,
+                                         retry_after: str | None, caplog):
     served.frontend.fail_with = error
     try:
         with pytest.raises(exception) as info:
@@ -402,6 +415,7 @@ def test_frontend_errors_map_to_statuses(served: Served, error: Exception, statu
     finally:
         served.frontend.fail_with = None
     assert info.value.status_code == status == streamed.status_code  # before the stream starts: a status
+    assert info.value.response.headers.get("Retry-After") == streamed.headers.get("Retry-After") == retry_after
     assert str(error) in info.value.body["message"]
     logged = [r for r in caplog.records if r.name == "splitserve.router.http_server" and r.exc_info]
     assert len(logged) == 2 * (status == 500)  # only bugs leave a trace in the log

@@ -287,20 +287,23 @@ def test_splitserves_own_front_ends(kind: str):
     run(check)
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("grpc", "RESOURCE_EXHAUSTED: no worker can meet the TTFT SLO"),
-    ("http", "HTTP 429: no worker can meet the TTFT SLO"),
+@pytest.mark.parametrize(("kind", "message", "hint", "retry_after_s"), [
+    ("grpc", "RESOURCE_EXHAUSTED: no worker can meet the TTFT SLO", None, None),
+    ("grpc", "RESOURCE_EXHAUSTED: no worker can meet the TTFT SLO", 1.2, 1.2),  # grpc-retry-pushback-ms
+    ("http", "HTTP 429: no worker can meet the TTFT SLO", None, None),
+    ("http", "HTTP 429: no worker can meet the TTFT SLO", 1.2, 2.0),  # Retry-After, whole seconds
 ])
-def test_splitserves_refusals_are_refused(kind: str, message: str):
+def test_splitserves_refusals_are_refused(kind: str, message: str, hint: float | None, retry_after_s: float | None):
     async def check() -> None:
-        target, stop = await start_front_end(kind, PacedFrontend(CapacityError("no worker can meet the TTFT SLO")))
+        refusal = CapacityError("no worker can meet the TTFT SLO", retry_after_s=hint)
+        target, stop = await start_front_end(kind, PacedFrontend(refusal))
         try:
             async with make_client(target, model="paced") as client:
                 with pytest.raises(RequestFailed) as info:
                     await send(client, spec())
         finally:
             await stop()
-        assert (info.value.status, str(info.value)) == ("refused", message)
+        assert (info.value.status, str(info.value), info.value.retry_after_s) == ("refused", message, retry_after_s)
 
     run(check)
 

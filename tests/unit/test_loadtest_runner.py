@@ -23,7 +23,7 @@ from splitserve.loadtest import runner
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.clients import make_client
 from splitserve.loadtest.metrics import SLO, goodput, summarize
-from splitserve.loadtest.records import RequestSpec, read_jsonl
+from splitserve.loadtest.records import RequestRecord, RequestSpec, read_jsonl
 from splitserve.loadtest.runner import RunResult, RunSetup, bracket, run, search, sweep
 from tests.unit.loadtest_servers import InProcessClient, Service, run_on_virtual_time, start_grpc
 
@@ -173,6 +173,12 @@ def test_attainment_of_a_refusing_server_at_a_rate(rate: float, num_requests: in
     refused = [r for r in result.records if r.status == "refused"]
     assert [r.index for r in refused] == (list(range(1, num_requests, 2)) if expected < 1 else [])
     assert all(r.error == REFUSED_MESSAGE for r in refused)
+
+
+def test_a_refusals_retry_hint_reaches_its_record():
+    result = virtual_run(Service(**REFUSING, retry_after_s=0.5), specs(4), "constant", 12.0)
+    assert [(r.status, r.retry_after_s) for r in result.records] == [("ok", None), ("refused", 0.5)] * 2
+    assert [RequestRecord.from_dict(r.to_dict()) for r in result.records] == result.records  # as in requests.jsonl
 
 
 def test_the_real_server_refuses_when_busy_and_serves_a_low_rate():

@@ -95,14 +95,17 @@ def test_a_running_request_that_misses_its_slo_anyway_does_not_veto():
     assert local_option(side(running=(behind, Running(0.04))), PROMPT, EXACT) is None
 
 
-def test_refused_when_neither_holds():
-    with pytest.raises(CapacityError, match="predicted TTFT 2000 ms .* exceeds the request's SLO of 1000 ms"):
+def test_refused_when_neither_holds_with_a_hint_of_when_to_retry():
+    with pytest.raises(CapacityError, match="predicted TTFT 2000 ms .* exceeds the request's SLO of 1000 ms") as e:
         place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 2.0, 0.035), [side(tpot_slo_s=0.04)],
               EXACT)
-    with pytest.raises(CapacityError, match="past their TPOT SLO"):
+    assert e.value.retry_after_s == pytest.approx(1.0)  # the queue ahead must drain by the excess
+    with pytest.raises(CapacityError, match="past their TPOT SLO") as e:
         place(PROMPT, SLO(ttft_s=1.0), None, [side(tpot_slo_s=0.04)], EXACT)
-    with pytest.raises(CapacityError, match="predicted TPOT"):  # the newcomer's own TPOT, either way
+    assert e.value.retry_after_s == 1.0
+    with pytest.raises(CapacityError, match="predicted TPOT") as e:  # the newcomer's own TPOT, either way
         place(PROMPT, SLO(tpot_s=0.01), Remote("p", "d", 0.3, 0.035), [side()], EXACT)
+    assert e.value.retry_after_s == pytest.approx(0.3)  # its predicted TTFT
 
 
 @pytest.mark.parametrize(("ttft", "slo", "refused"), [(0.5, 0.49, True), (0.5, 0.5, False), (0.5, None, False),
