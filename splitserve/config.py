@@ -320,8 +320,8 @@ class ClusterConfig:
 class PlacementConfig:
     """How an elastic router places prefills (splitserve.router.prefill_placement).
 
-    chunk_tokens: the prefill chunk sizes a local prefill may use, tried largest first (the
-    largest whose mixed steps keep the running requests within their TPOT SLO wins).
+    chunk_tokens: the prefill chunk sizes a local prefill may use (of those whose mixed steps
+    keep the running requests within their TPOT SLO, the one with the soonest first token wins).
     margin_sigmas: each prediction gets this many of its model's fit RMSE added per step.
     correction_weight: how fast a worker's observed/predicted TTFT ratio follows new requests;
     the ratio, kept within ``correction_bounds``, scales that worker's predictions.

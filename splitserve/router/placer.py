@@ -6,7 +6,8 @@ For a request it reads the prompt's prefix-cache hits per worker (one store read
 prefill pool by predicted TTFT and the decode pool by predicted TPOT (placement.py), and
 describes every worker with room for the prompt, of either pool, as a local option: its mixed-step
 model, the requests decoding there (and their drafts per step, from the speculation
-controller), the prompt tokens it has queued, and -- for the TPOT guard -- where each request
+controller, which also chooses their k under a step with a chunk in it, so chunk size and k
+are chosen together), the prompt tokens it has queued, and -- for the TPOT guard -- where each request
 this router runs there stands against its TPOT SLO (tokens streamed, seconds since its first,
 tokens still due when it ignores EOS; requests other routers run there count as just started
 under the default SLO). A request placed to decode at a worker is protected there before its
@@ -22,6 +23,7 @@ factors and the KV transfer's exposed wait into a running average.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -48,9 +50,12 @@ class _Decoding:
     params: SamplingParams
     num_output_tokens: int = 1
 
-    def running(self, now: float) -> Running:
+    def running(self, now: float, request_id: str, speculating: tuple[float, int] | None) -> Running:
+        """As the TPOT guard sees it (``speculating``: its acceptance and k, where it drafts)."""
         certain = self.params.max_tokens - self.num_output_tokens if self.params.ignore_eos else None
-        return Running(self.tpot_slo_s, self.num_output_tokens - 1, now - self.first_at, certain)
+        alpha, k = speculating or (0.0, 0)
+        return Running(self.tpot_slo_s, self.num_output_tokens - 1, now - self.first_at, certain,
+                       request_id=request_id, alpha=alpha, k=k)
 
 
 @dataclass
@@ -127,6 +132,7 @@ class Placer:
             if load is not None and load.num_free_blocks < needed_blocks or worker_id in req.tried:
                 continue
             num_decoding = max(load.num_running_requests if load else 0, view.inflight[worker_id])
+            k_max = view.models_of(worker_id).speculation.k_max
             sides.append(LocalSide(
                 worker_id, view.models_of(worker_id).mixed_step, num_decoding,
                 self.controller.drafts_per_step(worker_id), context_tokens=num_decoding * n,
@@ -136,6 +142,7 @@ class Placer:
                 running=self.running_at(worker_id, num_decoding),
                 ttft_correction=self.corrections.factor(worker_id, "ttft"),
                 tpot_correction=self.corrections.factor(worker_id, "tpot"),
+                choose_ks=functools.partial(self.controller.best_ks, worker_id, k_max) if k_max > 0 else None,
             ))
         return sides
 
@@ -144,7 +151,8 @@ class Placer:
         have a TPOT SLO, as the TPOT guard sees them now."""
         known, now = self._decoding.get(worker_id, {}), self.clock()
         pending = [p for p in self._pending.values() if p.worker_id == worker_id]
-        running = [d.running(now) for d in known.values() if d is not None]
+        running = [d.running(now, rid, self.controller.speculating(worker_id, rid))
+                   for rid, d in known.items() if d is not None]
         running += [r for p in pending if (r := p.running()) is not None]
         if self.default_slo.tpot_s is not None:  # requests another router runs there
             running += [Running(self.default_slo.tpot_s)] * max(num_decoding - len(known) - len(pending), 0)

@@ -13,9 +13,10 @@ The options for a request of n prompt tokens:
   chunks of C tokens inside its running decode batch. Predicted TTFT = the mixed steps that
   run W's queued prefill tokens and then this prompt's uncached ones (W's mixed-step model: a
   decode step with a prefill chunk in it). Each of those steps also delays every request
-  decoding at W, so C is the largest size (of ``PlacementConfig.chunk_tokens``) whose delay
-  every running request can absorb (``Running.absorbs``); when none does, W has no local
-  option.
+  decoding at W, so C is the size (of ``PlacementConfig.chunk_tokens``) with the soonest
+  first token whose delay every running request can absorb (``Running.absorbs``); when none
+  does, W has no local option. Where W's requests speculate, C and their k are chosen
+  together (``local_option``), and the guard counts delays per token kept.
 
 The guard is amortized, as TPOT is a mean: a running request absorbs a delay when its mean
 time per output token still meets its SLO at the end of the horizon it is sure to decode over
@@ -44,13 +45,14 @@ no sooner than a prefill). It knows nothing of Ray, the store or how a placement
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from splitserve.config import PlacementConfig
 from splitserve.errors import CapacityError
 from splitserve.latency import ChunkedPrefill, MixedStepModel
 from splitserve.protocol import SLO
+from splitserve.router.goodput import StepTime, expected_kept_tokens
 
 REMOTE, LOCAL = "remote", "local"
 _NO_PREDICTION_RETRY_S = 1.0  # the retry hint where no prediction says when a worker will have room
@@ -78,7 +80,10 @@ class Running:
     pending: placed to decode here, its first token not out yet (its prompt is still being
     prefilled, here or at a remote worker). The prompts queued before it are done by the time
     it decodes, so only the prefills placed here after it delay it: ``promised_s`` over
-    ``promised_steps`` steps, what those placements promised it, plus the one being decided."""
+    ``promised_steps`` steps, what those placements promised it, plus the one being decided.
+
+    request_id / alpha / k: for a request this router runs with speculation, its id, its drafts'
+    acceptance and its k now (a step keeps ``tokens_per_step`` of its tokens on average)."""
 
     tpot_slo_s: float
     num_tokens: int = 0
@@ -87,21 +92,28 @@ class Running:
     pending: bool = False
     promised_s: float = 0.0
     promised_steps: int = 0
+    request_id: str | None = None
+    alpha: float = 0.0
+    k: int = 0
 
-    def absorbs(self, delay_s: float, step_s: float, num_steps: int) -> bool:
-        """Whether ``delay_s`` spread over the next ``num_steps`` steps (of ``step_s`` each
-        without it), on top of what it was promised, keeps its mean TPOT within its SLO at the
-        end of its horizon. A request that misses its SLO even without the delay does not veto
-        it: it is lost either way."""
-        steps = num_steps + self.promised_steps
-        horizon = steps if self.tokens_left is None else self.tokens_left
-        delay = (delay_s + self.promised_s) * min(horizon, steps) / steps  # it may leave before the last chunk
-        slack = self.slack_s(step_s, horizon)
+    def tokens_per_step(self, k: int | None = None) -> float:
+        """Its tokens kept per step at speculation length ``k`` (default: its k now)."""
+        return expected_kept_tokens(self.alpha, self.k if k is None else k)
+
+    def absorbs(self, delay_s: float, token_s: float, num_steps: int, tokens_per_step: float = 1.0) -> bool:
+        """Whether ``delay_s`` spread over the tokens it keeps in the next ``num_steps`` steps
+        (``tokens_per_step`` each; ``token_s`` a token without the delay), on top of what it was
+        promised, keeps its mean TPOT within its SLO at the end of its horizon. A request that
+        misses its SLO even without the delay does not veto it: it is lost either way."""
+        tokens = (num_steps + self.promised_steps) * tokens_per_step
+        horizon = tokens if self.tokens_left is None else self.tokens_left
+        delay = (delay_s + self.promised_s) * min(horizon, tokens) / tokens  # it may leave before the last chunk
+        slack = self.slack_s(token_s, horizon)
         return slack < 0 or delay <= slack
 
-    def slack_s(self, step_s: float, horizon: int) -> float:
+    def slack_s(self, token_s: float, horizon: float) -> float:
         """The delay it can absorb and still meet its SLO after ``horizon`` more tokens."""
-        return self.tpot_slo_s * (self.num_tokens + horizon) - self.decode_s - step_s * horizon
+        return self.tpot_slo_s * (self.num_tokens + horizon) - self.decode_s - token_s * horizon
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,10 @@ class LocalSide:
     per step and their context; queued_prefill_tokens: prompt tokens it has yet to prefill;
     cached_tokens: this prompt's tokens already in its prefix cache; running: the requests
     decoding there that have a TPOT SLO; ttft_correction / tpot_correction: observed over
-    predicted, for its recent requests.
+    predicted, for its recent requests. choose_ks (where this router's requests there speculate):
+    the speculation lengths (request id -> k; their drafts per step in all are
+    ``num_draft_tokens``) that maximize their goodput under a given step time, the
+    SpecController's ``choose_k``.
     """
 
     worker_id: str
@@ -125,6 +140,7 @@ class LocalSide:
     running: tuple[Running, ...] = ()
     ttft_correction: float = 1.0
     tpot_correction: float = 1.0
+    choose_ks: Callable[[StepTime], Mapping[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,9 @@ class Placement:
 
     kind: REMOTE or LOCAL (then prefill_worker == decode_worker); chunk_tokens: a local
     prefill's chunk size; extra_decode_s / extra_steps: the seconds its own chunks add to the
-    running requests' steps, and over how many steps; cost_s: what the choice minimized."""
+    running requests' steps, and over how many steps; draft_ks: the speculation lengths of the
+    requests decoding there while its prompt is prefilled (empty: as they are); cost_s: what the
+    choice minimized."""
 
     kind: str
     prefill_worker: str
@@ -144,18 +162,22 @@ class Placement:
     chunk_tokens: int | None = None
     extra_decode_s: float = 0.0
     extra_steps: int = 0
+    draft_ks: tuple[tuple[str, int], ...] = ()
 
 
 def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig,
                  protect: bool = True) -> Placement | None:
-    """The local prefill at ``side`` with the largest chunk whose delay its running requests
-    absorb within their TPOT SLO (``protect=False``: the smallest chunk when none does); None
-    when no chunk size does or the worker has no mixed-step model yet. (Whether it meets the
-    newcomer's own SLOs is ``place``'s question.)
+    """The fastest local prefill at ``side`` (a chunk size of ``config.chunk_tokens``) whose
+    delay its running requests absorb within their TPOT SLO (``protect=False``: the smallest
+    chunk when none does); None when none does or the worker has no mixed-step model yet.
+    (Whether it meets the newcomer's own SLOs is ``place``'s question.)
 
     A request decoding there is delayed by the chunks of every prompt queued there and then
     this one's; a pending one (``Running.pending``) by this one's chunks, beside what it was
-    promised."""
+    promised. Where the requests there speculate, chunk size and k are chosen together: for
+    each chunk size, the k that maximize their goodput when every step carries such a chunk
+    (the dearer the step, the more a draft is worth) are weighed beside their k now, and the
+    guard counts each request's delay per token it keeps."""
     model = side.model
     if model is None:
         return None
@@ -164,27 +186,63 @@ def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfi
     new_tokens = side.queued_prefill_tokens + own_tokens
     tpot = side.tpot_correction * model.predict(side.num_decoding + 1, side.num_draft_tokens,
                                                 side.context_tokens + num_prompt_tokens) + sigma
+    plain = model.predict(side.num_decoding, side.num_draft_tokens, side.context_tokens)
 
-    def delays(tokens: int, chunk: int) -> tuple[ChunkedPrefill, float]:
-        """Prefilling ``tokens`` there in chunks of ``chunk``: the plan and its delay of each
-        decode there (margin included)."""
-        plan = model.prefill_seconds(tokens, chunk, side.num_decoding, side.num_draft_tokens, side.context_tokens)
-        return plan, side.tpot_correction * plan.extra_decode_seconds + sigma * math.sqrt(plan.num_steps)
+    def plan_of(tokens: int, chunk: int, num_drafts: int) -> ChunkedPrefill:
+        return model.prefill_seconds(tokens, chunk, side.num_decoding, num_drafts, side.context_tokens)
 
-    for chunk in sorted(set(config.chunk_tokens), reverse=True):
-        if chunk > new_tokens and chunk != max(config.chunk_tokens):
-            continue  # a smaller size that still takes the whole prompt in one step is the same plan
-        plan, queue_delay = delays(new_tokens, chunk)
-        own, own_delay = delays(own_tokens, chunk) if side.queued_prefill_tokens else (plan, queue_delay)
-        absorbed = all(r.absorbs(own_delay, tpot, own.num_steps) if r.pending else
-                       r.absorbs(queue_delay, tpot, plan.num_steps) for r in side.running)
-        if not absorbed and (protect or chunk != min(config.chunk_tokens)):
-            continue
+    def delay(plan: ChunkedPrefill, kept_now: float, kept_during: float) -> float:
+        """What ``plan``'s steps add to the time a request takes for the tokens it keeps in
+        them (margin included): a request keeping ``kept_during`` tokens a step then, where a
+        plain step keeps ``kept_now``."""
+        plain_s = plan.num_steps * plain * kept_during / kept_now
+        return side.tpot_correction * (plan.seconds - plain_s) + sigma * math.sqrt(plan.num_steps)
+
+    def guarded(plan: ChunkedPrefill, own: ChunkedPrefill, ks: Mapping[str, int]) -> bool:
+        """Whether every running request absorbs its delay (speculating at ``ks`` meanwhile)."""
+        for r in side.running:
+            kept_now, kept_during = r.tokens_per_step(), r.tokens_per_step(ks.get(r.request_id or "", r.k))
+            steps = own if r.pending else plan
+            if not r.absorbs(delay(steps, kept_now, kept_during), tpot / kept_now, steps.num_steps, kept_during):
+                return False
+        return True
+
+    def option(chunk: int, ks: Mapping[str, int]) -> tuple[Placement, bool]:
+        """The local prefill in chunks of ``chunk`` with the running requests at ``ks``, and
+        whether they all absorb it."""
+        num_drafts = sum(ks.values()) if ks else side.num_draft_tokens
+        plan = plan_of(new_tokens, chunk, num_drafts)
+        own = plan_of(own_tokens, chunk, num_drafts) if side.queued_prefill_tokens else plan
         ttft = side.ttft_correction * plan.seconds + sigma * math.sqrt(plan.num_steps)
-        extra = side.tpot_correction * own.extra_decode_seconds
-        return Placement(LOCAL, side.worker_id, side.worker_id, ttft, tpot, ttft + extra * side.num_decoding,
-                         chunk_tokens=min(chunk, new_tokens), extra_decode_s=own_delay, extra_steps=own.num_steps)
-    return None
+        own_delay = delay(own, 1.0, 1.0)
+        cost = ttft + (own_delay - sigma * math.sqrt(own.num_steps)) * side.num_decoding
+        placement = Placement(LOCAL, side.worker_id, side.worker_id, ttft, tpot, cost,
+                              chunk_tokens=min(chunk, new_tokens), extra_decode_s=own_delay,
+                              extra_steps=own.num_steps, draft_ks=tuple(sorted(ks.items())))
+        return placement, guarded(plan, own, ks)
+
+    # A larger chunk than the whole work is the same plan as the largest size (kept) or not at all.
+    sizes = [c for c in set(config.chunk_tokens) if c <= new_tokens or c == max(config.chunk_tokens)]
+    held = [p for chunk in sizes for ks in _draft_ks_to_try(side, model, min(chunk, new_tokens))
+            if (p := option(chunk, ks))[1]]
+    if held:  # the fastest; a tie goes to the larger chunk, then to the k as they are
+        return min(held, key=lambda o: (o[0].predicted_ttft_s, -o[0].chunk_tokens, len(o[0].draft_ks)))[0]
+    return None if protect else option(min(config.chunk_tokens), {})[0]
+
+
+def _draft_ks_to_try(side: LocalSide, model: MixedStepModel, chunk: int) -> list[Mapping[str, int]]:
+    """The speculation lengths to try while a chunk of ``chunk`` tokens rides every step: the
+    goodput-best ones for such steps first, then the ones now ({}) if they differ."""
+    if side.choose_ks is None:
+        return [{}]
+
+    def step_time(_requests: int, _batched: int, _context: int, num_drafts: int) -> float:
+        return model.predict(side.num_decoding, num_drafts, side.context_tokens, chunk)
+
+    best = dict(side.choose_ks(step_time))
+    now = {r.request_id: r.k for r in side.running if r.request_id is not None}
+    same = sum(best.values()) == side.num_draft_tokens and all(best.get(rid) == k for rid, k in now.items())
+    return [{}] if same else [best, {}]
 
 
 def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: Sequence[LocalSide],

@@ -234,6 +234,8 @@ class Router:
         try:
             params = self.speculation.start_params(worker_id, req.request_id, len(req.prompt_ids), req.params)
             chunk = None if placement is None else placement.chunk_tokens
+            if placement is not None and placement.draft_ks:
+                self.speculation.hold(worker_id, visit.handle, req.request_id, dict(placement.draft_ks))
             stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params, chunk)
             self.speculation.track(worker_id, req.request_id, len(req.prompt_ids), req.params, params)
             async for ref in stream:
@@ -242,6 +244,7 @@ class Router:
                 if first_at is None:
                     first_at = time.monotonic()
                     self._prefilled(req, worker_id)
+                    self.speculation.release(worker_id, req.request_id)
                     self.placer.decoding(worker_id, req.request_id, req.slo, req.params)
                 self.placer.streamed(worker_id, req.request_id, delta.num_output_tokens)
                 self.speculation.observe(worker_id, visit.handle, delta)
@@ -254,6 +257,7 @@ class Router:
         finally:
             if first_at is None:
                 self._prefilled(req, worker_id)
+                self.speculation.release(worker_id, req.request_id)
             self.placer.done(worker_id, req.request_id)
             self.speculation.untrack(worker_id, req.request_id)
             await visit.leave()

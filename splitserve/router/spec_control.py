@@ -8,6 +8,11 @@ acceptance, not only its proposer's mean over other requests, decides its k. ``o
 latest counters; at most every ``interval_s`` per worker it reruns ``choose_k`` over that
 worker's batch with the worker's fitted step-time model and returns the k values that changed,
 which the router pushes to the worker (``set_speculation``).
+
+While a local prefill runs at a worker, placement chooses its chunk size and the k of the
+requests there together (``best_ks`` under the step time with the chunk in it): ``hold``
+applies those k until ``release`` (the prefill's first token), and ``decide`` leaves a held
+worker alone, since its plain-step model would undo them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from splitserve.latency import DecodeStepModel
-from splitserve.router.goodput import AcceptanceTracker, SpecRequest, choose_k
+from splitserve.router.goodput import AcceptanceTracker, SpecRequest, StepTime, choose_k
 
 PROPOSER = "decode"  # one acceptance prior per decode-side proposer kind; the workers share one here
 PROBE_DRAFTS = 4  # a request drafts (k >= 1) until its own acceptance has seen this many drafts
@@ -40,6 +45,7 @@ class SpecController:
         self.acceptance = AcceptanceTracker()
         self._workers: dict[str, dict[str, _Tracked]] = {}
         self._decided_at: dict[str, float] = {}
+        self._holds: dict[str, set[str]] = {}  # worker -> the local prefills holding its k
 
     def add(self, worker_id: str, request_id: str, num_prompt_tokens: int, initial_k: int,
             pinned_k: int | None) -> None:
@@ -96,13 +102,45 @@ class SpecController:
     def decide(self, worker_id: str, k_max: int, model: DecodeStepModel) -> dict[str, int]:
         batch = self._workers.get(worker_id, {})
         requests = self._spec_requests(worker_id, k_max)
-        if not requests:
+        if not requests or self.is_held(worker_id):
             return {}
         chosen = choose_k(requests, model.predict, margin=self.margin)
         changed = {rid: k for rid, k in chosen.items() if batch[rid].k != k and batch[rid].pinned_k is None}
         for rid, k in changed.items():
             batch[rid].k = k
         return changed
+
+    def best_ks(self, worker_id: str, k_max: int, step_time: StepTime) -> dict[str, int]:
+        """``choose_k`` over the worker's batch under ``step_time`` (e.g. a step that carries a
+        prefill chunk); pinned requests keep theirs."""
+        requests = self._spec_requests(worker_id, k_max)
+        return choose_k(requests, step_time, margin=self.margin) if requests and k_max > 0 else {}
+
+    def hold(self, worker_id: str, holder: str, ks: dict[str, int]) -> dict[str, int]:
+        """Apply ``ks`` to the worker's unpinned requests until ``release(worker_id, holder)``;
+        return the k values that changed."""
+        batch = self._workers.get(worker_id, {})
+        self._holds.setdefault(worker_id, set()).add(holder)
+        free = {rid: tracked for rid, tracked in batch.items() if tracked.pinned_k is None}
+        changed = {rid: k for rid, k in ks.items() if rid in free and free[rid].k != k}
+        for rid, k in changed.items():
+            batch[rid].k = k
+        return changed
+
+    def release(self, worker_id: str, holder: str) -> None:
+        """The hold is over; the next ``observe`` there decides afresh."""
+        holders = self._holds.get(worker_id, set())
+        if holder in holders:
+            holders.discard(holder)
+            self._decided_at.pop(worker_id, None)
+
+    def is_held(self, worker_id: str) -> bool:
+        return bool(self._holds.get(worker_id))
+
+    def speculating(self, worker_id: str, request_id: str) -> tuple[float, int] | None:
+        """A tracked request's acceptance estimate and k now (None: not tracked here)."""
+        tracked = self._workers.get(worker_id, {}).get(request_id)
+        return None if tracked is None else (self.acceptance.estimate(request_id, PROPOSER), tracked.k)
 
     def _spec_requests(self, worker_id: str, k_max: int) -> list[SpecRequest]:
         return [

@@ -57,11 +57,23 @@ class Speculation:
         changed = self.controller.observe(worker_id, delta.request_id, len(delta.token_ids), delta.num_draft_tokens,
                                           delta.num_accepted_tokens, models.speculation.k_max, models.decode_step)
         for request_id, k in changed.items():
-            handle.set_speculation.remote(request_id, k)  # applies from the worker's next step
-            self._k_history.setdefault(request_id, []).append(k)
-            self.num_k_changes += 1
-            if self.metrics is not None:
-                self.metrics.observe_k(k)
+            self._push(handle, request_id, k)
+
+    def _push(self, handle: Any, request_id: str, k: int) -> None:
+        handle.set_speculation.remote(request_id, k)  # applies from the worker's next step
+        self._k_history.setdefault(request_id, []).append(k)
+        self.num_k_changes += 1
+        if self.metrics is not None:
+            self.metrics.observe_k(k)
+
+    def hold(self, worker_id: str, handle: Any, request_id: str, ks: dict[str, int]) -> None:
+        """Apply a local prefill's speculation lengths to the worker's requests until
+        ``release`` (its first token), pushing those that change."""
+        for rid, k in self.controller.hold(worker_id, request_id, ks).items():
+            self._push(handle, rid, k)
+
+    def release(self, worker_id: str, request_id: str) -> None:
+        self.controller.release(worker_id, request_id)
 
     def untrack(self, worker_id: str, request_id: str) -> None:
         """The request left the worker."""

@@ -166,6 +166,7 @@ def test_speculative_decode_worker_keeps_greedy_output(ray_cluster, expected):
         assert decoded and all(rs[-1].report.k_history for rs in decoded), "the router tracked every one"
         wait_idle(s)
         check_adaptive_k_on_copy_text(s)
+        check_a_local_prefill_holds_the_k_it_chose(s)
     finally:
         s.stop()
 
@@ -193,6 +194,64 @@ def check_adaptive_k_on_copy_text(s) -> None:
     with ThreadPoolExecutor(24) as pool:
         loaded = list(pool.map(lambda _: generate(None), range(24)))
     assert all(tokens(responses) == reference for responses in loaded)
+    wait_idle(s)
+
+
+def check_a_local_prefill_holds_the_k_it_chose(s) -> None:
+    """A local prefill whose placement chose the k of a request decoding at its worker (chunk size
+    and k chosen together; the choice itself is asserted on constructed models in
+    tests/unit/test_prefill_placement.py) pushes that k to the worker, holds it against the
+    controller until the prompt's first token, and both requests' greedy text is unchanged."""
+    import threading
+
+    from splitserve.router.prefill_placement import LOCAL, Placement
+
+    copy = [{"role": "user", "content": "Repeat the following text exactly, word for word.\n\n" + COPY_TEXT}]
+    router, controller = s.router, s.router.speculation.controller
+
+    def generate(request_id: str, k: int | None, max_tokens: int, started: threading.Event | None = None) -> list:
+        with GenerationClient(s.address) as client:
+            responses = []
+            for response in client.generate(make_request(messages=copy, request_id=request_id, max_tokens=max_tokens,
+                                                         temperature=0, ignore_eos=True, num_speculative_tokens=k)):
+                responses.append(response)
+                if started is not None:
+                    started.set()
+            return responses
+
+    def tokens(responses: list) -> list[int]:
+        return [t for r in responses for t in r.token_ids]
+
+    # The decoding request's 256 tokens take tens of steps; the placed prompt's prefill ~10 of them.
+    reference = tokens(generate("reference", 8, 256))
+    started, first = threading.Event(), {}
+    decoding = threading.Thread(target=lambda: first.setdefault("out", generate("decoding", None, 256, started)))
+    decoding.start()
+    assert started.wait(120)
+    worker = next(w for w in router.view.ids("decode") if controller.k_of(w, "decoding") is not None)
+    held_k = {"decoding": 5}
+    seen_held = []
+
+    async def place(req, local=True):  # the decision, injected: prefill locally at the worker, 16 tokens a step
+        router.view.inflight_tokens[worker] += len(req.prompt_ids)
+        return Placement(LOCAL, worker, worker, 1.0, 0.05, 1.0, chunk_tokens=16, draft_ks=tuple(held_k.items()))
+
+    real_place, router.placer.place = router.placer.place, place
+    real_release = router.speculation.release
+
+    def release(worker_id: str, request_id: str) -> None:  # the hold lasts until the newcomer's first token
+        seen_held.append((controller.is_held(worker_id), controller.k_of(worker_id, "decoding")))
+        real_release(worker_id, request_id)
+
+    router.speculation.release = release
+    try:
+        placed = generate("placed", None, 16)
+    finally:
+        router.placer.place, router.speculation.release = real_place, real_release
+    decoding.join(300)
+    assert tokens(placed) == reference[:16] and tokens(first["out"]) == reference
+    assert seen_held[0] == (True, 5) and not controller.is_held(worker)
+    assert 5 in first["out"][-1].report.k_history  # pushed to the worker while the prefill ran
     wait_idle(s)
 
 

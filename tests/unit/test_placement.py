@@ -188,3 +188,22 @@ def test_a_request_whose_probe_fails_stops_drafting_and_many_copy_requests_get_l
     feed(alone, "d", ["r"], 1.0, 6, clock)
     feed(crowd, "d", rids, 1.0, 6, clock)
     assert sum(crowd.k_of("d", r) for r in rids) / len(rids) < alone.k_of("d", "r")
+
+
+def test_a_local_prefill_holds_the_k_placement_chose_for_it_until_its_first_token():
+    clock = Clock()
+    controller = SpecController(clock=clock)
+    controller.add("d", "r0", 20, 0, None)
+    controller.add("d", "pinned", 20, 0, 0)
+    feed(controller, "d", ["r0"], 0.6, 3, clock)
+    plain_k = controller.k_of("d", "r0")
+    # A step that also carries a prompt chunk costs 0.5 s more: drafts are worth more there.
+    dear = controller.best_ks("d", 8, lambda *batch: DECODE.predict(*batch) + 0.5)
+    assert dear["r0"] > plain_k and dear["pinned"] == 0
+    assert controller.hold("d", "prefill", dear | {"pinned": 3}) == {"r0": dear["r0"]}  # pins stay
+    assert feed(controller, "d", ["r0"], 0.6, 3, clock) == {}  # plain steps' model does not undo it
+    assert controller.k_of("d", "r0") == dear["r0"]
+    controller.release("d", "prefill")
+    assert feed(controller, "d", ["r0"], 0.6, 1, clock) == {"r0": plain_k}
+    assert controller.speculating("d", "r0") == (pytest.approx(controller.acceptance.estimate("r0", "decode")),
+                                                 plain_k)

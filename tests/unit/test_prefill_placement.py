@@ -7,6 +7,7 @@ breaks ties, margins and correction factors."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +19,7 @@ from splitserve.errors import CapacityError
 from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
+from splitserve.router.goodput import SpecRequest, choose_k
 from splitserve.router.handoff import RoutedRequest
 from splitserve.router.placer import Placer
 from splitserve.router.prefill_placement import (
@@ -40,13 +42,14 @@ EXACT = PlacementConfig(margin_sigmas=0.0)
 PROMPT = 200
 
 
-def side(num_decoding: int = 4, tpot_slo_s: float = 0.1, model=MIXED, running=None, **kwargs) -> LocalSide:
+def side(num_decoding: int = 4, tpot_slo_s: float = 0.1, model=MIXED, running=None, num_draft_tokens: int = 0,
+         **kwargs) -> LocalSide:
     """A decode worker whose ``num_decoding`` requests just started (by default)."""
     running = (Running(tpot_slo_s),) * num_decoding if running is None else running
-    return LocalSide("d", model, num_decoding, num_draft_tokens=0, context_tokens=0, running=running, **kwargs)
+    return LocalSide("d", model, num_decoding, num_draft_tokens, context_tokens=0, running=running, **kwargs)
 
 
-def test_the_largest_chunk_that_keeps_running_requests_within_tpot_is_used():
+def test_the_fastest_local_prefill_the_running_requests_absorb_is_used():
     # With 4 decoding (32 ms steps, 35 ms with the newcomer): just started, each can absorb
     # 100 - 35 = 65 ms per step of the prefill. One 200-token step adds 201 ms, two 128-token
     # steps 202 ms over 2 steps; four 64-token steps add 204 ms over 4 -- the first that fits.
@@ -90,7 +93,7 @@ def test_slack_a_running_request_banked_or_is_sure_to_have_pays_for_larger_chunk
 
 def test_a_running_request_that_misses_its_slo_anyway_does_not_veto():
     behind = Running(0.04, num_tokens=10, decode_s=1.0)  # 0.4 s allowed, 1.0 s taken: lost already
-    assert behind.slack_s(step_s=0.035, horizon=7) < 0
+    assert behind.slack_s(token_s=0.035, horizon=7) < 0
     assert local_option(side(running=(behind,)), PROMPT, EXACT).chunk_tokens == PROMPT
     assert local_option(side(running=(behind, Running(0.04))), PROMPT, EXACT) is None
 
@@ -186,7 +189,8 @@ def test_the_placer_sees_each_running_request_against_its_slo_and_strangers_as_j
     placer.streamed("d", "sure", 21)
     placer.streamed("d", "eos", 11)
     assert placer.running_at("d", num_decoding=5) == (
-        Running(0.1, num_tokens=20, decode_s=1.5, tokens_left=43), Running(0.2, num_tokens=10, decode_s=1.5),
+        Running(0.1, num_tokens=20, decode_s=1.5, tokens_left=43, request_id="sure"),
+        Running(0.2, num_tokens=10, decode_s=1.5, request_id="eos"),
         Running(0.05), Running(0.05))  # two requests another router runs there
     placer.done("d", "sure")
     assert len(placer.running_at("d", num_decoding=2)) == 1
@@ -257,4 +261,23 @@ def test_the_placer_protects_a_burst_s_earlier_requests_before_their_first_token
         0.1, pending=True, promised_s=second.extra_decode_s, promised_steps=second.extra_steps)
     placer.decoding("d", "r1", SLO(tpot_s=0.1), SamplingParams())  # r1's first token: decoding now
     placer.forget("r2")  # r2 failed before its first
-    assert placer.running_at("d", num_decoding=1) == (Running(0.1),)
+    assert placer.running_at("d", num_decoding=1) == (Running(0.1, request_id="r1"),)
+
+
+def test_chunk_size_and_speculation_length_are_chosen_together():
+    # A worker with 50 ms of overhead a step, drafts that cost 2 ms to propose (4 ms with their
+    # verification) and four requests accepting 60% of them, at the k = 2 its controller gave
+    # them for plain steps.
+    model = MixedStepModel.from_coefficients(COEFFICIENTS | {"const": 0.05, "draft_tokens": 0.002})
+    batch = [SpecRequest(f"r{i}", alpha=0.6, context_tokens=0, k_max=4) for i in range(4)]
+    assert set(choose_k(batch, lambda b, t, c, drafts: model.predict(4, drafts, 0)).values()) == {2}
+    running = tuple(Running(0.1, request_id=f"r{i}", alpha=0.6, k=2) for i in range(4))
+    held_k = side(model=model, running=running, num_draft_tokens=8)
+    alone = local_option(held_k, PROMPT, EXACT)
+    assert (alone.chunk_tokens, alone.predicted_ttft_s) == (64, pytest.approx(0.58))
+    # Chosen together: a step that carries a chunk is dearer, so a draft is worth more there --
+    # at k = 3 the requests keep enough more tokens a step to absorb 128-token chunks, and the
+    # prompt's first token comes sooner (2 steps, 422 ms) despite the extra drafts.
+    joint = local_option(replace(held_k, choose_ks=lambda step_time: choose_k(batch, step_time)), PROMPT, EXACT)
+    assert (joint.chunk_tokens, joint.draft_ks) == (128, tuple((f"r{i}", 3) for i in range(4)))
+    assert joint.predicted_ttft_s == pytest.approx(0.422)
