@@ -17,7 +17,9 @@ chosen prefill worker counts the prompt as queued (``ClusterView.inflight_tokens
 decision until the router sees its first token, so the next request of a burst is placed
 knowing it.
 After the request it folds observed over predicted TTFT and TPOT into the workers' correction
-factors and the KV transfer's exposed wait into a running average.
+factors (TTFT apart for a worker's remote prefills and its local ones, whose errors differ: a
+hand-off's prefill runs alone, a local one beside a decode batch) and the KV transfer's
+exposed wait into a running average.
 """
 
 from __future__ import annotations
@@ -35,7 +37,17 @@ from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
 from splitserve.router.placement import blocks_for, prompt_block_hashes, rank_decode, rank_prefill
-from splitserve.router.prefill_placement import LOCAL, Corrections, LocalSide, Placement, Remote, Running, place
+from splitserve.router.prefill_placement import (
+    LOCAL,
+    REMOTE,
+    TTFT,
+    Corrections,
+    LocalSide,
+    Placement,
+    Remote,
+    Running,
+    place,
+)
 from splitserve.router.spec_control import SpecController
 
 _TRANSFER_WEIGHT = 0.2  # how fast the exposed-transfer average follows new hand-offs
@@ -119,7 +131,7 @@ class Placer:
                              cached=cached)[0]
         model = prefill_models.get(prefill.worker_id)
         margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
-        ttft = prefill.predicted_s * self.corrections.factor(prefill.worker_id, "ttft") + margin + self.transfer_s
+        ttft = prefill.predicted_s * self.corrections.factor(prefill.worker_id, TTFT[REMOTE]) + margin + self.transfer_s
         tpot = decode.predicted_s * self.corrections.factor(decode.worker_id, "tpot")
         return Remote(prefill.worker_id, decode.worker_id, ttft, tpot)
 
@@ -140,7 +152,7 @@ class Placer:
                                           view.inflight_tokens[worker_id]),
                 cached_tokens=min(cached.get(worker_id, 0) * self.block_size, n - 1),
                 running=self.running_at(worker_id, num_decoding),
-                ttft_correction=self.corrections.factor(worker_id, "ttft"),
+                ttft_correction=self.corrections.factor(worker_id, TTFT[LOCAL]),
                 tpot_correction=self.corrections.factor(worker_id, "tpot"),
                 choose_ks=functools.partial(self.controller.best_ks, worker_id, k_max) if k_max > 0 else None,
             ))
@@ -186,7 +198,7 @@ class Placer:
     def observe(self, placement: Placement, ttft_s: float, tpot_s: float | None) -> tuple[float | None, float | None]:
         """Fold a finished request's observed TTFT and TPOT into the corrections; the observed
         over predicted ratios (None where nothing was predicted or measured)."""
-        self.corrections.observe(placement.prefill_worker, "ttft", placement.predicted_ttft_s, ttft_s)
+        self.corrections.observe(placement.prefill_worker, TTFT[placement.kind], placement.predicted_ttft_s, ttft_s)
         if tpot_s is not None:
             self.corrections.observe(placement.decode_worker, "tpot", placement.predicted_tpot_s, tpot_s)
         return _ratio(ttft_s, placement.predicted_ttft_s), None if tpot_s is None else \

@@ -31,8 +31,9 @@ prefill; the decode steps after it count toward TPOT, which for the newcomer is 
 worker's step with one more request in either case.
 
 Predictions are scaled by the worker's correction factor (``Corrections``: observed over
-predicted, for its recent requests) and get a margin of ``margin_sigmas`` times the model's
-fit RMSE per step, so a drifting or poorly fitted model is not trusted blindly.
+predicted, for its recent requests; TTFT apart for its remote and its local prefills) and get
+a margin of ``margin_sigmas`` times the model's fit RMSE per step, so a drifting or poorly
+fitted model is not trusted blindly.
 
 The choice: among the options that meet the request's TTFT and TPOT SLOs, the lowest cost =
 predicted TTFT + the delay it imposes on requests already decoding (local: the extra seconds
@@ -55,6 +56,7 @@ from splitserve.protocol import SLO
 from splitserve.router.goodput import StepTime, expected_kept_tokens
 
 REMOTE, LOCAL = "remote", "local"
+TTFT = {REMOTE: "ttft/remote", LOCAL: "ttft/local"}  # the correction factors' quantity, per kind
 _NO_PREDICTION_RETRY_S = 1.0  # the retry hint where no prediction says when a worker will have room
 
 
@@ -288,10 +290,10 @@ def _meets(option: Placement, slo: SLO) -> bool:
 
 
 class Corrections:
-    """Per worker and quantity ("ttft", "tpot"): a factor that scales the worker's predictions,
-    nudged after each request by ``weight`` of the relative error of what was predicted for it
-    (observed / predicted - 1), so it settles where predictions match observations; within
-    ``bounds``, 1.0 until a request was seen."""
+    """Per worker and quantity (``TTFT[kind]``, "tpot"): a factor that scales the worker's
+    predictions, nudged after each request by ``weight`` of the relative error of what was
+    predicted for it (observed / predicted - 1), so it settles where predictions match
+    observations; within ``bounds``, 1.0 until a request was seen."""
 
     def __init__(self, weight: float, bounds: tuple[float, float]):
         self.weight, self.bounds = weight, bounds

@@ -25,6 +25,7 @@ from splitserve.router.placer import Placer
 from splitserve.router.prefill_placement import (
     LOCAL,
     REMOTE,
+    TTFT,
     Corrections,
     LocalSide,
     Remote,
@@ -281,3 +282,11 @@ def test_chunk_size_and_speculation_length_are_chosen_together():
     joint = local_option(replace(held_k, choose_ks=lambda step_time: choose_k(batch, step_time)), PROMPT, EXACT)
     assert (joint.chunk_tokens, joint.draft_ks) == (128, tuple((f"r{i}", 3) for i in range(4)))
     assert joint.predicted_ttft_s == pytest.approx(0.422)
+
+
+def test_a_worker_s_local_and_remote_prefills_are_corrected_apart():
+    placer = Placer(ClusterView(MemoryStore(), get_actor=lambda name: None), SpecController(), 16, EXACT, SLO())
+    local = local_option(side(num_decoding=0), PROMPT, EXACT)
+    placer.observe(local, ttft_s=2 * local.predicted_ttft_s, tpot_s=None)  # its local prefills run slow
+    assert placer.corrections.factor("d", TTFT[LOCAL]) == pytest.approx(1.2)
+    assert placer.corrections.factor("d", TTFT[REMOTE]) == 1.0  # what it prefills for a hand-off is not
