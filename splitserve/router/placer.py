@@ -10,8 +10,8 @@ controller, which also chooses their k under a step with a chunk in it, so chunk
 are chosen together), the prompt tokens it has queued, and -- for the TPOT guard -- where each request
 this router runs there stands against its TPOT SLO (tokens streamed, seconds since its first,
 tokens still due when it ignores EOS; requests other routers run there count as just started
-under the default SLO). A request placed to decode at a worker is protected there before its
-first token too, as pending: each local prefill placed there after it adds its delay to what
+under the default SLO). A request placed to decode at a worker counts in its batch, and is
+protected there, before its first token too, as pending: each local prefill placed there after it adds its delay to what
 it was promised, so a burst's later prompts cannot take the TPOT of its earlier ones. The
 chosen prefill worker counts the prompt as queued (``ClusterView.inflight_tokens``) from the
 decision until the router sees its first token, so the next request of a burst is placed
@@ -127,7 +127,8 @@ class Placer:
         prefill = rank_prefill(prefill_ids, n, cached, self.block_size, view.loads, view.inflight_tokens,
                                prefill_models, req.tried)[0]
         decode_models = {w: m for w in decode_ids if (m := view.models_of(w).decode_step) is not None}
-        decode = rank_decode(decode_ids, n, self.block_size, view.loads, view.inflight, decode_models, req.tried,
+        batches = {w: self.batch_at(w) for w in decode_ids}
+        decode = rank_decode(decode_ids, n, self.block_size, view.loads, batches, decode_models, req.tried,
                              cached=cached)[0]
         model = prefill_models.get(prefill.worker_id)
         margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
@@ -143,7 +144,7 @@ class Placer:
             load = view.loads.get(worker_id)
             if load is not None and load.num_free_blocks < needed_blocks or worker_id in req.tried:
                 continue
-            num_decoding = max(load.num_running_requests if load else 0, view.inflight[worker_id])
+            num_decoding = max(load.num_running_requests if load else 0, self.batch_at(worker_id))
             k_max = view.models_of(worker_id).speculation.k_max
             sides.append(LocalSide(
                 worker_id, view.models_of(worker_id).mixed_step, num_decoding,
@@ -157,6 +158,13 @@ class Placer:
                 choose_ks=functools.partial(self.controller.best_ks, worker_id, k_max) if k_max > 0 else None,
             ))
         return sides
+
+    def batch_at(self, worker_id: str) -> int:
+        """The requests of this router that decode at the worker or will: those in flight there,
+        or, if more, those streaming from it and those placed to decode there whose first token
+        is still to come (a burst's hand-offs do not reach their decode worker at once)."""
+        pending = sum(p.worker_id == worker_id for p in self._pending.values())
+        return max(self.view.inflight[worker_id], len(self._decoding.get(worker_id, {})) + pending)
 
     def running_at(self, worker_id: str, num_decoding: int) -> tuple[Running, ...]:
         """The requests decoding at the worker (``num_decoding`` of them, as it reported) that

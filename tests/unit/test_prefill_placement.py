@@ -290,3 +290,28 @@ def test_a_worker_s_local_and_remote_prefills_are_corrected_apart():
     placer.observe(local, ttft_s=2 * local.predicted_ttft_s, tpot_s=None)  # its local prefills run slow
     assert placer.corrections.factor("d", TTFT[LOCAL]) == pytest.approx(1.2)
     assert placer.corrections.factor("d", TTFT[REMOTE]) == 1.0  # what it prefills for a hand-off is not
+
+
+def test_a_burst_s_hand_offs_count_in_their_decode_worker_s_batch_before_they_reach_it():
+    store = MemoryStore()
+    prefill = {"const": 0.02, "tokens": 0.001, "tokens_sq": 0.0}
+    decode = {"const": 0.02, "requests": 0.001, "batched_tokens": 0.002, "context_tokens": 0.0, "draft_tokens": 0.0}
+    for worker_id, kind in (("p", "prefill"), ("d", "decode")):
+        store.register_worker(WorkerInfo(worker_id, kind, worker_id, "", "node"), 60.0)
+        store.report(worker_id, 60.0, WorkerLoad(0, 0, 100, 100), {PrefillModel.NAME: prefill,
+                                                                   DecodeStepModel.NAME: decode})
+    view = ClusterView(store, get_actor=lambda name: None)
+    placer = Placer(view, SpecController(), 16, EXACT, default_slo=SLO())
+    asyncio.run(view.refresh(force=True))
+
+    def placed(request_id: str):
+        req = RoutedRequest(request_id, list(range(PROMPT)), SamplingParams(), SLO(), 0.0)
+        return asyncio.run(placer.place(req, local=False))
+
+    first, second = placed("r1"), placed("r2")
+    # r1's hand-off has not reached d (nothing in flight there yet): it counts all the same.
+    assert (view.inflight["d"], placer.batch_at("d")) == (0, 2)
+    assert (first.predicted_tpot_s, second.predicted_tpot_s) == (pytest.approx(0.023), pytest.approx(0.026))
+    placer.decoding("d", "r1", SLO(), SamplingParams())  # r1 streams from d now; r2 still on its way
+    placer.forget("r1")
+    assert placer.batch_at("d") == 2
