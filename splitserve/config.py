@@ -15,6 +15,7 @@ This module imports nothing heavy (no torch, no Ray), so a router process can re
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ KV_CODECS: tuple[str, ...] = ("fp16", "int8", "raw")  # splitserve.transfer.code
 MODES: tuple[str, ...] = ("elastic", "disaggregated", "colocated")
 WORKER_KINDS: tuple[str, ...] = ("prefill", "decode", "colocated")
 DEFAULT_STORE_PREFIX = "splitserve"
+AUTO_HOST = "auto"  # TransferConfig.host: each worker advertises its own node's address
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # set by the deployment, not by pools
 DEFAULT_GRPC_PORT = 50051
 
 
@@ -34,6 +37,16 @@ def check_name(what: str, value: object) -> None:
     """ValueError unless ``value`` is a non-empty string without surrounding spaces."""
     if not isinstance(value, str) or not value or value != value.strip():
         raise ValueError(f"{what} must be a non-empty string without surrounding spaces, got {value!r}")
+
+
+def check_resources(what: str, resources: Mapping[str, float]) -> None:
+    """ValueError unless ``resources`` maps Ray custom resource names to positive amounts."""
+    for name, amount in resources.items():
+        check_name(f"a resource name in {what}", name)
+        if name in RAY_BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ValueError(f"{what} takes custom resources; {name!r} is Ray's own (the deployment sets it)")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount < math.inf:
+            raise ValueError(f"{what}[{name!r}] must be a positive number, got {amount!r}")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
@@ -167,7 +180,8 @@ class TransferConfig:
 
     backend: "collective" (torch.distributed point-to-point: Gloo on CPU, NCCL on GPU) or
     "grpc". kv_codec: the wire encoding of K/V. host: the address other workers reach this
-    one's KV receiver at. timeout_s: a handoff's deadline (each chunk's send, and the decode
+    one's KV receiver at ("auto": each worker's own node address, as Ray knows it -- what a
+    deployment spanning hosts needs). timeout_s: a handoff's deadline (each chunk's send, and the decode
     side's wait). reservation_ttl_s: a decode reservation that is never started is released
     after this long.
     """
@@ -213,7 +227,8 @@ class WorkerConfig:
     num_threads: torch threads for the engine (None: torch's default). profile_at_start: a few
     synthetic steps seed the latency model before the worker serves. stream_interval: a
     request's tokens go to its router in messages of at least this many (its first token and its
-    last go at once), so fewer messages cost the worker and the router CPU."""
+    last go at once), so fewer messages cost the worker and the router CPU. resources: the Ray
+    custom resources its actor requests (which node group it may run on)."""
 
     worker_id: str
     kind: str
@@ -223,9 +238,11 @@ class WorkerConfig:
     num_threads: int | None = None
     profile_at_start: bool = True
     stream_interval: int = 1
+    resources: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)
+        check_resources("resources", self.resources)
         _check_choice("worker kind", self.kind, WORKER_KINDS)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
@@ -248,6 +265,10 @@ class ClusterConfig:
     worker that may decode (speculation lives there): all but disaggregated prefill workers.
     num_threads: torch threads per worker (None: the cluster's CPUs split evenly).
     stream_interval: tokens per message from a worker to its router (``WorkerConfig``).
+    prefill_resources / decode_resources: the Ray custom resources each worker starting in that
+    pool requests, which pins the pool to the nodes that offer them (colocated workers take the
+    decode pool's); resource_wait_s: how long the deployment waits for the resources its
+    workers need (nodes that join later, an autoscaler) before it gives up.
     """
 
     mode: str = "elastic"
@@ -260,10 +281,17 @@ class ClusterConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     num_threads: int | None = None
     stream_interval: int = 1
+    prefill_resources: Mapping[str, float] = field(default_factory=dict)
+    decode_resources: Mapping[str, float] = field(default_factory=dict)
+    resource_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         self.worker_counts()  # checks the counts
+        check_resources("prefill_resources", self.prefill_resources)
+        check_resources("decode_resources", self.decode_resources)
+        if not 0 <= self.resource_wait_s < math.inf:
+            raise ValueError(f"resource_wait_s must be >= 0, got {self.resource_wait_s}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         _check_stream_interval(self.stream_interval)
@@ -311,8 +339,10 @@ class ClusterConfig:
                 engine = replace(engine, device="cuda")
             for i in range(count):
                 name = f"worker-{len(configs)}" if self.mode == "elastic" else f"{kind}-{i}"
+                resources = self.prefill_resources if kind == "prefill" else self.decode_resources
                 configs.append(WorkerConfig(f"{self.store.prefix}.{name}", kind, engine, self.transfer, self.store,
-                                            num_threads=threads, stream_interval=self.stream_interval))
+                                            num_threads=threads, stream_interval=self.stream_interval,
+                                            resources=dict(resources)))
         return configs
 
 

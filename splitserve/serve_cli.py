@@ -4,11 +4,13 @@ function that runs a Server in the foreground until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from splitserve.config import (
+    AUTO_HOST,
     KV_CODECS,
     MODES,
     PROPOSERS,
@@ -52,7 +54,9 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
     cluster = ClusterConfig(mode=args.mode, num_workers=args.workers, num_prefill_workers=args.prefill_workers,
                             num_decode_workers=args.decode_workers,
                             engine=engine, decode_engine=decode_engine, transfer=transfer, store=store,
-                            num_threads=args.threads_per_worker, stream_interval=args.stream_interval)
+                            num_threads=args.threads_per_worker, stream_interval=args.stream_interval,
+                            prefill_resources=args.prefill_resources, decode_resources=args.decode_resources,
+                            resource_wait_s=args.resource_wait)
     serve = ServeConfig(grpc_host=args.grpc_host, grpc_port=args.grpc_port, http_host=args.http_host,
                         http_port=args.http_port, address=args.address, grace_s=args.grace,
                         slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import sys
 
+    from splitserve.cluster.store import StoreConnectionError
     from splitserve.errors import CapacityError, ServingError
     from splitserve.server import Server, connect_ray
 
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (ValueError, CapacityError, ServingError) as error:  # start-up failed; workers are stopped
+    except (ValueError, CapacityError, ServingError, StoreConnectionError) as error:  # start-up failed; workers stopped
         print(f"splitserve: error: {error}", file=sys.stderr)
         return 1
     print("splitserve: stopped", file=sys.stderr)
@@ -132,8 +137,18 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
     _option(group, ClusterConfig, "--stream-interval", "stream_interval", "send a request's tokens from its "
             "worker in messages of at least N (the first and the last at once): fewer messages, less CPU taken from "
             "the engines, burstier streams (default: %(default)s)", type=int, metavar="N")
-    _option(group, TransferConfig, "--host", "host",
-            "the address workers reach each other at for KV transfer (default: %(default)s)")
+    _option(group, TransferConfig, "--host", "host", "the address workers reach each other at for KV transfer; "
+            f"{AUTO_HOST!r}: each worker's own node address, for a cluster spanning hosts (default: %(default)s)")
+    group.add_argument("--prefill-resources", type=_resources, default=field_default(ClusterConfig,
+                       "prefill_resources"), metavar="JSON", help="Ray custom resources every worker starting in "
+                       "the prefill pool requests, pinning the pool to the nodes that offer them, e.g. "
+                       "'{\"splitserve_prefill\": 1}' (default: none)")
+    group.add_argument("--decode-resources", type=_resources, default=field_default(ClusterConfig,
+                       "decode_resources"), metavar="JSON", help="likewise for the decode pool (and colocated "
+                       "workers) (default: none)")
+    _option(group, ClusterConfig, "--resource-wait", "resource_wait_s", "seconds to wait for the resources the "
+            "workers need when joining a Ray cluster (its nodes may join later), logging progress; a cluster this "
+            "command started fails at once on what it lacks (default: %(default)s)", type=float, metavar="SECONDS")
     _option(group, TransferConfig, "--transfer", "backend",
             "how prefill workers send the KV cache to decode workers (default: %(default)s)", choices=TRANSFER_BACKENDS)
     _option(group, TransferConfig, "--kv-codec", "kv_codec",
@@ -145,6 +160,17 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
             metavar="URL")
     _option(group, StoreConfig, "--store-prefix", "prefix",
             "namespace of this deployment's shared state and worker names (default: %(default)s)", metavar="PREFIX")
+
+
+def _resources(text: str) -> dict[str, float]:
+    """A --*-resources value: a JSON object of resource name -> amount."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of resource name -> amount, got {text!r}")
+    return value
 
 
 def _add_front_end_options(group: argparse._ArgumentGroup) -> None:

@@ -87,9 +87,9 @@ class Server:
             self._aio.call_soon_threadsafe(self._stop.set)
 
     async def _start(self) -> None:
+        """The front ends first, so probes get answers while the workers start (/livez 200,
+        /health 503 and gRPC health NOT_SERVING until they are ready), then the workers."""
         connect_ray(self.options.address)
-        if self.deployment is not None:
-            await self.deployment.start(self.options.start_timeout_s)
         model = self.config.engine.model
         store = self.config.store
         self._store = await asyncio.to_thread(make_store, store.redis_url, store.prefix)
@@ -99,16 +99,19 @@ class Server:
                              default_slo=SLO(self.options.slo_ttft_s, self.options.slo_tpot_s),
                              placement=self.options.placement,
                              roles=None if self.options.router_only else self.options.roles)
-        await self.router.refresh(force=True)
-        if not self.router.is_ready():  # a replica may start before its workers; health says so
-            logger.warning("splitserve: no live %s workers under store prefix %r yet; health stays NOT_SERVING "
-                           "until they join", self.config.mode, self.config.store.prefix)
-        self.router.start()
         self._grpc = GrpcServer(self.router, metrics=self.metrics)
         self.port = await self._grpc.start(self.options.grpc_host, self.options.grpc_port)
         if self.options.http_port is not None:
             self._http = HttpServer(self.router, self.metrics)
             self.http_port = await self._http.start(self.options.http_host, self.options.http_port)
+        if self.deployment is not None:
+            await self.deployment.start(self.options.start_timeout_s,
+                                        cluster_may_grow=self.options.address is not None)
+        await self.router.refresh(force=True)
+        if not self.router.is_ready():  # a replica may start before its workers; health says so
+            logger.warning("splitserve: no live %s workers under store prefix %r yet; health stays NOT_SERVING "
+                           "until they join", self.config.mode, self.config.store.prefix)
+        self.router.start()
         logger.info("splitserve: serving %s (%s) on %s", self.router.model_name, self.config.mode, self.address)
 
     async def _shutdown(self) -> None:

@@ -4,16 +4,18 @@ inside the actor's process and forwards each call to it.
 Why a shell: a process that holds a Ray actor handle loads the actor's class to learn its
 methods. Routers hold handles to every worker; with this class what they load is this module
 (the configuration and the messages), never the worker code, torch or the model. Each method
-forwards to the worker's method of the same name.
+forwards to the worker's method of the same name. The one thing it settles first: a transfer
+host of "auto" becomes the address of the node the actor runs on.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
-from splitserve.config import WorkerConfig
+from splitserve.config import AUTO_HOST, WorkerConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, WorkerStatus
 
@@ -22,7 +24,7 @@ class WorkerActor:
     def __init__(self, config: WorkerConfig):
         from splitserve.worker.worker import Worker  # here, so the module stays light
 
-        self.worker: Any = Worker(config)
+        self.worker: Any = Worker(on_this_node(config))
 
     # Lifecycle and pools.
 
@@ -84,3 +86,12 @@ class WorkerActor:
 
     def release_stalls(self) -> None:
         self.worker.release_stalls()
+
+
+def on_this_node(config: WorkerConfig) -> WorkerConfig:
+    """``config`` with an "auto" KV transfer host made this node's address (as Ray knows it)."""
+    if config.transfer.host != AUTO_HOST:
+        return config
+    import ray
+
+    return replace(config, transfer=replace(config.transfer, host=ray.util.get_node_ip_address()))

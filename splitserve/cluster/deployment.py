@@ -2,9 +2,11 @@
 
 ``Deployment.start`` creates one named async actor per worker of the ClusterConfig, of the
 class the serving assembly gives (constructed with the worker's WorkerConfig), with explicit
-resources -- one GPU each when
-the cluster has enough GPUs, otherwise its share of the CPUs (also its torch thread count) --
-and waits until every one loaded its model and joined the store. Actors are named
+resources -- one GPU each when the cluster has enough GPUs, otherwise its share of the CPUs
+(also its torch thread count), and its pool's custom resources, which pin it to the nodes that
+offer them -- and waits until every one loaded its model and joined the store. Before that it
+waits, bounded by ``resource_wait_s`` and logging progress, until the cluster has the
+resources free: nodes may join later. Actors are named
 ``{store prefix}.{kind}-{i}`` in the ``splitserve`` namespace, so a router on any node finds
 them by the worker id the store lists. It knows the workers' lifecycle calls (``start``,
 ``status``, ``stop``), not what they serve.
@@ -15,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections import Counter
 from typing import Any
 
 import ray
@@ -27,6 +31,7 @@ from splitserve.errors import CapacityError
 from splitserve.protocol import WorkerStatus
 
 logger = logging.getLogger(__name__)
+_WAIT_LOG_S = 10.0  # how often a deployment waiting for resources says so
 
 
 class Deployment:
@@ -39,30 +44,25 @@ class Deployment:
         self.handles: dict[str, Any] = {}  # worker id -> actor handle
         self.statuses: dict[str, WorkerStatus] = {}
 
-    async def start(self, timeout_s: float = 600.0) -> None:
-        """Create every worker and wait until all are ready (model loaded, store joined)."""
+    async def start(self, timeout_s: float = 600.0, cluster_may_grow: bool = True) -> None:
+        """Create every worker and wait until all are ready (model loaded, store joined).
+        ``cluster_may_grow``: False for a Ray cluster no node will join (one this process
+        started), where resources it lacks in all fail at once rather than after the wait."""
         resources = ray.cluster_resources()
         num_gpus = resources.get("GPU", 0)
         configs = self.config.worker_configs(resources.get("CPU", 1), num_gpus)
         on_gpus = num_gpus >= len(configs)
-        needed = {"GPU": len(configs)} if on_gpus else {"CPU": sum(wc.num_threads or 1 for wc in configs)}
-        # Resources of a deployment stopped a moment ago come back asynchronously: wait a little.
-        deadline = time.monotonic() + 30
-        while any((free := ray.available_resources()).get(n, 0) < a for n, a in needed.items()):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-        for name, amount in needed.items():
-            if free.get(name, 0) < amount:
-                raise CapacityError(
-                    f"the {len(configs)} workers need {amount:g} {name}s; the Ray cluster has {free.get(name, 0):g} "
-                    f"free of {resources.get(name, 0):g} (another deployment may hold them)"
-                )
+        needed: Counter[str] = Counter({"GPU": len(configs)} if on_gpus else
+                                       {"CPU": sum(wc.num_threads or 1 for wc in configs)})
+        for wc in configs:
+            needed.update(wc.resources)
+        await self._wait_for(needed, len(configs), cluster_may_grow)
         for wc in configs:
             actor = ray.remote(self.actor_class).options(
                 name=wc.worker_id, namespace=RAY_NAMESPACE,
                 num_cpus=0 if on_gpus else wc.num_threads,
                 num_gpus=1 if on_gpus else 0,
+                resources=dict(wc.resources),
                 max_concurrency=1000,  # async methods: concurrency is requests in flight, not threads
             )
             self.handles[wc.worker_id] = actor.remote(wc)
@@ -75,6 +75,29 @@ class Deployment:
             raise
         self.statuses = {s.worker_id: s for s in statuses}
         logger.info("deployment %s ready: %s", self.config.store.prefix, ", ".join(self.handles))
+
+    async def _wait_for(self, needed: Counter[str], num_workers: int, cluster_may_grow: bool) -> None:
+        """Until the Ray cluster has ``needed`` free: nodes may join later (an autoscaler, slow
+        pods), and a deployment stopped a moment ago frees its resources asynchronously. Logs
+        progress; CapacityError (a sentence) after ``resource_wait_s``, or at once for what a
+        cluster that cannot grow lacks in all."""
+        started = time.monotonic()
+        logged = -math.inf  # the first wait is said at once
+        while missing := _missing(needed, ray.available_resources()):
+            now, total = time.monotonic(), ray.cluster_resources()
+            never = not cluster_may_grow and _missing(needed, total)
+            if never or now - started >= self.config.resource_wait_s:
+                waited = "" if never else f" after {self.config.resource_wait_s:g} s of waiting"
+                raise CapacityError(f"the {num_workers} workers need " + ", ".join(
+                    f"{needed[n]:g} {n} (the Ray cluster has {free:g} free of {total.get(n, 0):g})"
+                    for n, free in missing.items()) + f"{waited} (another deployment may hold them, or no node "
+                    "that offers them has joined)")
+            if now - logged >= _WAIT_LOG_S:
+                logged = now
+                logger.info("deployment %s: waiting for %s (%.0f of %.0f s)", self.config.store.prefix,
+                            ", ".join(f"{needed[n]:g} {n} ({free:g} free)" for n, free in missing.items()),
+                            now - started, self.config.resource_wait_s)
+            await asyncio.sleep(0.2)
 
     @property
     def max_model_len(self) -> int:
@@ -99,6 +122,11 @@ class Deployment:
         for handle in handles.values():  # return once they are gone, so their resources are free
             with contextlib.suppress(RayActorError):
                 await asyncio.wait_for(_await(handle.status.remote()), 10)
+
+
+def _missing(needed: Counter[str], free: dict[str, float]) -> dict[str, float]:
+    """The needed resources the cluster has too few of free, with what it has."""
+    return {name: free.get(name, 0) for name, amount in needed.items() if free.get(name, 0) < amount}
 
 
 async def _await(ref: Any) -> Any:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP front end over a ``Frontend`` (aiohttp).
 
 ``HttpServer`` serves POST /v1/completions and /v1/chat/completions (JSON, or SSE with
-``stream: true``), GET /v1/models, /health (200 while ``Frontend.is_ready``, else 503) and
+``stream: true``), GET /v1/models, /health (readiness: 200 while ``Frontend.is_ready``, else
+503, as during start-up and drain), /livez (liveness: 200 while the process answers) and
 /metrics (Prometheus text), so the ``openai`` client and ``vllm bench serve`` work unchanged.
 The wire format lives in ``openai_protocol``; here is the I/O. Errors map to statuses by type as
 ``splitserve.router.api`` describes (400/429/503, 500 for bugs) with OpenAI's error body; a 429
@@ -107,6 +108,7 @@ class HttpServer:
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/livez", self._livez)
         app.router.add_get("/metrics", self._metrics)
         # handler_cancellation: a client that disconnects cancels its handler, aborting the request.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
@@ -141,6 +143,11 @@ class HttpServer:
         if not self._is_stopping and self._frontend.is_ready():
             return web.Response(status=200)
         return error_response(503, "not ready")
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        """The process is alive and its event loop answers (start-up and drain included): a
+        liveness probe restarts only what is stuck, never what is starting or draining."""
+        return web.Response(status=200)
 
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": self._frontend.model_name, "object": "model", "created": self._created,

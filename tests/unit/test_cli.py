@@ -101,7 +101,9 @@ def test_serve_defaults_are_the_configs() -> None:
     expected = {
         "mode": cluster.mode, "prefill_workers": cluster.num_prefill_workers,
         "decode_workers": cluster.num_decode_workers, "workers": cluster.num_workers,
-        "threads_per_worker": cluster.num_threads, "stream_interval": cluster.stream_interval, "host": transfer.host, "transfer": transfer.backend,
+        "threads_per_worker": cluster.num_threads, "stream_interval": cluster.stream_interval,
+        "prefill_resources": cluster.prefill_resources, "decode_resources": cluster.decode_resources,
+        "resource_wait": cluster.resource_wait_s, "host": transfer.host, "transfer": transfer.backend,
         "kv_codec": transfer.kv_codec, "layers_per_chunk": transfer.layers_per_chunk,
         "redis_url": store.redis_url, "store_prefix": store.prefix,
         "address": options.address, "grpc_host": options.grpc_host, "grpc_port": options.grpc_port,
@@ -145,14 +147,34 @@ def test_serve_flags_build_the_configs() -> None:
     args = cli.build_parser().parse_args([
         "serve", "--transfer", "grpc", "--kv-codec", "int8", "--redis-url", "redis://127.0.0.1:1/0",
         "--store-prefix", "p", "--speculative", "ngram", "--num-speculative-tokens", "2", "--slo-ttft-ms", "250",
-        "--http-port", "0", "--stream-interval", "4"])
+        "--http-port", "0", "--stream-interval", "4", "--host", "auto", "--resource-wait", "30",
+        "--prefill-resources", '{"splitserve_prefill": 1}', "--decode-resources", '{"splitserve_decode": 0.5}'])
     cluster, serve = configs(args)
+    assert [(w.kind, w.resources) for w in cluster.worker_configs(2, 0)] == [
+        ("prefill", {"splitserve_prefill": 1}), ("decode", {"splitserve_decode": 0.5})]
+    assert cluster.resource_wait_s == 30 and cluster.transfer.host == "auto"
     assert cluster.stream_interval == 4 and all(w.stream_interval == 4 for w in cluster.worker_configs(2, 0))
-    assert cluster.transfer == TransferConfig(backend="grpc", kv_codec="int8")
+    assert cluster.transfer == TransferConfig(backend="grpc", kv_codec="int8", host="auto")
     assert cluster.store == StoreConfig(redis_url="redis://127.0.0.1:1/0", prefix="p")
     assert cluster.decode_engine is not None and cluster.decode_engine.speculative == SpeculativeConfig(
         "ngram", num_speculative_tokens=2)
     assert serve.slo_ttft_s == 0.25 and serve.slo_tpot_s is None and serve.http_port == 0
+
+
+def test_an_unreachable_redis_is_one_sentence_and_exit_1(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "connect_ray", lambda address: None)  # the store is what fails first
+    assert cli.main(["serve", "--redis-url", "redis://127.0.0.1:1/0", "--grpc-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "splitserve: error: cannot reach Redis at redis://127.0.0.1:1/0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("{", "argument --prefill-resources: not JSON"), ("[1]", "must be a JSON object of resource name -> amount")])
+def test_a_resources_flag_takes_a_json_object(value: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["serve", "--prefill-resources", value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -168,6 +190,9 @@ def test_serve_flags_build_the_configs() -> None:
     (["--grace", "-1"], "grace_s >= 0"),
     (["--role-dwell", "-1"], "min_dwell_s >= 0"),
     (["--stream-interval", "0"], "stream_interval must be an integer >= 1"),
+    (["--prefill-resources", '{"GPU": 1}'], "prefill_resources takes custom resources; 'GPU' is Ray's own"),
+    (["--decode-resources", '{"pool": 0}'], "decode_resources['pool'] must be a positive number"),
+    (["--resource-wait", "-1"], "resource_wait_s must be >= 0"),
 ])
 def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

@@ -351,11 +351,12 @@ def test_models_lists_the_served_model(served: Served):
     assert [m.id for m in served.client.models.list().data] == [MODEL_NAME]
 
 
-def test_health_follows_is_ready(served: Served):
+def test_health_follows_is_ready_and_livez_only_the_process(served: Served):
     assert fetch(f"{served.url}/health").status_code == 200
     served.frontend.ready = False
     try:
         assert fetch(f"{served.url}/health").status_code == 503
+        assert fetch(f"{served.url}/livez").status_code == 200  # not ready, yet alive: no restart
     finally:
         served.frontend.ready = True
 

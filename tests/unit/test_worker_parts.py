@@ -1,7 +1,8 @@
 """The worker runtime's parts without Ray or the model: membership beats against an in-memory
 store (registration, renewal, re-registration after a lapse, what each beat publishes), the
 prefix mirror's net changes, which steps feed which latency model, the startup profile's plan
-and the steps it measures, and how a request's tokens are grouped into messages."""
+and the steps it measures, how a request's tokens are grouped into messages, and where a worker
+says its KV receiver is."""
 
 from __future__ import annotations
 
@@ -210,3 +211,15 @@ def test_tokens_stream_in_messages_of_the_interval_the_first_and_the_last_at_onc
     deltas = asyncio.run(run())
     assert [len(d.token_ids) for d in deltas] == sizes
     assert [t for d in deltas for t in d.token_ids] == list(range(7)) and deltas[-1].finished
+
+
+def test_an_auto_transfer_host_becomes_the_node_s_own_address():
+    import ray
+
+    from splitserve.config import TransferConfig, WorkerConfig
+    from splitserve.worker_actor import on_this_node
+
+    fixed = WorkerConfig("w", "decode", transfer=TransferConfig(host="198.18.0.2"))
+    assert on_this_node(fixed) is fixed
+    auto = on_this_node(WorkerConfig("w", "decode", transfer=TransferConfig(host="auto")))
+    assert auto.transfer.host == ray.util.get_node_ip_address() != "auto"
