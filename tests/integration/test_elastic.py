@@ -2,20 +2,24 @@
 real gRPC and HTTP front ends, the real model.
 
 A burst of concurrent prompts is placed both ways -- some prefilled remotely and handed off,
-some prefilled locally by the decode worker inside its decode batch -- and every greedy output
-equals the offline engine's whatever its placement, over either front end. (Which requests go
-where depends on step times fitted on this machine; what holds on any machine is that a burst
-outgrowing one worker's prefill queue spills to the other side, and the exact decision rules
-are asserted on constructed models in tests/unit/test_prefill_placement.py.) A worker moved
+some prefilled locally by the worker that decodes them, inside its decode batch -- and every
+greedy output equals the offline engine's whatever its placement, over either front end. (Which
+requests go where depends on step times fitted on this machine, so the tests turn every other
+decision into the other kind; the decision rules themselves are asserted on constructed models
+in tests/unit/test_prefill_placement.py.) A worker moved
 between pools under load loses no request, and every worker's blocks are idle afterwards.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import itertools
 import json
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import ray
@@ -24,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitserve.config import ClusterConfig, RoleConfig, ServeConfig, StoreConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.client import GenerationClient, make_request
+from splitserve.router.prefill_placement import LOCAL, REMOTE, Placement
 from splitserve.server import Server
 from tests.conftest import PROMPTS
 from tests.integration.test_serving import ENGINE, wait_idle
@@ -88,9 +93,39 @@ def roles(server: Server) -> dict[str, str]:
     return {w: s.kind for w, s in server.call(server.deployment.worker_statuses()).items()}
 
 
+@contextlib.contextmanager
+def placed_both_ways(server: Server) -> Iterator[None]:
+    """Each request placed as the router decides, then turned into the other kind every other
+    request: remote and local alternate within one burst, however this machine's fitted step
+    times make the router decide (its rules are asserted on constructed models in
+    tests/unit/test_prefill_placement.py). The router's own bookkeeping follows the change."""
+    placer, view = server.router.placer, server.router.view
+    decide, count = placer.place, itertools.count()
+
+    async def place(req, local: bool = True) -> Placement:
+        chosen = await decide(req, local)
+        want = REMOTE if next(count) % 2 == 0 else LOCAL
+        if chosen.kind == want:
+            return chosen
+        decode = chosen.decode_worker
+        other = next(w for w in sorted({*view.ids("prefill"), *view.ids("decode")}) if w != decode)
+        turned = replace(chosen, kind=LOCAL, prefill_worker=decode, chunk_tokens=64) if want == LOCAL else \
+            replace(chosen, kind=REMOTE, prefill_worker=other, chunk_tokens=None)
+        view.inflight_tokens[chosen.prefill_worker] -= len(req.prompt_ids)
+        view.inflight_tokens[turned.prefill_worker] += len(req.prompt_ids)
+        return turned
+
+    placer.place = place
+    try:
+        yield
+    finally:
+        placer.place = decide
+
+
 def test_a_burst_is_placed_both_ways_with_the_offline_engines_output(server, expected):
     before = placements(server)
-    results = burst(grpc_request, server.address)
+    with placed_both_ways(server):
+        results = burst(grpc_request, server.address)
     assert [ids for ids, _ in results] == expected
     reports = [report for _, report in results]
     kinds = [r.placement for r in reports]
@@ -107,7 +142,8 @@ def test_a_burst_is_placed_both_ways_with_the_offline_engines_output(server, exp
 
 def test_the_http_front_end_places_a_burst_both_ways_too(server, llm):
     texts = [o.text for o in llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))]
-    results = burst(http_request, server.http_port)
+    with placed_both_ways(server):
+        results = burst(http_request, server.http_port)
     assert [text for text, _ in results] == texts
     kinds = [report["placement"] for _, report in results]
     assert "local" in kinds and "remote" in kinds, kinds
