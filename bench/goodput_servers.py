@@ -1,5 +1,5 @@
 """The servers bench.goodput measures: each a process tree started from its command line, ready
-when GET /v1/models answers, warmed up with three requests, stopped with SIGTERM to its process
+when GET /health answers 200, warmed up with three requests, stopped with SIGTERM to its process
 group (SIGKILL after a grace period) and given a few seconds to free the cores before the next.
 """
 
@@ -59,8 +59,10 @@ def start(system: System, log_path: Path, timeout_s: float, log: Callable[[str],
 
 
 def ready(system: System) -> bool:
+    """Its readiness endpoint answers 200 (both servers' /health: splitserve's front ends listen
+    before its workers are up, and say 503 until they are)."""
     try:
-        with urllib.request.urlopen(system.target + "/models", timeout=5) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{system.port}/health", timeout=5) as reply:
             return reply.status == 200
     except (urllib.error.URLError, OSError):
         return False
