@@ -4,9 +4,7 @@ selector picks, and the `splitserve serve` command lines as a container will run
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +12,8 @@ from types import ModuleType
 from typing import Any
 
 import yaml
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "splitserve"
@@ -37,14 +37,7 @@ def case_values(case: str) -> dict[str, Any]:
 
 def load_renderer() -> ModuleType:
     """scripts/render_examples.py as a module (it renders through helm-python-sdk)."""
-    if "render_examples" in sys.modules:
-        return sys.modules["render_examples"]
-    spec = importlib.util.spec_from_file_location("render_examples", ROOT / "scripts" / "render_examples.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["render_examples"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("render_examples")
 
 
 def pyproject() -> dict[str, Any]:
