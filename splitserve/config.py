@@ -355,6 +355,8 @@ class PlacementConfig:
     margin_sigmas: each prediction gets this many of its model's fit RMSE added per step.
     correction_weight: how fast a worker's observed/predicted TTFT ratio follows new requests;
     the ratio, kept within ``correction_bounds``, scales that worker's predictions.
+    tail_quantile / tail_window: the TPOT guard protects running requests with the correction
+    raised to this quantile of the worker's last ``tail_window`` observed/predicted ratios.
     admission: refuse a request that no placement is predicted to serve within its SLO; False:
     place it as well as the predictions allow (SLOs still steer placement and chunk sizes).
     """
@@ -363,6 +365,8 @@ class PlacementConfig:
     margin_sigmas: float = 1.0
     correction_weight: float = 0.2
     correction_bounds: tuple[float, float] = (0.5, 4.0)
+    tail_quantile: float = 0.9
+    tail_window: int = 32
     admission: bool = True
 
     def __post_init__(self) -> None:
@@ -376,6 +380,10 @@ class PlacementConfig:
         if not 0 < low <= 1 <= high < math.inf:
             raise ValueError(f"correction_bounds must be (low, high) with 0 < low <= 1 <= high, got "
                              f"{self.correction_bounds}")
+        if not 0.5 <= self.tail_quantile <= 1:
+            raise ValueError(f"tail_quantile must be in [0.5, 1], got {self.tail_quantile}")
+        if self.tail_window < 1:
+            raise ValueError(f"tail_window must be >= 1, got {self.tail_window}")
 
 
 @dataclass(frozen=True)

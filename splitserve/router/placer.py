@@ -94,7 +94,8 @@ class Placer:
                  default_slo: SLO, clock: Callable[[], float] = time.monotonic):
         self.view, self.controller, self.block_size, self.config = view, controller, block_size, config
         self.default_slo, self.clock = default_slo, clock
-        self.corrections = Corrections(config.correction_weight, config.correction_bounds)
+        self.corrections = Corrections(config.correction_weight, config.correction_bounds, config.tail_quantile,
+                                       config.tail_window)
         self.transfer_s = 0.0  # the exposed part of a KV hand-off, averaged
         self._decoding: dict[str, dict[str, _Decoding | None]] = {}  # worker -> request (None: no TPOT SLO)
         self._pending: dict[str, _Pending] = {}  # request -> where it will decode, until its first token
@@ -155,6 +156,7 @@ class Placer:
                 running=self.running_at(worker_id, num_decoding),
                 ttft_correction=self.corrections.factor(worker_id, TTFT[LOCAL]),
                 tpot_correction=self.corrections.factor(worker_id, "tpot"),
+                tpot_tail=self.corrections.tail(worker_id, "tpot"),
                 choose_ks=functools.partial(self.controller.best_ks, worker_id, k_max) if k_max > 0 else None,
             ))
         return sides

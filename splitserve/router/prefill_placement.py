@@ -33,7 +33,10 @@ worker's step with one more request in either case.
 Predictions are scaled by the worker's correction factor (``Corrections``: observed over
 predicted, for its recent requests; TTFT apart for its remote and its local prefills) and get
 a margin of ``margin_sigmas`` times the model's fit RMSE per step, so a drifting or poorly
-fitted model is not trusted blindly.
+fitted model is not trusted blindly. The guard scales the running requests' steps and delays
+by the worker's tail factor instead (``Corrections.tail``: the recent ratios' 90th
+percentile), since a request misses its SLO on the steps that were slower than predicted, not
+on the average one.
 
 The choice: among the options that meet the request's TTFT and TPOT SLOs, the lowest cost =
 predicted TTFT + the delay it imposes on requests already decoding (local: the extra seconds
@@ -46,6 +49,7 @@ no sooner than a prefill). It knows nothing of Ray, the store or how a placement
 from __future__ import annotations
 
 import math
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -126,10 +130,11 @@ class LocalSide:
     per step and their context; queued_prefill_tokens: prompt tokens it has yet to prefill;
     cached_tokens: this prompt's tokens already in its prefix cache; running: the requests
     decoding there that have a TPOT SLO; ttft_correction / tpot_correction: observed over
-    predicted, for its recent requests. choose_ks (where this router's requests there speculate):
-    the speculation lengths (request id -> k; their drafts per step in all are
-    ``num_draft_tokens``) that maximize their goodput under a given step time, the
-    SpecController's ``choose_k``.
+    predicted, for its recent requests; tpot_tail: the TPOT factor the guard protects them
+    with (``Corrections.tail``; None: tpot_correction). choose_ks (where this router's
+    requests there speculate): the speculation lengths (request id -> k; their drafts per
+    step in all are ``num_draft_tokens``) that maximize their goodput under a given step time,
+    the SpecController's ``choose_k``.
     """
 
     worker_id: str
@@ -142,6 +147,7 @@ class LocalSide:
     running: tuple[Running, ...] = ()
     ttft_correction: float = 1.0
     tpot_correction: float = 1.0
+    tpot_tail: float | None = None
     choose_ks: Callable[[StepTime], Mapping[str, int]] | None = None
 
 
@@ -186,26 +192,29 @@ def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfi
     sigma = config.margin_sigmas * model.fit().rmse
     own_tokens = max(num_prompt_tokens - side.cached_tokens, 1)
     new_tokens = side.queued_prefill_tokens + own_tokens
-    tpot = side.tpot_correction * model.predict(side.num_decoding + 1, side.num_draft_tokens,
-                                                side.context_tokens + num_prompt_tokens) + sigma
+    step = model.predict(side.num_decoding + 1, side.num_draft_tokens, side.context_tokens + num_prompt_tokens)
+    tail = side.tpot_correction if side.tpot_tail is None else side.tpot_tail
+    tpot, guard_tpot = side.tpot_correction * step + sigma, tail * step + sigma
     plain = model.predict(side.num_decoding, side.num_draft_tokens, side.context_tokens)
 
     def plan_of(tokens: int, chunk: int, num_drafts: int) -> ChunkedPrefill:
         return model.prefill_seconds(tokens, chunk, side.num_decoding, num_drafts, side.context_tokens)
 
-    def delay(plan: ChunkedPrefill, kept_now: float, kept_during: float) -> float:
+    def delay(plan: ChunkedPrefill, kept_now: float, kept_during: float, factor: float) -> float:
         """What ``plan``'s steps add to the time a request takes for the tokens it keeps in
-        them (margin included): a request keeping ``kept_during`` tokens a step then, where a
-        plain step keeps ``kept_now``."""
+        them (scaled by ``factor``, margin included): a request keeping ``kept_during`` tokens
+        a step then, where a plain step keeps ``kept_now``."""
         plain_s = plan.num_steps * plain * kept_during / kept_now
-        return side.tpot_correction * (plan.seconds - plain_s) + sigma * math.sqrt(plan.num_steps)
+        return factor * (plan.seconds - plain_s) + sigma * math.sqrt(plan.num_steps)
 
     def guarded(plan: ChunkedPrefill, own: ChunkedPrefill, ks: Mapping[str, int]) -> bool:
-        """Whether every running request absorbs its delay (speculating at ``ks`` meanwhile)."""
+        """Whether every running request absorbs its delay (speculating at ``ks`` meanwhile),
+        both scaled by the worker's tail factor."""
         for r in side.running:
             kept_now, kept_during = r.tokens_per_step(), r.tokens_per_step(ks.get(r.request_id or "", r.k))
             steps = own if r.pending else plan
-            if not r.absorbs(delay(steps, kept_now, kept_during), tpot / kept_now, steps.num_steps, kept_during):
+            if not r.absorbs(delay(steps, kept_now, kept_during, tail), guard_tpot / kept_now, steps.num_steps,
+                             kept_during):
                 return False
         return True
 
@@ -216,7 +225,7 @@ def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfi
         plan = plan_of(new_tokens, chunk, num_drafts)
         own = plan_of(own_tokens, chunk, num_drafts) if side.queued_prefill_tokens else plan
         ttft = side.ttft_correction * plan.seconds + sigma * math.sqrt(plan.num_steps)
-        own_delay = delay(own, 1.0, 1.0)
+        own_delay = delay(own, 1.0, 1.0, side.tpot_correction)
         cost = ttft + (own_delay - sigma * math.sqrt(own.num_steps)) * side.num_decoding
         placement = Placement(LOCAL, side.worker_id, side.worker_id, ttft, tpot, cost,
                               chunk_tokens=min(chunk, new_tokens), extra_decode_s=own_delay,
@@ -293,14 +302,32 @@ class Corrections:
     """Per worker and quantity (``TTFT[kind]``, "tpot"): a factor that scales the worker's
     predictions, nudged after each request by ``weight`` of the relative error of what was
     predicted for it (observed / predicted - 1), so it settles where predictions match
-    observations; within ``bounds``, 1.0 until a request was seen."""
+    observations; within ``bounds``, 1.0 until a request was seen.
 
-    def __init__(self, weight: float, bounds: tuple[float, float]):
+    The factor follows the mean; ``tail`` adds the spread: the factor times the
+    ``tail_quantile`` of the last ``tail_window`` requests' observed / predicted ratios (once
+    ``tail_min`` were seen), what the TPOT guard protects running requests with -- a prediction
+    right on average is still overrun by a tenth of the requests, and those miss their SLO."""
+
+    def __init__(self, weight: float, bounds: tuple[float, float], tail_quantile: float = 0.9,
+                 tail_window: int = 32, tail_min: int = 5):
         self.weight, self.bounds = weight, bounds
+        self.tail_quantile, self.tail_min = tail_quantile, tail_min
         self._factors: dict[tuple[str, str], float] = {}
+        self._ratios: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=tail_window))
 
     def factor(self, worker_id: str, quantity: str) -> float:
         return self._factors.get((worker_id, quantity), 1.0)
+
+    def tail(self, worker_id: str, quantity: str) -> float:
+        """The factor, raised to cover the recent ratios up to ``tail_quantile`` (never lowered:
+        recent requests that beat their predictions leave it at the factor); within ``bounds``."""
+        factor, ratios = self.factor(worker_id, quantity), self._ratios.get((worker_id, quantity), ())
+        if len(ratios) < self.tail_min:
+            return factor
+        ranked = sorted(ratios)
+        quantile = ranked[min(math.ceil(self.tail_quantile * len(ranked)), len(ranked)) - 1]
+        return min(factor * max(quantile, 1.0), self.bounds[1])
 
     def observe(self, worker_id: str, quantity: str, predicted_s: float, actual_s: float) -> None:
         """Fold one request in (``predicted_s``: what was predicted with the factor at the time);
@@ -308,5 +335,6 @@ class Corrections:
         if not (0 < predicted_s < math.inf and 0 <= actual_s < math.inf):
             return
         low, high = self.bounds
+        self._ratios[(worker_id, quantity)].append(actual_s / predicted_s)
         factor = self.factor(worker_id, quantity) * (1 + self.weight * (actual_s / predicted_s - 1))
         self._factors[(worker_id, quantity)] = min(max(factor, low), high)

@@ -36,7 +36,7 @@ def test_elastic_workers_are_named_for_their_place_not_their_role_and_all_may_de
 
 @pytest.mark.parametrize("kwargs", [
     {"chunk_tokens": ()}, {"chunk_tokens": (64, 0)}, {"margin_sigmas": -1.0}, {"correction_weight": 0.0},
-    {"correction_bounds": (1.5, 2.0)},
+    {"correction_bounds": (1.5, 2.0)}, {"tail_quantile": 0.3}, {"tail_window": 0},
 ])
 def test_bad_placement_settings_are_refused(kwargs):
     with pytest.raises(ValueError):

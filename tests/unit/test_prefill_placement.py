@@ -167,6 +167,27 @@ def test_a_correction_follows_observed_over_predicted_within_bounds():
     assert corrections.factor("w", "tpot") == 1.0
 
 
+def test_the_tail_of_observed_over_predicted_raises_the_guard_not_the_prediction():
+    corrections = Corrections(weight=0.2, bounds=(0.5, 4.0), tail_quantile=0.9, tail_window=10, tail_min=5)
+    for _ in range(4):
+        corrections.observe("w", "tpot", predicted_s=0.1, actual_s=0.1)
+    assert corrections.tail("w", "tpot") == 1.0  # too few requests to tell a tail
+    for actual in (0.1, 0.1, 0.1, 0.1, 0.15, 0.15):  # of the last 10, a fifth 1.5x slower than predicted
+        corrections.observe("w", "tpot", predicted_s=0.1, actual_s=actual)
+    assert corrections.tail("w", "tpot") == pytest.approx(corrections.factor("w", "tpot") * 1.5)
+    for _ in range(10):  # faster than predicted: the tail never lowers the factor
+        corrections.observe("w", "tpot", predicted_s=0.1, actual_s=0.05)
+    assert corrections.tail("w", "tpot") == corrections.factor("w", "tpot")
+    corrections.observe("w", "tpot", predicted_s=0.1, actual_s=10.0)
+    assert corrections.tail("w", "tpot") <= 4.0
+    # The guard protects with the tail: 64-token chunks add 204 ms x 1.5 over 4 steps, more than
+    # the 100 - 52.5 ms a step its requests can spare; 32-token ones 207 ms x 1.5 over 7 fit.
+    # What is predicted for the newcomer (and learnt from) stays the mean.
+    option = local_option(side(tpot_tail=1.5), PROMPT, EXACT)
+    assert option.chunk_tokens == 32 and option.predicted_tpot_s == pytest.approx(0.035)
+    assert option.extra_decode_s == pytest.approx(6 * 0.033 + 0.009)
+
+
 def test_without_admission_the_cheapest_option_is_taken_when_none_holds():
     open_door = PlacementConfig(margin_sigmas=0.0, admission=False)
     slo = SLO(ttft_s=1.0, tpot_s=0.01)
