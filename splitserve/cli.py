@@ -77,7 +77,18 @@ def _client(args: argparse.Namespace) -> int:
     prompt, messages = (None, [{"role": "user", "content": args.prompt}]) if args.chat else (args.prompt, [])
     request = make_request(prompt, messages=messages, max_tokens=args.max_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    with GenerationClient(args.address) as client:
+    from splitserve.router.access import read_pem
+    from splitserve.serve_cli import api_keys
+
+    try:
+        tls = {"root_certificates": read_pem(args.ssl_ca_certs, "--ssl-ca-certs"),
+               "certificate_chain": read_pem(args.ssl_certfile, "--ssl-certfile"),
+               "private_key": read_pem(args.ssl_keyfile, "--ssl-keyfile")}
+    except ValueError as error:
+        print(f"splitserve: error: {error}", file=sys.stderr)
+        return 2
+    keys = api_keys([args.api_key] if args.api_key else None)
+    with GenerationClient(args.address, api_key=keys[0] if keys else None, **tls) as client:
         try:
             if args.wait_ready is not None:
                 client.wait_ready(args.wait_ready)
@@ -137,6 +148,12 @@ def _add_client(commands: argparse._SubParsersAction) -> None:
     client = _add_command(commands, "client", "stream one prompt's output from a running splitserve server (gRPC)")
     client.add_argument("prompt", help="the prompt text")
     client.add_argument("--address", default=DEFAULT_ADDRESS, help="the server's HOST:PORT (default: %(default)s)")
+    client.add_argument("--api-key", metavar="KEY", help="send 'authorization: Bearer KEY' (default: the first of "
+                        "$SPLITSERVE_API_KEY, else none)")
+    client.add_argument("--ssl-ca-certs", metavar="FILE", help="connect with TLS, trusting this PEM CA bundle "
+                        "(default: plaintext)")
+    client.add_argument("--ssl-certfile", metavar="FILE", help="PEM client certificate, for mutual TLS (default: none)")
+    client.add_argument("--ssl-keyfile", metavar="FILE", help="PEM private key of --ssl-certfile (default: none)")
     _add_sampling_options(client)
     client.add_argument("--chat", action="store_true", help="send the prompt as a user message (the server "
                         "applies the model's chat template)")

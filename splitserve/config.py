@@ -182,8 +182,9 @@ class TransferConfig:
     "grpc". kv_codec: the wire encoding of K/V. host: the address other workers reach this
     one's KV receiver at ("auto": each worker's own node address, as Ray knows it -- what a
     deployment spanning hosts needs). timeout_s: a handoff's deadline (each chunk's send, and the decode
-    side's wait). reservation_ttl_s: a decode reservation that is never started is released
-    after this long.
+    side's wait). reservation_lease_s: a decode reservation is a lease its router renews while
+    the prompt is prefilled (every third of it); one not renewed for this long is released, so
+    the blocks of a router that died come back within it.
     """
 
     backend: str = "collective"
@@ -191,7 +192,7 @@ class TransferConfig:
     layers_per_chunk: int = 6
     host: str = "127.0.0.1"
     timeout_s: float = 30.0
-    reservation_ttl_s: float = 300.0
+    reservation_lease_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_choice("transfer backend", self.backend, TRANSFER_BACKENDS)
@@ -199,19 +200,22 @@ class TransferConfig:
         check_name("host", self.host)
         if self.layers_per_chunk < 1:
             raise ValueError(f"layers_per_chunk must be >= 1, got {self.layers_per_chunk}")
-        _check_positive(self, "timeout_s", "reservation_ttl_s")
+        _check_positive(self, "timeout_s", "reservation_lease_s")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     """The shared state: a Redis server (``redis_url``) or, when None, the embedded store (a
     Ray actor, one machine). ``prefix`` namespaces one deployment's state. Workers renew their
-    membership every ``heartbeat_s`` and drop out ``ttl_s`` after their last renewal."""
+    membership every ``heartbeat_s`` and drop out ``ttl_s`` after their last renewal. Every
+    store call gives up after ``timeout_s`` (it raises), shorter than the TTL, so
+    one stalled call cannot outlast a live worker's membership."""
 
     redis_url: str | None = None
     prefix: str = DEFAULT_STORE_PREFIX
     heartbeat_s: float = 0.5
     ttl_s: float = 3.0
+    timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
         check_name("store prefix", self.prefix)
@@ -219,6 +223,9 @@ class StoreConfig:
             check_name("redis_url", self.redis_url)
         if not 0 < self.heartbeat_s < self.ttl_s < math.inf:
             raise ValueError(f"need 0 < heartbeat_s < ttl_s, got {self.heartbeat_s}, {self.ttl_s}")
+        if not 0 < self.timeout_s < self.ttl_s:
+            raise ValueError(f"need 0 < timeout_s < ttl_s (a stalled store call must give up before a live "
+                             f"worker's membership lapses), got {self.timeout_s}, {self.ttl_s}")
 
 
 @dataclass(frozen=True)
@@ -227,7 +234,8 @@ class WorkerConfig:
     num_threads: torch threads for the engine (None: torch's default). profile_at_start: a few
     synthetic steps seed the latency model before the worker serves. stream_interval: a
     request's tokens go to its router in messages of at least this many (its first token and its
-    last go at once), so fewer messages cost the worker and the router CPU. resources: the Ray
+    last go at once), so fewer messages cost the worker and the router CPU. num_cpus: the Ray
+    CPUs its actor requests on a CPU cluster (None: ``num_threads``, or 1). resources: the Ray
     custom resources its actor requests (which node group it may run on)."""
 
     worker_id: str
@@ -236,6 +244,7 @@ class WorkerConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     num_threads: int | None = None
+    num_cpus: float | None = None
     profile_at_start: bool = True
     stream_interval: int = 1
     resources: Mapping[str, float] = field(default_factory=dict)
@@ -246,6 +255,13 @@ class WorkerConfig:
         _check_choice("worker kind", self.kind, WORKER_KINDS)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.num_cpus is not None and not 0 < self.num_cpus < math.inf:
+            raise ValueError(f"num_cpus must be a positive number of CPUs, got {self.num_cpus}")
+
+    @property
+    def ray_cpus(self) -> float:
+        """The CPUs its actor asks Ray for on a CPU cluster."""
+        return self.num_cpus or self.num_threads or 1
         _check_stream_interval(self.stream_interval)
 
 
@@ -263,7 +279,10 @@ class ClusterConfig:
 
     engine: every worker's engine settings; decode_engine, if given, replaces them for every
     worker that may decode (speculation lives there): all but disaggregated prefill workers.
-    num_threads: torch threads per worker (None: the cluster's CPUs split evenly).
+    num_threads: torch threads per worker (None: the cluster's CPUs split evenly, or
+    ``cpus_per_worker`` rounded down, at least 1). cpus_per_worker: the Ray CPUs each worker
+    asks for (None: its thread count); a fraction lets more workers than cores share a small
+    machine (demos, tests), each still running its threads.
     stream_interval: tokens per message from a worker to its router (``WorkerConfig``).
     prefill_resources / decode_resources: the Ray custom resources each worker starting in that
     pool requests, which pins the pool to the nodes that offer them (colocated workers take the
@@ -280,6 +299,7 @@ class ClusterConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     num_threads: int | None = None
+    cpus_per_worker: float | None = None
     stream_interval: int = 1
     prefill_resources: Mapping[str, float] = field(default_factory=dict)
     decode_resources: Mapping[str, float] = field(default_factory=dict)
@@ -294,6 +314,8 @@ class ClusterConfig:
             raise ValueError(f"resource_wait_s must be >= 0, got {self.resource_wait_s}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.cpus_per_worker is not None and not 0 < self.cpus_per_worker < math.inf:
+            raise ValueError(f"cpus_per_worker must be a positive number of CPUs, got {self.cpus_per_worker}")
         _check_stream_interval(self.stream_interval)
 
     def worker_counts(self) -> dict[str, int]:
@@ -330,7 +352,8 @@ class ClusterConfig:
         elastic mode (roles change), else ``{prefix}.{kind}-{i}``."""
         counts = self.worker_counts()
         total = sum(counts.values())
-        threads = self.num_threads or max(int(num_cpus) // total, 1)
+        share = int(num_cpus) // total if self.cpus_per_worker is None else int(self.cpus_per_worker)
+        threads = self.num_threads or max(share, 1)
         configs = []
         for kind, count in counts.items():
             is_fixed_prefill = self.mode == "disaggregated" and kind == "prefill"
@@ -341,8 +364,8 @@ class ClusterConfig:
                 name = f"worker-{len(configs)}" if self.mode == "elastic" else f"{kind}-{i}"
                 resources = self.prefill_resources if kind == "prefill" else self.decode_resources
                 configs.append(WorkerConfig(f"{self.store.prefix}.{name}", kind, engine, self.transfer, self.store,
-                                            num_threads=threads, stream_interval=self.stream_interval,
-                                            resources=dict(resources)))
+                                            num_threads=threads, num_cpus=self.cpus_per_worker or threads,
+                                            stream_interval=self.stream_interval, resources=dict(resources)))
         return configs
 
 
@@ -406,6 +429,35 @@ class RoleConfig:
 
 
 @dataclass(frozen=True)
+class AccessConfig:
+    """Who may call the front ends (gRPC and HTTP alike).
+
+    api_keys: a caller must present one of them (``Authorization: Bearer <key>``; empty: no
+    key needed); health and liveness stay open. ssl_certfile / ssl_keyfile: PEM files of the
+    server's certificate chain and key (both or neither): TLS. ssl_ca_certs: PEM CA bundle;
+    given, clients must present a certificate it signed (mutual TLS).
+    """
+
+    api_keys: tuple[str, ...] = ()
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in self.api_keys:
+            if not isinstance(key, str) or not key or any(c.isspace() for c in key):
+                raise ValueError("an API key must be a non-empty string without spaces")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+        if self.ssl_ca_certs is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_ca_certs (mutual TLS) needs ssl_certfile and ssl_keyfile too")
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Where the API listens and how Ray is found. address: None starts a local Ray (or uses
     the one this process already joined); "auto" or "HOST:PORT" joins an existing cluster.
@@ -415,7 +467,10 @@ class ServeConfig:
     places prefills and (unless a router replica) moves workers between pools. router_only: start no workers; route over
     the ones listed in the store (its ``redis_url`` and ``prefix``), which another server
     started, and leave them running at shutdown. grace_s: what in-flight requests get at
-    shutdown."""
+    shutdown. migration_limit: how many times a request may move to another worker when the
+    one running it dies (0: never). max_queued_requests: requests that may wait for their first
+    token at once; one more is refused at once with a retry hint (None: no bound). access: API
+    keys and TLS of both front ends."""
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = DEFAULT_GRPC_PORT
@@ -427,6 +482,9 @@ class ServeConfig:
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
     router_only: bool = False
+    migration_limit: int = 3
+    max_queued_requests: int | None = None
+    access: AccessConfig = field(default_factory=AccessConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     roles: RoleConfig = field(default_factory=RoleConfig)
 
@@ -439,6 +497,10 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value < math.inf:
                 raise ValueError(f"{name} must be positive when given, got {value}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.grace_s < 0 or self.start_timeout_s <= 0:
             raise ValueError(f"need grace_s >= 0 and start_timeout_s > 0, got {self.grace_s}, {self.start_timeout_s}")
 

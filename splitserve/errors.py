@@ -26,3 +26,15 @@ class CapacityError(RuntimeError):
 class ServingError(RuntimeError):
     """An accepted request failed: a worker died, the KV handoff failed after retries, or the
     server is shutting down (UNAVAILABLE / HTTP 503)."""
+
+
+class WorkerGone(ServingError):
+    """A worker died or cannot be reached (its Ray actor is dead or unavailable): what a router
+    holds there is lost, and the worker takes nothing more until it is seen alive again."""
+
+    def __init__(self, worker_id: str, message: str):
+        super().__init__(message)
+        self.worker_id = worker_id
+
+    def __reduce__(self):  # picklable with both arguments (Ray carries errors between processes)
+        return type(self), (self.worker_id, str(self))

@@ -51,6 +51,7 @@ class RequestReport:
     predicted_tpot_s: float = 0.0
     ttft_s: float = 0.0  # observed by the router, from the placement decision
     tpot_s: float = 0.0  # mean over the tokens after the first (0 with fewer than two)
+    migrations: int = 0  # times it moved to another worker after the one running it died
 
     def wire_fields(self) -> dict[str, Any]:
         """The report by the field names of serving.proto's RequestReport, which both front ends
@@ -62,6 +63,7 @@ class RequestReport:
             "transfer_s": self.transfer_s, "decode_s": self.decode_s, "handoff_attempts": self.handoff_attempts,
             "placement": self.placement, "predicted_ttft_s": self.predicted_ttft_s,
             "predicted_tpot_s": self.predicted_tpot_s, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s,
+            "migrations": self.migrations,
         }
 
 
@@ -79,6 +81,7 @@ class GenerateDelta:
     num_draft_tokens: int = 0  # speculation counters so far (0 without speculation)
     num_accepted_tokens: int = 0
     report: RequestReport | None = None  # on the last delta of a request the router completed
+    generator_state: bytes | None = None  # a seeded request's sampler state after these tokens
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class KVDestination:
     block_ids: tuple[int, ...]  # the request's block table on the decode worker
     codec: str = "raw"
     start_token: int = 0
+    lease_s: float = 0.0  # the reservation lapses this long after its last renewal (0: it never does)
 
     def __post_init__(self) -> None:
         if isinstance(self.start_token, bool) or not isinstance(self.start_token, int) or self.start_token < 0:

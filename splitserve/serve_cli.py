@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -15,6 +16,7 @@ from splitserve.config import (
     MODES,
     PROPOSERS,
     TRANSFER_BACKENDS,
+    AccessConfig,
     ClusterConfig,
     EngineConfig,
     PlacementConfig,
@@ -25,6 +27,8 @@ from splitserve.config import (
     TransferConfig,
     field_default,
 )
+
+API_KEY_ENV = "SPLITSERVE_API_KEY"
 
 
 def add_options(serve: argparse.ArgumentParser,
@@ -54,17 +58,28 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
     cluster = ClusterConfig(mode=args.mode, num_workers=args.workers, num_prefill_workers=args.prefill_workers,
                             num_decode_workers=args.decode_workers,
                             engine=engine, decode_engine=decode_engine, transfer=transfer, store=store,
-                            num_threads=args.threads_per_worker, stream_interval=args.stream_interval,
+                            num_threads=args.threads_per_worker, cpus_per_worker=args.cpus_per_worker,
+                            stream_interval=args.stream_interval,
                             prefill_resources=args.prefill_resources, decode_resources=args.decode_resources,
                             resource_wait_s=args.resource_wait)
     serve = ServeConfig(grpc_host=args.grpc_host, grpc_port=args.grpc_port, http_host=args.http_host,
                         http_port=args.http_port, address=args.address, grace_s=args.grace,
                         slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
                         slo_tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None,
-                        router_only=args.router_only,
+                        router_only=args.router_only, migration_limit=args.migration_limit,
+                        max_queued_requests=args.max_queued_requests,
+                        access=AccessConfig(api_keys=api_keys(args.api_key), ssl_certfile=args.ssl_certfile,
+                                            ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs),
                         roles=RoleConfig(enabled=args.balance_roles, min_dwell_s=args.role_dwell),
                         placement=PlacementConfig(admission=args.admission))
     return cluster, serve
+
+
+def api_keys(given: list[str] | None) -> tuple[str, ...]:
+    """The API keys: those given with --api-key, else $SPLITSERVE_API_KEY's (comma-separated)."""
+    if given:
+        return tuple(given)
+    return tuple(key.strip() for key in os.environ.get(API_KEY_ENV, "").split(",") if key.strip())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,6 +149,10 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
             "(default: %(default)g)", type=float, metavar="SECONDS")
     _option(group, ClusterConfig, "--threads-per-worker", "num_threads",
             "torch threads (and Ray CPUs) per worker (default: the cluster's CPUs split evenly)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--cpus-per-worker", "cpus_per_worker",
+            "Ray CPUs each worker asks for, a fraction allowed: 0.5 runs 4 workers on 2 cores (demos, tests; each "
+            "still runs --threads-per-worker threads, default 1 here) (default: its thread count)", type=float,
+            metavar="CPUS")
     _option(group, ClusterConfig, "--stream-interval", "stream_interval", "send a request's tokens from its "
             "worker in messages of at least N (the first and the last at once): fewer messages, less CPU taken from "
             "the engines, burstier streams (default: %(default)s)", type=int, metavar="N")
@@ -198,6 +217,20 @@ def _add_front_end_options(group: argparse._ArgumentGroup) -> None:
     _option(group, ServeConfig, "--grace", "grace_s",
             "seconds in-flight requests get to finish at shutdown (default: %(default)g)", type=float,
             metavar="SECONDS")
+    group.add_argument("--api-key", action="append", metavar="KEY", help="callers of both APIs must send "
+                       "'Authorization: Bearer KEY' (gRPC: authorization metadata); repeat for several keys; health "
+                       f"and liveness stay open (default: ${API_KEY_ENV}, comma-separated, else none)")
+    for flag, name, text in (("--ssl-certfile", "ssl_certfile", "PEM certificate chain: serve both APIs over TLS"),
+                             ("--ssl-keyfile", "ssl_keyfile", "PEM private key of --ssl-certfile"),
+                             ("--ssl-ca-certs", "ssl_ca_certs", "PEM CA bundle: require client certificates it "
+                              "signed (mutual TLS)")):
+        _option(group, AccessConfig, flag, name, f"{text} (default: none)", metavar="FILE")
+    _option(group, ServeConfig, "--migration-limit", "migration_limit", "times a request may move to another "
+            "worker, continuing from the tokens already streamed, when the worker running it dies; 0: never, it fails "
+            "with UNAVAILABLE (default: %(default)s)", type=int, metavar="N")
+    _option(group, ServeConfig, "--max-queued-requests", "max_queued_requests", "requests that may wait for their "
+            "first token at once; one more is refused at once (RESOURCE_EXHAUSTED / 429 with a retry hint) instead "
+            "of queueing (default: no bound)", type=int, metavar="N")
     _option(group, ServeConfig, "--router-only", "router_only", "a router replica: start no workers, serve over "
             "those another `splitserve serve` started (same --redis-url, --store-prefix, --mode and --model; join "
             "its Ray with --address); worker options are ignored", action="store_true")

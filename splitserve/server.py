@@ -92,17 +92,18 @@ class Server:
         connect_ray(self.options.address)
         model = self.config.engine.model
         store = self.config.store
-        self._store = await asyncio.to_thread(make_store, store.redis_url, store.prefix)
+        self._store = await asyncio.to_thread(make_store, store)
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
         self.router = Router(self._store, tokenizer, model or default_model_path(), mode=self.config.mode,
                              block_size=self.config.engine.block_size, metrics=self.metrics,
                              default_slo=SLO(self.options.slo_ttft_s, self.options.slo_tpot_s),
-                             placement=self.options.placement,
+                             placement=self.options.placement, migration_limit=self.options.migration_limit,
+                             max_queued_requests=self.options.max_queued_requests,
                              roles=None if self.options.router_only else self.options.roles)
-        self._grpc = GrpcServer(self.router, metrics=self.metrics)
+        self._grpc = GrpcServer(self.router, metrics=self.metrics, access=self.options.access)
         self.port = await self._grpc.start(self.options.grpc_host, self.options.grpc_port)
         if self.options.http_port is not None:
-            self._http = HttpServer(self.router, self.metrics)
+            self._http = HttpServer(self.router, self.metrics, self.options.access)
             self.http_port = await self._http.start(self.options.http_host, self.options.http_port)
         if self.deployment is not None:
             await self.deployment.start(self.options.start_timeout_s,

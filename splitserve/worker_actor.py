@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from splitserve.config import AUTO_HOST, WorkerConfig
+from splitserve.engine.continuation import Continuation
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, WorkerStatus
 
@@ -43,8 +44,9 @@ class WorkerActor:
     # A request end to end.
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       max_chunk_tokens: int | None = None) -> AsyncIterator[GenerateDelta]:
-        deltas = self.worker.generate(request_id, prompt_token_ids, params, max_chunk_tokens)
+                       max_chunk_tokens: int | None = None,
+                       continuation: Continuation | None = None) -> AsyncIterator[GenerateDelta]:
+        deltas = self.worker.generate(request_id, prompt_token_ids, params, max_chunk_tokens, continuation)
         async with contextlib.aclosing(deltas):
             async for delta in deltas:  # closing this stream closes the worker's: it aborts the request
                 yield delta
@@ -58,8 +60,8 @@ class WorkerActor:
     # Prefill for a remote worker.
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      destination: KVDestination) -> PrefillResult:
-        return await self.worker.prefill(request_id, prompt_token_ids, params, destination)
+                      destination: KVDestination, max_chunk_tokens: int | None = None) -> PrefillResult:
+        return await self.worker.prefill(request_id, prompt_token_ids, params, destination, max_chunk_tokens)
 
     def stats(self) -> dict[str, int]:
         return self.worker.stats()
@@ -74,6 +76,9 @@ class WorkerActor:
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVDestination:
         return await self.worker.reserve(request_id, prompt_token_ids, params)
+
+    async def renew_reservation(self, request_id: str) -> bool:
+        return await self.worker.renew_reservation(request_id)
 
     async def generate_from(self, request_id: str, first_token_id: int,
                             generator_state: bytes | None = None) -> AsyncIterator[GenerateDelta]:

@@ -3,11 +3,11 @@
 ``Deployment.start`` creates one named async actor per worker of the ClusterConfig, of the
 class the serving assembly gives (constructed with the worker's WorkerConfig), with explicit
 resources -- one GPU each when the cluster has enough GPUs, otherwise its share of the CPUs
-(also its torch thread count), and its pool's custom resources, which pin it to the nodes that
-offer them -- and waits until every one loaded its model and joined the store. Before that it
-waits, bounded by ``resource_wait_s`` and logging progress, until the cluster has the
-resources free: nodes may join later. Actors are named
-``{store prefix}.{kind}-{i}`` in the ``splitserve`` namespace, so a router on any node finds
+(its torch thread count, or ``cpus_per_worker``, which may be a fraction), and its pool's
+custom resources, which pin it to the nodes that offer them -- and waits until every one
+loaded its model and joined the store. Before that it waits, bounded by ``resource_wait_s``
+and logging progress, until the cluster has the resources free: nodes may join later. Actors
+are named ``{store prefix}.{kind}-{i}`` in the ``splitserve`` namespace, so a router on any node finds
 them by the worker id the store lists. It knows the workers' lifecycle calls (``start``,
 ``status``, ``stop``), not what they serve.
 """
@@ -53,14 +53,14 @@ class Deployment:
         configs = self.config.worker_configs(resources.get("CPU", 1), num_gpus)
         on_gpus = num_gpus >= len(configs)
         needed: Counter[str] = Counter({"GPU": len(configs)} if on_gpus else
-                                       {"CPU": sum(wc.num_threads or 1 for wc in configs)})
+                                       {"CPU": sum(wc.ray_cpus for wc in configs)})
         for wc in configs:
             needed.update(wc.resources)
         await self._wait_for(needed, len(configs), cluster_may_grow)
         for wc in configs:
             actor = ray.remote(self.actor_class).options(
                 name=wc.worker_id, namespace=RAY_NAMESPACE,
-                num_cpus=0 if on_gpus else wc.num_threads,
+                num_cpus=0 if on_gpus else wc.ray_cpus,
                 num_gpus=1 if on_gpus else 0,
                 resources=dict(wc.resources),
                 max_concurrency=1000,  # async methods: concurrency is requests in flight, not threads

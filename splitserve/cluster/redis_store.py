@@ -24,6 +24,8 @@ from dataclasses import asdict
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from splitserve.cluster.store import (
     MetadataStore,
@@ -81,18 +83,24 @@ class RedisStore(MetadataStore):
     """Client of one Redis server (``redis://``, ``rediss://`` or ``unix://`` URL).
 
     Connects (and pings) on construction: ValueError for a malformed URL, StoreConnectionError
-    naming the URL when the server does not answer within ``connect_timeout_s``.
+    naming the URL when the server does not answer within ``connect_timeout_s``. Every call
+    after that gives up after ``timeout_s`` (redis-py's TimeoutError, a RedisError): a frozen
+    server fails calls, it does not hang them.
     """
 
-    def __init__(self, url: str, prefix: str = DEFAULT_STORE_PREFIX, connect_timeout_s: float = 2.0):
+    def __init__(self, url: str, prefix: str = DEFAULT_STORE_PREFIX, connect_timeout_s: float = 2.0,
+                 timeout_s: float = 1.0):
         check_name("prefix", prefix)
         check_ttl(connect_timeout_s, "connect_timeout_s")
+        check_ttl(timeout_s, "timeout_s")
         self._check_url(url)
         self.url = redact_url(url)
         self._p = prefix
         try:
             self._redis = redis.Redis.from_url(
-                url, decode_responses=True, socket_connect_timeout=connect_timeout_s, health_check_interval=30
+                url, decode_responses=True, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s,
+                health_check_interval=30,
+                retry=Retry(NoBackoff(), 0),  # no retry inside a call: its caller's next beat or read is the retry
             )
         except ValueError as exc:
             raise ValueError(f"malformed Redis URL {self.url!r}: {exc}") from exc

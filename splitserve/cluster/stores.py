@@ -5,18 +5,20 @@ that uses Redis never imports the embedded store's actor code, and the reverse."
 from __future__ import annotations
 
 from splitserve.cluster.store import MetadataStore
-from splitserve.config import DEFAULT_STORE_PREFIX
+from splitserve.config import StoreConfig
 
 
-def make_store(redis_url: str | None, prefix: str = DEFAULT_STORE_PREFIX) -> MetadataStore:
-    """A Redis-backed store when ``redis_url`` is given, else the embedded (Ray actor) one.
+def make_store(config: StoreConfig) -> MetadataStore:
+    """A Redis-backed store when ``config.redis_url`` is given, else the embedded (Ray actor)
+    one; each call waits at most ``config.timeout_s``.
 
-    ``prefix`` namespaces the state, so several deployments can share one Redis or Ray cluster.
+    ``config.prefix`` namespaces the state, so several deployments can share one Redis or Ray
+    cluster.
     """
-    if redis_url is None:
+    if config.redis_url is None:
         from splitserve.cluster.embedded_store import EmbeddedStore
 
-        return EmbeddedStore(prefix=prefix)
+        return EmbeddedStore(prefix=config.prefix, timeout_s=config.timeout_s)
     from splitserve.cluster.redis_store import RedisStore
 
-    return RedisStore(redis_url, prefix=prefix)
+    return RedisStore(config.redis_url, prefix=config.prefix, timeout_s=config.timeout_s)

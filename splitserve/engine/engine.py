@@ -19,6 +19,11 @@ Disaggregation needs two more paths, one per side of the KV handoff:
   (like a prefix hit: references taken, given back by ``abort``); the KV of the rest arrive
   into the other blocks from outside; ``start_reserved`` adds the request, prompt computed and
   first token given, to the running batch.
+
+A request can also move here from a worker that died mid-stream: ``add_request(...,
+continuation=Continuation(outputs, ...))`` recomputes its prompt and the tokens it produced
+there, as after a preemption, and samples on, its RNG state restored for a seeded request (every
+output of a seeded request carries that state, so whoever streams it can continue it).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 
 from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.continuation import Continuation
 from splitserve.engine.kv_cache import KVCacheManager
 from splitserve.engine.loader import load_model
 from splitserve.engine.model import Model
@@ -48,7 +54,8 @@ from splitserve.engine.spec.verifier import VerifyItem, verify_batch
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.errors import CapacityError
 
-__all__ = ["KVExporter", "KVSlice", "LLMEngine", "LoadedModel", "RequestOutput", "Reservation", "StepStats"]
+__all__ = ["Continuation", "KVExporter", "KVSlice", "LLMEngine", "LoadedModel", "RequestOutput", "Reservation",
+           "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,7 @@ class LLMEngine:
         *,
         export_kv: bool = False,
         max_chunk_tokens: int | None = None,
+        continuation: Continuation | None = None,
     ) -> str:
         """Validate and queue a request; return its id. Raises ValueError for bad input.
 
@@ -175,9 +183,13 @@ class LLMEngine:
         its first token (see the module docstring).
         max_chunk_tokens: the most prompt tokens of this request one step computes, so its
         prefill runs in chunks beside the decodes (None: only the step's token budget limits).
+        continuation: what the request produced elsewhere; it goes on from there (its outputs
+        stream only the tokens after those).
         """
         if export_kv and self.kv_exporter is None:
             raise ValueError("export_kv needs an engine with a kv_exporter")
+        if export_kv and continuation is not None:
+            raise ValueError("a continued request runs here to its end; it cannot export_kv")
         if max_chunk_tokens is not None and (
             not isinstance(max_chunk_tokens, int) or isinstance(max_chunk_tokens, bool) or max_chunk_tokens < 1
         ):
@@ -185,9 +197,31 @@ class LLMEngine:
         request = self._new_request(prompt, params, request_id)
         request.export_kv = export_kv
         request.max_chunk_tokens = max_chunk_tokens
-        self._outputs[request.request_id] = OutputState(request, self.tokenizer)
+        num_emitted_chars = 0 if continuation is None else self._continue(request, continuation)
+        self._outputs[request.request_id] = OutputState(request, self.tokenizer, num_emitted_chars)
         self.scheduler.add(request)
         return request.request_id
+
+    def _continue(self, request: Request, continuation: Continuation) -> int:
+        """Give a new request what it produced elsewhere; the characters its client got.
+        ValueError (nothing changed that matters) for a continuation it cannot go on from."""
+        if not isinstance(continuation, Continuation):
+            raise ValueError(f"continuation must be a Continuation, got {type(continuation).__name__}")
+        outputs = list(continuation.output_token_ids)
+        vocab = self.model_config.vocab_size
+        if not outputs or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in outputs):
+            raise ValueError(f"a continuation's output_token_ids must be one or more token ids in [0, {vocab})")
+        if len(outputs) >= request.max_tokens:
+            raise ValueError(f"the request produced {len(outputs)} tokens already; it may produce "
+                             f"{request.max_tokens} in all here, so nothing is left to continue")
+        state = continuation.generator_state
+        if request.generator is not None and state is not None:
+            try:
+                request.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+            except RuntimeError as e:
+                raise ValueError(f"a continuation's generator_state is not a sampler state: {e}") from None
+        request.token_ids.extend(outputs)
+        return continuation.num_emitted_chars
 
     def reserve(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -459,9 +493,9 @@ class LLMEngine:
 
     def _output(self, request: Request) -> RequestOutput:
         output = self._outputs[request.request_id].update()
+        if request.generator is not None:  # where it goes on elsewhere, its random stream does too
+            output.generator_state = request.generator.get_state()
         if request.export_kv:  # prefill done: the request goes on (or ends) elsewhere
-            if request.generator is not None:
-                output.generator_state = request.generator.get_state()
             self._finish(request)
         elif output.finished:
             self._finish(request)

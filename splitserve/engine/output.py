@@ -51,17 +51,24 @@ class RequestOutput:
     first_token_time: float | None
     last_token_time: float | None
     spec: SpecStats
-    # Prefill side of a handoff: the seeded sampler's RNG state after the first token.
+    # A seeded request's sampler RNG state after this output's tokens (the decode side of a
+    # handoff, or a worker it migrates to, continues from it).
     generator_state: torch.Tensor | None = None
 
 
 class OutputState:
-    def __init__(self, request: Request, tokenizer: Tokenizer):
+    """``num_emitted_chars``: of the text of the output tokens the request holds already (a
+    continued request's), the characters its client got; ValueError when that text is shorter."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer, num_emitted_chars: int = 0):
         self.request = request
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
-        self.text = ""
-        self.num_emitted_tokens = 0
-        self.num_emitted_chars = 0
+        self.num_emitted_tokens = request.num_output_tokens
+        self.text = self.detokenizer.add(request.output_token_ids) if self.num_emitted_tokens else ""
+        if not 0 <= num_emitted_chars <= len(self.text):
+            raise ValueError(f"num_emitted_chars must be in [0, {len(self.text)}] (the text of the output tokens "
+                             f"so far), got {num_emitted_chars}")
+        self.num_emitted_chars = num_emitted_chars
         stops = request.params.stop
         self.max_stop_len = max((len(s) for s in stops), default=0)
 

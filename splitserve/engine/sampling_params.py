@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 1024
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -11,8 +15,9 @@ class SamplingParams:
 
     temperature 0 is greedy. top_k None keeps every token; top_p 1.0 keeps the whole mass.
     seed makes a sampled request reproducible, independent of what it is batched with.
-    stop: strings that end the output (not included in it); stop_token_ids: extra token ids
-    that end it (included in token_ids). EOS ends it unless ignore_eos.
+    stop: strings that end the output (not included in it; at most MAX_STOP_STRINGS of at most
+    MAX_STOP_CHARS characters); stop_token_ids: extra token ids that end it (included in
+    token_ids; at most MAX_STOP_TOKEN_IDS). EOS ends it unless ignore_eos.
     num_speculative_tokens: drafts verified per step (0 disables speculation for this request);
     greedy output is identical either way, sampled output has the same distribution.
     """
@@ -40,13 +45,20 @@ class SamplingParams:
             raise ValueError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         k = self.num_speculative_tokens
         if k is not None and (not _is_int(k) or k < 0):
             raise ValueError(f"num_speculative_tokens must be None or an integer >= 0, got {k!r}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        # Bounds against hostile requests: every step searches the tail of the text for each stop
+        # string, and holds back as many characters as the longest is long.
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+                             f"each, got {len(self.stop)} of up to {max(map(len, self.stop))}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
 
     @property
     def is_greedy(self) -> bool:

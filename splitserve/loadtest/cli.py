@@ -91,7 +91,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="grpc://HOST:PORT (splitserve) or http(s)://HOST:PORT/v1")
     parser.add_argument("--model", default=None, help="model name to send (default: gRPC the served one, "
                         "HTTP the first of GET /v1/models)")
-    parser.add_argument("--api-key", default=None, help="HTTP: sent as a Bearer token (default: none)")
+    parser.add_argument("--api-key", default=None, help="sent as a Bearer token (HTTP header, gRPC authorization "
+                        "metadata) (default: none)")
     parser.add_argument("--workload", type=_parsed(parse_workload), default="chat",
                         help="chat, code, fixed:IN/OUT, prefix:SHARED/IN/OUT or file:PATH (default: %(default)s)")
     parser.add_argument("--scale", type=_positive(float), default=1.0, help="chat/code: multiply the trace's "

@@ -87,10 +87,8 @@ def make_client(target: str, *, model: str | None = None, api_key: str | None = 
     """
     parts = urlsplit(target)
     if parts.scheme == "grpc" and parts.hostname and parts.port and parts.path in ("", "/"):
-        if api_key is not None:
-            raise ValueError("an API key is for HTTP targets; splitserve's gRPC API takes none")
         return GrpcClient(target, parts.netloc, model=model, timeout_s=timeout_s,
-                          slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)
+                          slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, api_key=api_key)
     if parts.scheme in ("http", "https") and parts.hostname:
         base_url = target.rstrip("/") if parts.path.strip("/") else f"{target.rstrip('/')}/v1"
         return OpenAIClient(target, base_url, model=model, api_key=api_key, timeout_s=timeout_s,
@@ -105,13 +103,15 @@ class GrpcClient:
     """splitserve's Generation service over one grpc.aio channel.
 
     num_speculative_tokens: pin every request's k (None: the server chooses). keep_outputs:
-    keep each request's output token ids (``take_outputs``), for greedy-output checks.
+    keep each request's output token ids (``take_outputs``), for greedy-output checks. api_key:
+    sent as ``authorization: Bearer <key>`` metadata.
     """
 
     def __init__(self, target: str, address: str, *, model: str | None, timeout_s: float,
                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, num_speculative_tokens: int | None = None,
-                 keep_outputs: bool = False):
+                 keep_outputs: bool = False, api_key: str | None = None):
         self.target, self.model = target, model
+        self._metadata = () if api_key is None else (("authorization", f"Bearer {api_key}"),)
         self._address, self._timeout_s = address, timeout_s
         self._slo_ttft_ms, self._slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
         self.num_speculative_tokens = num_speculative_tokens
@@ -139,7 +139,7 @@ class GrpcClient:
         request = make_request(spec.prompt, model=self.model or "", max_tokens=spec.max_tokens, temperature=0.0,
                                ignore_eos=True, ttft_ms=self._slo_ttft_ms, tpot_ms=self._slo_tpot_ms,
                                num_speculative_tokens=self.num_speculative_tokens)
-        call = self._stub.Generate(request)
+        call = self._stub.Generate(request, metadata=self._metadata)
         ids: list[int] = []
         if self._outputs is not None:
             self._outputs[spec.index] = ids

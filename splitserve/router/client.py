@@ -85,18 +85,29 @@ def pushback_s(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> f
 class GenerationClient:
     """One channel to a server at address ("host:port"). Calls raise grpc.RpcError, whose
     code() and details() say what went wrong (see serving.proto for the statuses), and whose
-    trailing_metadata() may hold a retry hint (``pushback_s``)."""
+    trailing_metadata() may hold a retry hint (``pushback_s``).
 
-    def __init__(self, address: str = DEFAULT_ADDRESS):
+    api_key: sent as ``authorization: Bearer <key>`` on every call. root_certificates (PEM):
+    connect with TLS, trusting that CA (None with a client certificate: the system's roots);
+    private_key / certificate_chain (PEM): the client's certificate, for mutual TLS."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, api_key: str | None = None,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None):
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._metadata = () if api_key is None else (("authorization", f"Bearer {api_key}"),)
+        if root_certificates is None and certificate_chain is None:
+            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self._channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
         self._generation = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(self, request: pb.GenerateRequest, *, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
         """Stream the request's responses, the last with finished set. Stopping early (close()
         on the iterator, or dropping it) cancels the call, which aborts the request."""
-        call = self._generation.Generate(request, timeout=timeout_s)
+        call = self._generation.Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             yield from call
         finally:

@@ -5,8 +5,10 @@
 follows ``Frontend.is_ready``) and reflection. Protobuf stays here: requests become
 ``GenerateInput`` and ``GenerateDelta`` becomes a response in the pure functions below, and
 errors map to statuses by type as ``splitserve.router.api`` describes; a RESOURCE_EXHAUSTED whose
-CapacityError carries a retry hint also sends the ``grpc-retry-pushback-ms`` trailer. The serve
-command starts it inside the router's event loop and stops it on shutdown.
+CapacityError carries a retry hint also sends the ``grpc-retry-pushback-ms`` trailer. With API
+keys configured every call but health checks needs one (UNAUTHENTICATED without); with TLS
+files it listens with TLS (mutual with a CA bundle). The serve command starts it inside the
+router's event loop and stops it on shutdown.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitserve.config import DEFAULT_GRPC_PORT
+from splitserve.config import DEFAULT_GRPC_PORT, AccessConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import SLO, GenerateDelta, RequestReport
 from splitserve.protos.splitserve.v1 import serving_pb2 as pb
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
+from splitserve.router.access import OPEN_GRPC_SERVICES, UNAUTHENTICATED, is_authorized, read_pem
 from splitserve.router.api import Frontend, GenerateInput
 from splitserve.router.metrics import Metrics, observe_stream
 
@@ -40,6 +44,13 @@ _OPTIONAL_SAMPLING_FIELDS = (
 )
 # gRFC A6's server pushback: a client whose retry policy covers the status waits this long.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# Without SO_REUSEPORT a second server on the same port fails at start instead of silently
+# sharing the port's connections with the first. Bounds against hostile clients: a larger message
+# ends its call RESOURCE_EXHAUSTED; streams beyond the bound wait on their connection (HTTP/2).
+MAX_MESSAGE_BYTES = 4 << 20
+MAX_STREAMS_PER_CONNECTION = 128
+_SERVER_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -191,19 +202,60 @@ class _ReadinessHealth(health_async.HealthServicer):
         return await super().Check(request, context)
 
 
+def _server_credentials(access: AccessConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files (mutual with a CA bundle); None without TLS."""
+    if not access.tls:
+        return None
+    key, chain = read_pem(access.ssl_keyfile, "ssl_keyfile"), read_pem(access.ssl_certfile, "ssl_certfile")
+    ca = read_pem(access.ssl_ca_certs, "ssl_ca_certs")
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class _ApiKeys(grpc.aio.ServerInterceptor):
+    """Every call but health checks needs one of the keys in its ``authorization`` metadata
+    ("Bearer <key>"); without it the call ends UNAUTHENTICATED before its handler runs."""
+
+    def __init__(self, api_keys: tuple[str, ...]):
+        self._api_keys = api_keys
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        service = details.method.strip("/").split("/")[0]
+        metadata = {key: value for key, value in details.invocation_metadata or ()}
+        if handler is None or service in OPEN_GRPC_SERVICES or \
+                is_authorized(self._api_keys, metadata.get("authorization")):
+            return handler
+        return _denying(handler)
+
+
+def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that ends the call UNAUTHENTICATED."""
+
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[(handler.request_streaming, handler.response_streaming)](
+        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
 class GrpcServer:
     """Serves Generation, health and reflection for one Frontend on a grpc.aio server.
 
     Call ``start`` and ``stop`` from the event loop the frontend runs in. health_poll_s: how
     often health Watch streams are brought up to date with ``frontend.is_ready()``. metrics:
-    where request latencies and outcomes are recorded (None: nowhere).
+    where request latencies and outcomes are recorded (None: nowhere). access: API keys and TLS
+    (``splitserve.router.access``; None: open, plaintext).
     """
 
-    def __init__(self, frontend: Frontend, *, health_poll_s: float = 1.0, metrics: Metrics | None = None):
+    def __init__(self, frontend: Frontend, *, health_poll_s: float = 1.0, metrics: Metrics | None = None,
+                 access: AccessConfig | None = None):
         if not health_poll_s > 0:
             raise ValueError(f"health_poll_s must be positive, got {health_poll_s!r}")
         self._frontend = frontend
         self._metrics = metrics
+        self._access = access or AccessConfig()
         self._health_poll_s = health_poll_s
         self._server: grpc.aio.Server | None = None
         self._health: _ReadinessHealth | None = None
@@ -213,16 +265,17 @@ class GrpcServer:
     async def start(self, host: str = "127.0.0.1", port: int = DEFAULT_GRPC_PORT) -> int:
         """Listen on host:port (port 0 picks a free one) and serve; return the bound port."""
         assert self._server is None, "GrpcServer.start was already called"
-        # Without SO_REUSEPORT a second server on the same port fails here instead of silently
-        # sharing the port's connections with the first.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        credentials = _server_credentials(self._access)
+        interceptors = [_ApiKeys(self._access.api_keys)] if self._access.api_keys else []
+        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(_GenerationService(self._frontend, self._metrics), server)
         self._health = _ReadinessHealth(self._frontend.is_ready)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
-            self.port = server.add_insecure_port(address)
+            self.port = server.add_insecure_port(address) if credentials is None else \
+                server.add_secure_port(address, credentials)
         except RuntimeError as error:  # grpc raises on a port in use or a foreign address
             raise ValueError(f"cannot listen on {address}: {error}") from error
         if self.port == 0:  # older grpc returned 0 instead

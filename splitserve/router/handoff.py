@@ -3,10 +3,11 @@
 An attempt reserves blocks on the decode-pool worker with the best predicted TPOT (a worker
 without room answers CapacityError and the next is asked), then prefills on the prefill-pool
 worker with the best predicted TTFT into that reservation; the PrefillResult means every KV
-chunk landed. (Admission is decided before, by the Placer.) The decode worker reserves from
-its own prefix cache where it can, and the prefill worker then sends only the prompt's tail;
-between decode workers predicted alike, one holding more of the prompt goes first. A failed
-attempt (a transfer error, a dead worker) releases its reservation and raises
+chunk landed. The reservation is a lease the attempt renews meanwhile, so the blocks come back
+if this router dies. (Admission is decided before, by the Placer.) The decode worker reserves
+from its own prefix cache where it can, and the prefill worker then sends only the prompt's
+tail; between decode workers predicted alike, one holding more of the prompt goes first. A
+failed attempt (a transfer error, a dead worker) releases its reservation at once and raises
 ``HandoffFailed``; the next attempt asks other workers first, up to ``attempts``. What happens
 after the first token is the Router's.
 """
@@ -20,12 +21,12 @@ import time
 from dataclasses import dataclass, field
 
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.errors import CapacityError, ServingError
+from splitserve.errors import CapacityError, ServingError, WorkerGone
 from splitserve.protocol import SLO, KVDestination, PrefillResult
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.placement import prompt_block_hashes, rank_decode, rank_prefill
 from splitserve.router.speculation import Speculation
-from splitserve.router.worker_calls import Visit, call, no_worker
+from splitserve.router.worker_calls import Visit, no_worker
 
 logger = logging.getLogger(__name__)
 
@@ -65,42 +66,65 @@ class Handoff:
         self.view, self.speculation, self.block_size, self.attempts = view, speculation, block_size, attempts
         self.num_retries = 0
 
-    async def run(self, req: RoutedRequest, prefill_id: str, decode_id: str) -> HandedOff:
+    async def run(self, req: RoutedRequest, prefill_id: str, decode_id: str,
+                  chunk_tokens: int | None = None) -> HandedOff:
         """Attempts until one hands the prompt's KV to a decode worker; ServingError when all fail.
         The first tries the placed pair (either may have changed pool since: every worker can do
-        both); later ones rank the pools again, avoiding the workers that failed."""
+        both), its prefill in chunks of ``chunk_tokens`` (placement's, where the prefill worker
+        decodes too); later ones rank the pools again, avoiding the workers that failed."""
         failures: list[str] = []
         for attempt in range(1, self.attempts + 1):
             try:
                 placed = (prefill_id, decode_id) if attempt == 1 else None
-                return await self._attempt(req, attempt, placed)
+                return await self._attempt(req, attempt, placed, chunk_tokens if attempt == 1 else None)
             except HandoffFailed as e:
                 failures.append(str(e))
                 self.num_retries += 1
                 logger.warning("request %s: handoff attempt %d failed: %s", req.request_id, attempt, e)
         raise ServingError(f"request {req.request_id}: KV handoff failed {self.attempts} times: {failures[-1]}")
 
-    async def _attempt(self, req: RoutedRequest, attempt: int, placed: tuple[str, str] | None) -> HandedOff:
+    async def _attempt(self, req: RoutedRequest, attempt: int, placed: tuple[str, str] | None,
+                       chunk_tokens: int | None) -> HandedOff:
         """Reserve on a decode worker, prefill into it; HandoffFailed (reservation released)
         when the transfer or a worker failed, CapacityError when no worker can take it."""
         cached = {} if placed is not None else await self._cached_blocks(req)  # the placed pair is ranked already
         decode, decode_params, destination = await self._reserve(req, None if placed is None else placed[1], cached)
+        renewing = asyncio.create_task(self._renew(req.request_id, decode, destination.lease_s))
         try:
             prefill_id = placed[0] if placed is not None else self._choose_prefill(req, cached)
             queue_s = time.monotonic() - req.arrival
-            result = await self._prefill(req, prefill_id, destination, decode.worker_id)
+            result = await self._prefill(req, prefill_id, destination, decode.worker_id, chunk_tokens)
         except BaseException:
             await decode.leave()  # releases the reservation
             raise
+        finally:
+            renewing.cancel()
         return HandedOff(decode, decode_params, prefill_id, result, queue_s, attempt)
 
+    async def _renew(self, request_id: str, decode: Visit, lease_s: float) -> None:
+        """Renew the reservation every third of its lease while the prompt is prefilled (it
+        lapses, freeing the blocks, if this router dies)."""
+        if lease_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                renewed = await self.view.call(decode.handle.renew_reservation.remote(request_id), decode.worker_id)
+            except ServingError as e:  # the decode worker is gone: the transfer to it fails too
+                logger.warning("request %s: cannot renew its reservation on %s: %s", request_id, decode.worker_id, e)
+                return
+            if not renewed:
+                logger.warning("request %s: its reservation on %s lapsed", request_id, decode.worker_id)
+                return
+
     async def _prefill(self, req: RoutedRequest, prefill_id: str, destination: KVDestination,
-                       decode_id: str) -> PrefillResult:
+                       decode_id: str, chunk_tokens: int | None) -> PrefillResult:
         params = dataclasses.replace(req.params, num_speculative_tokens=None)  # it samples one token
         prefill = Visit(self.view, prefill_id, self.view.handle(prefill_id), req.request_id)
         try:
-            result = await call(prefill.handle.prefill.remote(req.request_id, req.prompt_ids, params, destination),
-                                prefill_id)
+            result = await self.view.call(
+                prefill.handle.prefill.remote(req.request_id, req.prompt_ids, params, destination, chunk_tokens),
+                prefill_id)
             prefill.finished = True  # the request left the prefill worker
             return result
         except ServingError as e:
@@ -137,13 +161,20 @@ class Handoff:
         if not order:
             raise ServingError("no live decode worker")
         errors: list[str] = []
+        gone: list[WorkerGone] = []
         for worker_id in order:
             params = self.speculation.start_params(worker_id, req.request_id, len(req.prompt_ids), req.params)
             try:
                 handle = self.view.handle(worker_id)
-                destination = await call(handle.reserve.remote(req.request_id, req.prompt_ids, params), worker_id)
-            except (CapacityError, ServingError) as e:  # full, or dead: the next one may do
+                destination = await self.view.call(handle.reserve.remote(req.request_id, req.prompt_ids, params),
+                                                   worker_id)
+            except WorkerGone as e:  # dead: the next one may do
+                gone.append(e)
+                continue
+            except (CapacityError, ServingError) as e:  # full, or failing: the next one may do
                 errors.append(str(e))
                 continue
             return Visit(self.view, worker_id, handle, req.request_id), params, destination
-        raise CapacityError(no_worker("decode", errors))
+        if gone and not errors:  # every decode worker asked is dead: the request is placed anew
+            raise gone[-1]
+        raise CapacityError(no_worker("decode", errors + [str(e) for e in gone]))

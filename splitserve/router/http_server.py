@@ -10,7 +10,9 @@ whose CapacityError carries a retry hint also gets ``Retry-After``. An error aft
 begun is sent as an SSE ``error`` event before ``[DONE]``. The first output is awaited before
 the response starts, so input errors still get their status (and headers). A client that
 disconnects cancels its handler, which closes the frontend's iterator: the request is aborted.
-The serve command starts it inside the router's event loop, after the gRPC server.
+With API keys configured every route but /health and /livez answers 401 without one; with
+TLS files it serves HTTPS (mutual TLS with a CA bundle). The serve command starts it inside the
+router's event loop, after the gRPC server.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any
 
 from aiohttp import web
 
+from splitserve.config import AccessConfig
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import GenerateDelta
+from splitserve.router.access import OPEN_HTTP_PATHS, UNAUTHENTICATED, is_authorized, server_ssl_context
 from splitserve.router.api import Frontend, GenerateInput
 from splitserve.router.metrics import CONTENT_TYPE, Metrics, observe_stream
 from splitserve.router.openai_protocol import Reply, ReplyOptions, chat_input, completion_input, error_body
@@ -34,6 +38,7 @@ from splitserve.router.openai_protocol import Reply, ReplyOptions, chat_input, c
 logger = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT = 8000  # vLLM's, so clients configured for it need only the host
+MAX_REQUEST_BYTES = 4 << 20  # a request body's bound (a context's worth of token ids is ~0.1 MiB of JSON)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
@@ -84,16 +89,31 @@ async def _errors_as_json(request: web.Request, handler: _Handler) -> web.Stream
         return error_response(status, message, headers_for_error(error))
 
 
+def _api_keys(api_keys: tuple[str, ...]) -> Callable[[web.Request, _Handler], Awaitable[web.StreamResponse]]:
+    """Without one of ``api_keys`` (if any) a request gets 401 with OpenAI's error body, but for
+    the open health paths."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path in OPEN_HTTP_PATHS or is_authorized(api_keys, request.headers.get("Authorization")):
+            return await handler(request)
+        return error_response(401, UNAUTHENTICATED, {"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
 class HttpServer:
     """Serves the OpenAI API, health and metrics for one Frontend on an aiohttp server.
 
     metrics: where request metrics go and what /metrics shows (None: a Metrics of its own).
+    access: API keys and TLS (``splitserve.router.access``; None: open, plain HTTP).
     Call ``start`` and ``stop`` from the event loop the frontend runs in.
     """
 
-    def __init__(self, frontend: Frontend, metrics: Metrics | None = None):
+    def __init__(self, frontend: Frontend, metrics: Metrics | None = None, access: AccessConfig | None = None):
         self._frontend = frontend
         self.metrics = metrics if metrics is not None else Metrics()
+        self._access = access or AccessConfig()
         self._runner: web.AppRunner | None = None
         self._active: set[asyncio.Task[Any]] = set()
         self._is_stopping = False
@@ -103,7 +123,9 @@ class HttpServer:
     async def start(self, host: str = "127.0.0.1", port: int = DEFAULT_HTTP_PORT) -> int:
         """Listen on host:port (port 0 picks a free one) and serve; return the bound port."""
         assert self._runner is None, "HttpServer.start was already called"
-        app = web.Application(middlewares=[_errors_as_json])
+        ssl_context = server_ssl_context(self._access)
+        app = web.Application(middlewares=[_api_keys(self._access.api_keys), _errors_as_json],
+                              client_max_size=MAX_REQUEST_BYTES)  # larger: 413 with an error body
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
@@ -114,7 +136,7 @@ class HttpServer:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         except OSError as error:
             await runner.cleanup()
             raise ValueError(f"cannot listen on {host}:{port}: {error}") from error

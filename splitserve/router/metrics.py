@@ -94,6 +94,8 @@ class Metrics:
         self.role_changes = Counter("splitserve_role_changes_total", "Workers moved to another pool, by the pool "
                                     "they joined.", ["role"], registry=r)
         self.pool_workers = Gauge("splitserve_pool_workers", "Live workers per pool (role).", ["role"], registry=r)
+        self.migrations = Counter("splitserve_migrations_total", "Requests moved to another worker after the one "
+                                  "running them died or could not be reached.", registry=r)
         for outcome in OUTCOMES:  # present (at 0) from the first scrape
             self.requests.labels(outcome=outcome)
         for placement in ("remote", "local"):
@@ -133,6 +135,9 @@ class Metrics:
 
     def count_placement(self, placement: str) -> None:
         self.placements.labels(placement=placement).inc()
+
+    def count_migration(self) -> None:
+        self.migrations.inc()
 
     def observe_prediction(self, placement: str, ttft_ratio: float | None, tpot_ratio: float | None) -> None:
         """Observed over predicted TTFT and TPOT of a finished request (None: not measurable)."""

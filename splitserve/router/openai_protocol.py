@@ -248,6 +248,7 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 _ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     429: ("rate_limit_error", "rate_limit_exceeded"),

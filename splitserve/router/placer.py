@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from splitserve.config import PlacementConfig
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.errors import ServingError
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
@@ -104,11 +105,14 @@ class Placer:
         """Where the request's prefill runs (``local``: whether a worker may run it end to end);
         CapacityError when no option meets its SLO, ServingError when a pool it needs is empty."""
         n = len(req.prompt_ids)
+        # Elastic (``local``): every worker can run a request end to end, so one pool may be empty.
         prefill_ids = self.view.members("prefill") if local else self.view.ids("prefill")
-        decode_ids = self.view.ids("decode")
+        decode_ids = self.view.members("decode") if local else self.view.ids("decode")
+        if not prefill_ids and not decode_ids:
+            raise ServingError("no live worker")
         hashes = prompt_block_hashes(req.prompt_ids, self.block_size)
         cached = await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
-        remote = self._remote(req, prefill_ids, decode_ids, cached) if prefill_ids else None
+        remote = self._remote(req, prefill_ids, decode_ids, cached) if prefill_ids and decode_ids else None
         sides = self._local_sides(req, [*decode_ids, *prefill_ids], cached) if local else []
         placement = place(n, req.slo, remote, sides, self.config)
         # Counted at once (no await since the facts were read), so a burst's next request sees it.

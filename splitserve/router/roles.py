@@ -30,7 +30,6 @@ from typing import Any
 from splitserve.config import RoleConfig
 from splitserve.latency import DecodeStepModel
 from splitserve.router.cluster_view import ClusterView
-from splitserve.router.worker_calls import call
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class RoleBalancer:
             return None
         logger.info("roles: moving %s to the %s pool (balanced split: %.2f prefill workers)", move.worker_id,
                     move.to_role, move.target_prefill_workers)
-        await call(self.view.handle(move.worker_id).set_role.remote(move.to_role), move.worker_id)
+        await self.view.call(self.view.handle(move.worker_id).set_role.remote(move.to_role), move.worker_id)
         self._moved_at = self.clock()
         self.num_moves += 1
         if self.metrics is not None:

@@ -8,10 +8,18 @@ worker and gets its first token (sent to the client at once: TTFT; retries are t
 and the rest streams from that worker's ``generate_from``. Local -- and in colocated mode,
 on the least loaded worker -- one worker's ``generate`` does everything, its prefill chunked
 into the decode batch. The ``Speculation`` part picks each request's k and pushes changes to
-the decode worker; the ``ClusterView`` holds what the router knows of the workers. Every worker a request visits counts it in flight (``Visit``) until it leaves;
-leaving before the worker finished it (client cancel, error) aborts it there, which frees its
-blocks. The last delta carries the request's ``RequestReport`` (the placement, what was
-predicted and what was observed).
+the decode worker; the ``ClusterView`` holds what the router knows of the workers. Every
+worker a request visits counts it in flight (``Visit``) until it leaves; leaving before the
+worker finished it (client cancel, error) aborts it there, which frees its blocks. The last
+delta carries the request's ``RequestReport`` (the placement, what was predicted and what was
+observed).
+
+Migration: when the worker a request streams from dies or cannot be reached (``WorkerGone``,
+the ClusterView's first sign, which also takes the worker out of the pools at once), the
+request continues on the least loaded live worker: it prefills the prompt and the tokens the
+client got into its batch and decodes on, a seeded request's sampler state restored (every
+delta carries it), so the client sees one stream with no token repeated or missing. At most
+``migration_limit`` moves per request; before its first token a request is simply placed anew.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +42,9 @@ import ray
 from splitserve.cluster import RAY_NAMESPACE
 from splitserve.cluster.store import MetadataStore
 from splitserve.config import MODES, WORKER_KINDS, PlacementConfig, RoleConfig
+from splitserve.engine.continuation import Continuation
 from splitserve.engine.tokenizer import Tokenizer
-from splitserve.errors import CapacityError, ServingError
+from splitserve.errors import CapacityError, ServingError, WorkerGone
 from splitserve.protocol import SLO, GenerateDelta, RequestReport
 from splitserve.router.api import GenerateInput
 from splitserve.router.cluster_view import ClusterView
@@ -43,9 +53,10 @@ from splitserve.router.placer import Placer
 from splitserve.router.prefill_placement import LOCAL, Placement
 from splitserve.router.roles import RoleBalancer, RoleStats
 from splitserve.router.speculation import Speculation
-from splitserve.router.worker_calls import Visit, call, no_worker
+from splitserve.router.worker_calls import Visit, no_worker
 
 logger = logging.getLogger(__name__)
+_TTFT_WEIGHT = 0.1  # how fast the mean time to first token (a full queue's retry hint) follows new requests
 
 
 class Router:
@@ -53,6 +64,10 @@ class Router:
 
     model_path: the served model file or folder (its stem is the model name clients may use).
     workers_ttl_s: how long a read of the store's membership, loads and models is reused.
+    migration_limit: how many times a request may move to another worker when the one running
+    it dies (0: never; it fails with UNAVAILABLE). max_queued_requests: how many requests may
+    wait for their first token at once; one more is refused at once (RESOURCE_EXHAUSTED / 429,
+    retry hint: the recent mean TTFT) rather than queued (None: no bound).
     """
 
     def __init__(
@@ -71,9 +86,18 @@ class Router:
         default_slo: SLO | None = None,
         placement: PlacementConfig | None = None,
         roles: RoleConfig | None = None,
+        migration_limit: int = 3,
+        max_queued_requests: int | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {migration_limit}")
+        if max_queued_requests is not None and max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0 or None, got {max_queued_requests}")
+        self.migration_limit, self.max_queued_requests = migration_limit, max_queued_requests
+        self._num_waiting = self._num_running = 0
+        self._ttft_s = 1.0  # a running mean of the time to first token: the retry hint of a full queue
         self.tokenizer = tokenizer
         self.mode = mode
         self._model_names = {Path(model_path).stem, Path(model_path).name}
@@ -103,7 +127,11 @@ class Router:
         return min(self._model_names, key=len)
 
     def is_ready(self) -> bool:
-        needed = {"colocated": {"colocated"}, "disaggregated": {"prefill", "decode"}, "elastic": {"decode"}}[self.mode]
+        """Whether requests can be served: any live worker in elastic mode (every worker can run
+        a request end to end), both pools in disaggregated mode."""
+        if self.mode == "elastic":
+            return not self._closing and bool(self.view.workers)
+        needed = {"colocated": {"colocated"}, "disaggregated": {"prefill", "decode"}}[self.mode]
         return not self._closing and self.view.has_kinds(needed)
 
     async def refresh(self, force: bool = False) -> None:
@@ -147,20 +175,40 @@ class Router:
         if self._closing:
             raise ServingError("the server is shutting down")
         req = self._accept(request)
+        if self.max_queued_requests is not None and self._num_waiting >= self.max_queued_requests:
+            raise CapacityError(f"{self._num_waiting} requests are waiting for their first token, the most this "
+                                f"server queues (max_queued_requests); retry later", retry_after_s=self._ttft_s)
         task = asyncio.current_task()
         if task is not None:
             self._active.add(task)
+        phase = self._count("waiting", +1)
         try:
             await self.refresh()
-            stream = self._colocated(req) if self.mode == "colocated" else self._placed(req)
+            stream = self._migrating(req)
             async with contextlib.aclosing(stream):
                 async for delta in stream:
+                    if phase == "waiting":
+                        self._ttft_s += _TTFT_WEIGHT * (time.monotonic() - req.arrival - self._ttft_s)
+                        self._count("waiting", -1)
+                        phase = self._count("running", +1)
                     yield delta
         finally:
+            self._count(phase, -1)
             self.speculation.forget(req.request_id)
             self.placer.forget(req.request_id)
             if task is not None:
                 self._active.discard(task)
+
+    def _count(self, phase: str, change: int) -> str:
+        """Count a request into (or out of) the requests waiting for their first token or
+        running; the phase."""
+        if phase == "waiting":
+            self._num_waiting += change
+        else:
+            self._num_running += change
+        if self.metrics is not None:
+            self.metrics.set_queue(self._num_running, self._num_waiting)
+        return phase
 
     # -------------------------------------------------------------------------- intake
 
@@ -187,6 +235,60 @@ class Router:
                 raise ValueError("prompt must not be empty")
             return self.tokenizer.encode(request.prompt)
         return list(request.prompt_token_ids or [])  # the worker checks them against the vocabulary
+
+    # ------------------------------------------------------------------------ migration
+
+    async def _migrating(self, req: RoutedRequest) -> AsyncIterator[GenerateDelta]:
+        """The request's deltas; when the worker running it dies or cannot be reached
+        (WorkerGone), it continues on another worker from what the client got so far, up to
+        ``migration_limit`` times (then ServingError, a sentence saying so)."""
+        sent = _Sent()
+        while True:
+            if not sent.token_ids:
+                stream = self._colocated(req) if self.mode == "colocated" else self._placed(req)
+            else:
+                stream = self._continued(req, sent)
+            try:
+                async with contextlib.aclosing(stream):
+                    async for delta in stream:
+                        yield sent.add(delta, req.arrival)
+                return
+            except WorkerGone as e:
+                if sent.num_migrations >= self.migration_limit:
+                    raise ServingError(f"request {req.request_id}: {e}; it moved {sent.num_migrations} times "
+                                       f"already (migration limit {self.migration_limit})") from None
+                sent.num_migrations += 1
+                req.tried.add(e.worker_id)
+                logger.warning("request %s: %s; continuing elsewhere from its %d tokens (migration %d of at most "
+                               "%d)", req.request_id, e, len(sent.token_ids), sent.num_migrations,
+                               self.migration_limit)
+                if self.metrics is not None:
+                    self.metrics.count_migration()
+
+    async def _continued(self, req: RoutedRequest, sent: _Sent) -> AsyncIterator[GenerateDelta]:
+        """The request on another worker, from the tokens its client got: that worker prefills
+        the prompt and those tokens into its own batch and decodes on (a continued request runs
+        on one worker in every mode: the hand-off carries prompts, not what was generated)."""
+        await self.refresh(force=True)
+        kinds = ("colocated",) if self.mode == "colocated" else ("decode", "prefill")
+        live = [w for kind in kinds for w in self.view.by_load(self.view.members(kind))]
+        candidates = [w for w in live if w not in req.tried] or live
+        if not candidates:
+            raise ServingError(f"request {req.request_id}: no live worker to continue it on")
+        errors: list[str] = []
+        for worker_id in candidates:
+            stream = self._end_to_end(req, worker_id, continuation=sent.continuation())
+            try:
+                first = await anext(stream)
+            except CapacityError as e:  # full: the next worker may take it
+                errors.append(str(e))
+                continue
+            async with contextlib.aclosing(stream):
+                yield first
+                async for delta in stream:
+                    yield delta
+            return
+        raise CapacityError(no_worker("live", errors))
 
     # ------------------------------------------------------------------------ colocated
 
@@ -221,11 +323,11 @@ class Router:
             async for delta in stream:
                 yield delta
 
-    async def _end_to_end(self, req: RoutedRequest, worker_id: str,
-                          placement: Placement | None = None) -> AsyncIterator[GenerateDelta]:
-        """The request on one worker from its prompt (a local placement, or colocated). Its
-        prompt counts as queued prefill there (from the placement, or from here) until the
-        first token."""
+    async def _end_to_end(self, req: RoutedRequest, worker_id: str, placement: Placement | None = None,
+                          continuation: Continuation | None = None) -> AsyncIterator[GenerateDelta]:
+        """The request on one worker from its prompt (a local placement, colocated, or a
+        ``continuation`` of what it produced on a worker that died). Its prompt counts as
+        queued prefill there (from the placement, or from here) until the first token."""
         if placement is None:
             self.view.inflight_tokens[worker_id] += len(req.prompt_ids)
         started = time.monotonic()
@@ -236,10 +338,10 @@ class Router:
             chunk = None if placement is None else placement.chunk_tokens
             if placement is not None and placement.draft_ks:
                 self.speculation.hold(worker_id, visit.handle, req.request_id, dict(placement.draft_ks))
-            stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params, chunk)
+            stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params, chunk, continuation)
             self.speculation.track(worker_id, req.request_id, len(req.prompt_ids), req.params, params)
             async for ref in stream:
-                delta = await call(ref, worker_id)
+                delta = await self.view.call(ref, worker_id)
                 visit.finished = delta.finished
                 if first_at is None:
                     first_at = time.monotonic()
@@ -267,7 +369,8 @@ class Router:
         then stream the rest from that decode worker."""
         started = time.monotonic()
         try:
-            handoff = await self.handoff.run(req, placement.prefill_worker, placement.decode_worker)
+            handoff = await self.handoff.run(req, placement.prefill_worker, placement.decode_worker,
+                                             placement.chunk_tokens)
         finally:
             self._prefilled(req, placement.prefill_worker)
         decode, result = handoff.decode, handoff.result
@@ -284,7 +387,8 @@ class Router:
                     handoff_attempts=handoff.attempt))
 
             first = GenerateDelta(req.request_id, [result.first_token_id], result.text, result.finished,
-                                  result.finish_reason, num_prompt_tokens=result.num_prompt_tokens, num_output_tokens=1)
+                                  result.finish_reason, num_prompt_tokens=result.num_prompt_tokens, num_output_tokens=1,
+                                  generator_state=result.generator_state)
             if result.finished:
                 yield finished(first)  # on leaving, the reservation is released
                 return
@@ -295,7 +399,7 @@ class Router:
                                    handoff.decode_params)
             stream = decode.handle.generate_from.remote(req.request_id, result.first_token_id, result.generator_state)
             async for ref in stream:
-                delta = await call(ref, decode.worker_id)
+                delta = await self.view.call(ref, decode.worker_id)
                 decode.finished = delta.finished
                 self.placer.streamed(decode.worker_id, req.request_id, delta.num_output_tokens)
                 self.speculation.observe(decode.worker_id, decode.handle, delta)
@@ -333,3 +437,31 @@ class Router:
 
 def _finite(seconds: float) -> float:
     return seconds if math.isfinite(seconds) else 0.0
+
+
+@dataclass
+class _Sent:
+    """What a request's client got so far: enough to continue it on another worker."""
+
+    token_ids: list[int] = field(default_factory=list)
+    num_chars: int = 0
+    generator_state: bytes | None = None
+    first_at: float | None = None
+    num_migrations: int = 0
+
+    def add(self, delta: GenerateDelta, arrival: float) -> GenerateDelta:
+        """Count ``delta`` as sent; the delta to send (a migrated request's report made whole:
+        TTFT from its arrival, TPOT over all its tokens, the migrations)."""
+        now = time.monotonic()
+        self.first_at = self.first_at or now
+        self.token_ids += delta.token_ids
+        self.num_chars += len(delta.text)
+        self.generator_state = delta.generator_state or self.generator_state
+        if delta.report is None or not self.num_migrations:
+            return delta
+        tpot = (now - self.first_at) / (len(self.token_ids) - 1) if len(self.token_ids) > 1 else 0.0
+        return dataclasses.replace(delta, report=dataclasses.replace(
+            delta.report, ttft_s=self.first_at - arrival, tpot_s=tpot, migrations=self.num_migrations))
+
+    def continuation(self) -> Continuation:
+        return Continuation(tuple(self.token_ids), self.num_chars, self.generator_state)

@@ -57,9 +57,12 @@ class KVExport:
         self.counters = ExportCounters()
 
     async def prefill(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, destination: KVDestination
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, destination: KVDestination,
+        max_chunk_tokens: int | None = None,
     ) -> PrefillResult:
-        """Run the prompt, stream its KV to ``destination``, return the first token.
+        """Run the prompt (in chunks of at most ``max_chunk_tokens`` beside the requests this
+        worker decodes; None: the step budget), stream its KV to ``destination``, return the
+        first token.
 
         Raises ValueError for a bad request and ServingError when the KV did not land.
         """
@@ -67,7 +70,8 @@ class KVExport:
         self.streamer.route(request_id, destination)
         stream = self.loop.open_stream(request_id)
         try:
-            await self.loop.call(self.engine.add_request, prompt_token_ids, params, request_id, export_kv=True)
+            await self.loop.call(self.engine.add_request, prompt_token_ids, params, request_id, export_kv=True,
+                                 max_chunk_tokens=max_chunk_tokens)
             output = await stream.get()
             if isinstance(output, StreamEnd):
                 raise output.error or ServingError(f"request {request_id} was aborted during prefill")

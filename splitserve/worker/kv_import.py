@@ -7,8 +7,10 @@ the worker's KV receiver into exactly the other blocks (``KVIngest``). ``wait_la
 once every layer of every prompt token from ``start_token`` on arrived, after which the blocks
 are the engine's alone. ``release`` at any point stops further chunks and forgets the
 reservation (the caller then aborts the request in the engine, which gives the blocks back,
-the shared ones keeping their other holders). A reservation never started is released after
-``reservation_ttl_s``. It does not know what the request decodes or who sent its KV.
+the shared ones keeping their other holders). A reservation is a lease: ``renew`` (its router,
+while the prompt is prefilled elsewhere) keeps it another ``reservation_lease_s``; one not
+renewed for that long is released, so a router that died cannot strand the blocks. It does not
+know what the request decodes or who sent its KV.
 """
 
 from __future__ import annotations
@@ -55,12 +57,24 @@ class KVImport:
 
         start = reservation.num_cached_tokens
         self.ingest.expect(request_id, reservation.block_ids, len(prompt_token_ids), on_complete, start)
-        # A router that vanished between reserve and generate_from must not strand the blocks.
-        self._expiry[request_id] = aio.call_later(
-            self.transfer.reservation_ttl_s, lambda: asyncio.ensure_future(self._expire(request_id))
-        )
+        self._lease(request_id)
         return KVDestination(self.worker_id, self.transfer.backend, self.endpoint, reservation.block_ids,
-                             self.transfer.kv_codec, start)
+                             self.transfer.kv_codec, start, lease_s=self.transfer.reservation_lease_s)
+
+    def renew(self, request_id: str) -> bool:
+        """Keep the reservation another ``reservation_lease_s``; False when there is none (it
+        lapsed, was released or started)."""
+        if request_id not in self._landed:
+            return False
+        self._expiry.pop(request_id).cancel()
+        self._lease(request_id)
+        return True
+
+    def _lease(self, request_id: str) -> None:
+        """Release the reservation ``reservation_lease_s`` from now unless renewed or started:
+        a router that vanished between reserve and generate_from must not strand the blocks."""
+        self._expiry[request_id] = asyncio.get_running_loop().call_later(
+            self.transfer.reservation_lease_s, lambda: asyncio.ensure_future(self._expire(request_id)))
 
     async def wait_landed(self, request_id: str) -> None:
         """Until the prompt's KV all arrived; ValueError without a reservation, ServingError
@@ -94,6 +108,6 @@ class KVImport:
 
     async def _expire(self, request_id: str) -> None:
         if request_id in self._landed:
-            logger.warning("%s: reservation of request %s was never started; releasing its blocks",
-                           self.worker_id, request_id)
+            logger.warning("%s: the reservation of request %s was not renewed for %g s; releasing its blocks",
+                           self.worker_id, request_id, self.transfer.reservation_lease_s)
             await self._abort(request_id)

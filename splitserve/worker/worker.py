@@ -35,6 +35,7 @@ import torch
 from splitserve.cluster.store import WorkerInfo, WorkerLoad
 from splitserve.cluster.stores import make_store
 from splitserve.config import WORKER_KINDS, WorkerConfig
+from splitserve.engine.continuation import Continuation
 from splitserve.engine.engine import LLMEngine, LoadedModel
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, SpeculationLimits, WorkerStatus
@@ -78,7 +79,7 @@ class Worker:
                 self.models.record(stats)
             self.prefixes.discard_pending()
         store_config = self.config.store
-        store = await asyncio.to_thread(make_store, store_config.redis_url, store_config.prefix)
+        store = await asyncio.to_thread(make_store, store_config)
         info = WorkerInfo(worker_id=self.worker_id, kind=self.role, rpc_endpoint=self.worker_id,  # type: ignore[arg-type]
                           kv_endpoint=self.kv.endpoint, node_id=f"{socket.gethostname()}:{os.getpid()}")
         self.membership = Membership(store, info, store_config.ttl_s, self._load, self.models,
@@ -125,15 +126,16 @@ class Worker:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        max_chunk_tokens: int | None = None,
+        max_chunk_tokens: int | None = None, continuation: Continuation | None = None,
     ) -> AsyncIterator[GenerateDelta]:
         """Run a request from its prompt, its prefill in chunks of at most ``max_chunk_tokens``
         (None: the engine's step budget) mixed into the decode batch; ValueError (before the
-        first delta) for bad input."""
+        first delta) for bad input. ``continuation``: what it produced on a worker that died;
+        it goes on from there (the deltas carry the tokens after those)."""
         stream = self.loop.open_stream(request_id)
         try:
             await self.loop.call(self.engine.add_request, prompt_token_ids, params, request_id,
-                                 max_chunk_tokens=max_chunk_tokens)
+                                 max_chunk_tokens=max_chunk_tokens, continuation=continuation)
         except BaseException:
             self.loop.close_stream(request_id)
             raise
@@ -141,15 +143,22 @@ class Worker:
             yield delta
 
     async def prefill(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, destination: KVDestination
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, destination: KVDestination,
+        max_chunk_tokens: int | None = None,
     ) -> PrefillResult:
-        """Run the prompt, stream its KV to ``destination``, return the first token (KVExport)."""
-        return await self.export.prefill(request_id, prompt_token_ids, params, destination)
+        """Run the prompt (chunked, like ``generate``'s), stream its KV to ``destination``, return
+        the first token (KVExport)."""
+        return await self.export.prefill(request_id, prompt_token_ids, params, destination, max_chunk_tokens)
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVDestination:
         """Hold blocks for a prompt prefilled elsewhere; ValueError for a bad request,
         CapacityError when full (KVImport)."""
         return await self.kv.reserve(request_id, prompt_token_ids, params)
+
+    async def renew_reservation(self, request_id: str) -> bool:
+        """Keep a reservation another lease (KVImport.renew); False when it is gone. Runs on the
+        actor's event loop, never waiting for the engine."""
+        return self.kv.renew(request_id)
 
     async def generate_from(
         self, request_id: str, first_token_id: int, generator_state: bytes | None = None,

@@ -69,8 +69,8 @@ STALL_S = DRILL_TIMEOUT_S + 1.0
 
 @pytest.fixture(scope="module")
 def server(ray_cluster):
-    """Disaggregated, collective transfer, embedded store; a short reservation TTL for the drills."""
-    s = start_server(mode="disaggregated", transfer=TransferConfig(timeout_s=DRILL_TIMEOUT_S, reservation_ttl_s=4.0))
+    """Disaggregated, collective transfer, embedded store; a short reservation lease for the drills."""
+    s = start_server(mode="disaggregated", transfer=TransferConfig(timeout_s=DRILL_TIMEOUT_S, reservation_lease_s=4.0))
     yield s
     s.stop()
 
@@ -120,7 +120,7 @@ def test_workers_publish_their_prefix_caches_to_the_store(server):
         parent = hash_block_tokens(parent, prompt[16 * i : 16 * (i + 1)])
         hashes.append(parent)
     prefill_id = next(w for w in server.deployment.handles if ".prefill-" in w)
-    store = make_store(None, server.config.store.prefix)
+    store = make_store(server.config.store)
     try:
         deadline = time.monotonic() + 10
         while store.match_prefix(hashes).get(prefill_id) != 3 and time.monotonic() < deadline:
@@ -201,7 +201,19 @@ def test_reservation_never_started_is_released(server):
     assert len(destination.block_ids) == 3
     statuses = server.call(server.deployment.worker_statuses())
     assert not all(s.is_idle for s in statuses.values())
-    wait_idle(server, timeout_s=15)  # the 4 s reservation TTL releases it
+    wait_idle(server, timeout_s=15)  # nobody renews it: its 4 s lease lapses
+
+
+def test_a_reservation_lives_while_renewed_and_lapses_when_renewals_stop(server):
+    decode = actor(server, "decode")
+    destination = ray.get(decode.reserve.remote("leased", list(range(200, 240)), SamplingParams(max_tokens=4)))
+    assert destination.lease_s == 4.0
+    for _ in range(6):  # 6 s, beyond its 4 s lease: renewed every second, it stays
+        time.sleep(1.0)
+        assert ray.get(decode.renew_reservation.remote("leased")) is True
+    assert not all(s.is_idle for s in server.call(server.deployment.worker_statuses()).values())
+    wait_idle(server, timeout_s=15)  # renewals stopped: it lapses
+    assert ray.get(decode.renew_reservation.remote("leased")) is False
 
 
 # ----------------------------------------------------------------- cancel and bad input

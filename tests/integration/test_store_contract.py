@@ -11,6 +11,7 @@ import pytest
 
 from splitserve.cluster.store import MetadataStore, Snapshot, StoreConnectionError, WorkerInfo, WorkerLoad
 from splitserve.cluster.stores import make_store
+from splitserve.config import StoreConfig
 from splitserve.engine.block_pool import hash_block_tokens
 
 # Expiry tests set everything up under LONG_TTL, check it, and only then shorten a TTL to
@@ -278,7 +279,7 @@ def test_another_process_sees_the_same_state(
     store.acquire_lease("xfer", "here", LONG_TTL)
 
     def replica() -> tuple[list[WorkerInfo], bool]:  # nested: Ray pickles it by value
-        other = make_store(url, prefix=key_prefix)
+        other = make_store(StoreConfig(redis_url=url, prefix=key_prefix))
         try:
             return other.list_workers(), other.acquire_lease("xfer", "there", LONG_TTL)
         finally:
@@ -337,8 +338,8 @@ def test_malformed_redis_url(url: str) -> None:
 
     with pytest.raises(ValueError, match="Redis URL"):
         RedisStore(url)
-    with pytest.raises(ValueError, match="Redis URL"):
-        make_store(url)
+    with pytest.raises(ValueError, match="Redis URL|redis_url"):
+        make_store(StoreConfig(redis_url=url))
 
 
 def test_unreachable_redis_names_the_url_without_password(unused_port: int) -> None:
@@ -354,12 +355,55 @@ def test_make_store_picks_the_backend(redis_url: str, ray_cluster: None, key_pre
     from splitserve.cluster.embedded_store import EmbeddedStore
     from splitserve.cluster.redis_store import RedisStore
 
-    with make_store(redis_url, prefix=key_prefix) as remote:
+    with make_store(StoreConfig(redis_url=redis_url, prefix=key_prefix)) as remote:
         assert isinstance(remote, RedisStore)
-    with make_store(None, prefix=key_prefix) as embedded:
+    with make_store(StoreConfig(prefix=key_prefix)) as embedded:
         assert isinstance(embedded, EmbeddedStore)
         embedded.register_worker(worker("w1"), LONG_TTL)
         assert EmbeddedStore(prefix=key_prefix).list_workers() == [worker("w1")]
         assert EmbeddedStore(prefix=f"{key_prefix}-other").list_workers() == []  # prefixes are apart
         embedded.destroy()
         assert embedded.list_workers() == []
+
+
+def test_a_frozen_redis_fails_calls_after_the_timeout_instead_of_hanging(tmp_path) -> None:
+    """A redis-server stopped with SIGSTOP (a stall: the socket stays open, nothing answers): a
+    heartbeat raises redis-py's TimeoutError after StoreConfig.timeout_s rather than waiting
+    for the server, so a stalled call cannot outlast the membership it renews; after SIGCONT
+    the same client works again."""
+    import os
+    import shutil
+    import signal
+    import threading
+
+    import redis
+
+    from tests.integration.conftest import _start_redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not found")
+    proc, url = _start_redis(binary, tmp_path)
+    try:
+        store = make_store(StoreConfig(redis_url=url, prefix="frozen", timeout_s=0.5))
+        store.register_worker(worker("w1"), LONG_TTL)
+        os.kill(proc.pid, signal.SIGSTOP)
+        outcome: list[BaseException | bool] = []
+        beat = threading.Thread(target=lambda: outcome.append(_raised(store.heartbeat, "w1", LONG_TTL)), daemon=True)
+        beat.start()
+        beat.join(60)  # without a socket timeout it would wait for SIGCONT
+        os.kill(proc.pid, signal.SIGCONT)
+        assert outcome and isinstance(outcome[0], redis.TimeoutError), outcome
+        assert store.heartbeat("w1", LONG_TTL) is True
+        store.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
+
+
+def _raised(fn: Callable, *args: object) -> BaseException | bool:
+    try:
+        return fn(*args)
+    except BaseException as e:  # the test inspects it
+        return e

@@ -1,5 +1,6 @@
 """Test stand-ins shared by the front-end tests (gRPC, HTTP): a Frontend over one in-process
-LLMEngine, and an event loop in a thread for servers that tests call synchronously."""
+LLMEngine, one that answers one token without a model, and an event loop in a thread for
+servers that tests call synchronously."""
 
 from __future__ import annotations
 
@@ -82,6 +83,19 @@ class EngineFrontend:
             if not finished:
                 async with self._lock:
                     self.engine.abort(request_id)
+
+
+class OneTokenFrontend:
+    """Answers every request at once with one finished token (front-end tests that need no model)."""
+
+    model_name = MODEL_NAME
+
+    def is_ready(self) -> bool:
+        return True
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
+        yield GenerateDelta("r", [1], "a", finished=True, finish_reason="stop", num_prompt_tokens=1,
+                            num_output_tokens=1)
 
 
 class LoopThread:

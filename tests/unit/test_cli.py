@@ -101,7 +101,10 @@ def test_serve_defaults_are_the_configs() -> None:
     expected = {
         "mode": cluster.mode, "prefill_workers": cluster.num_prefill_workers,
         "decode_workers": cluster.num_decode_workers, "workers": cluster.num_workers,
-        "threads_per_worker": cluster.num_threads, "stream_interval": cluster.stream_interval,
+        "threads_per_worker": cluster.num_threads, "cpus_per_worker": cluster.cpus_per_worker,
+        "stream_interval": cluster.stream_interval, "migration_limit": options.migration_limit,
+        "max_queued_requests": options.max_queued_requests, "ssl_certfile": options.access.ssl_certfile,
+        "ssl_keyfile": options.access.ssl_keyfile, "ssl_ca_certs": options.access.ssl_ca_certs,
         "prefill_resources": cluster.prefill_resources, "decode_resources": cluster.decode_resources,
         "resource_wait": cluster.resource_wait_s, "host": transfer.host, "transfer": transfer.backend,
         "kv_codec": transfer.kv_codec, "layers_per_chunk": transfer.layers_per_chunk,
@@ -116,6 +119,8 @@ def test_serve_defaults_are_the_configs() -> None:
         "num_speculative_tokens": SpeculativeConfig("ngram").num_speculative_tokens,
         # Deliberately None: no speculation, and no SLO (ServeConfig's are in seconds, and None).
         "speculative": None, "slo_ttft_ms": None, "slo_tpot_ms": None,
+        # None: the keys come from $SPLITSERVE_API_KEY, else there are none (AccessConfig's default).
+        "api_key": None,
     }
     assert {name: getattr(args, name) for name in expected} == expected
     assert engine.speculative is None and cluster.decode_engine is None

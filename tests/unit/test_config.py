@@ -34,6 +34,17 @@ def test_elastic_workers_are_named_for_their_place_not_their_role_and_all_may_de
         ("p.prefill-0", False), ("p.decode-0", True)]
 
 
+def test_a_fraction_of_a_cpu_per_worker_runs_more_workers_than_cores():
+    three = ClusterConfig(mode="disaggregated", num_decode_workers=2, cpus_per_worker=0.5).worker_configs(2, 0)
+    assert [(c.num_threads, c.ray_cpus) for c in three] == [(1, 0.5)] * 3  # 1.5 of 2 CPUs
+    whole = ClusterConfig(num_workers=2).worker_configs(4, 0)
+    assert [(c.num_threads, c.ray_cpus) for c in whole] == [(2, 2)] * 2  # as before: the CPUs split evenly
+    assert ClusterConfig(num_workers=2, cpus_per_worker=3).worker_configs(2, 0)[0].num_threads == 3
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="cpus_per_worker"):
+            ClusterConfig(cpus_per_worker=bad)
+
+
 @pytest.mark.parametrize("kwargs", [
     {"chunk_tokens": ()}, {"chunk_tokens": (64, 0)}, {"margin_sigmas": -1.0}, {"correction_weight": 0.0},
     {"correction_bounds": (1.5, 2.0)}, {"tail_quantile": 0.3}, {"tail_window": 0},
@@ -41,3 +52,9 @@ def test_elastic_workers_are_named_for_their_place_not_their_role_and_all_may_de
 def test_bad_placement_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         PlacementConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout_s": 3.0}, {"timeout_s": 0.0}, {"ttl_s": 1.0}])
+def test_a_store_call_must_give_up_before_the_membership_it_renews_lapses(kwargs):
+    with pytest.raises(ValueError, match="timeout_s < ttl_s"):
+        StoreConfig(**kwargs)

@@ -237,3 +237,57 @@ def test_reserve_shares_the_cached_prefix_and_gives_back_exactly_its_references(
     assert cold.engine.reserve(prompt, SamplingParams(max_tokens=4), "cold").num_cached_tokens == 0
     cold.engine.abort("cold")
     _assert_idle(cold)
+
+
+def _run(engine, prompt, params, **kwargs) -> tuple[list[int], str, list]:
+    """One request to its end: the tokens and text its outputs streamed, and the outputs."""
+    request_id = engine.add_request(prompt, params, **kwargs)
+    tokens, text, outputs = [], "", []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == request_id:
+                tokens, text, outputs = tokens + out.new_token_ids, text + out.new_text, outputs + [out]
+    return tokens, text, outputs
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=["zzz-never"]),  # text held back
+    SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=1234, ignore_eos=True),
+], ids=["greedy", "greedy-stop-string", "seeded"])
+def test_a_continued_request_goes_on_exactly_where_it_left_off(llm, params):
+    """What a worker that died had streamed, given to another engine: the rest of the stream
+    is the uninterrupted run's (tokens, text and, seeded, the random stream)."""
+    from splitserve.engine.continuation import Continuation
+
+    engine = llm.engine
+    tokens, text, outputs = _run(engine, PROMPTS[1], params)
+    cut = next(i for i, o in enumerate(outputs) if len(o.token_ids) >= 9)  # the last output before "death"
+    sent_tokens, sent_text = outputs[cut].token_ids, "".join(o.new_text for o in outputs[: cut + 1])
+    state = outputs[cut].generator_state
+    assert (state is not None) == (params.seed is not None)  # every output of a seeded request carries it
+    continuation = Continuation(tuple(sent_tokens), len(sent_text),
+                                None if state is None else state.numpy().tobytes())
+    rest, rest_text, rest_outputs = _run(engine, PROMPTS[1], params, continuation=continuation)
+    assert sent_tokens + rest == tokens and sent_text + rest_text == text
+    assert rest_outputs[-1].token_ids == tokens and rest_outputs[-1].finish_reason == "length"
+    _assert_idle(llm)
+
+
+@pytest.mark.parametrize(("continuation", "kwargs", "match"), [
+    ({"output_token_ids": ()}, {}, "one or more token ids"),
+    ({"output_token_ids": (1, 10**6)}, {}, "one or more token ids"),
+    ({"output_token_ids": (1,) * 4}, {}, "nothing is left"),
+    ({"output_token_ids": (1, 2), "num_emitted_chars": 10**4}, {}, "num_emitted_chars"),
+    ({"output_token_ids": (1, 2), "generator_state": b"junk"}, {}, "generator_state"),
+    ({"output_token_ids": (1, 2)}, {"export_kv": True}, "export_kv"),
+])
+def test_a_continuation_that_cannot_go_on_is_a_clear_error(llm, continuation, kwargs, match):
+    from splitserve.engine.continuation import Continuation
+
+    engine = llm.engine
+    seeded = SamplingParams(max_tokens=4, temperature=0.5, seed=3)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(PROMPTS[0], seeded, continuation=Continuation(**continuation), **kwargs)
+    assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))[0].token_ids  # still serving
+    _assert_idle(llm)

@@ -136,7 +136,7 @@ def test_grpc_times_match_the_service_and_keep_the_report():
             "prefill_worker": "prefill-0", "decode_worker": "decode-0", "k_history": [3, 2], "draft_tokens": 6,
             "accepted_tokens": 4, "queue_s": 0.001, "prefill_s": 0.05, "transfer_s": 0.002, "decode_s": 0.1,
             "handoff_attempts": 1, "placement": "", "predicted_ttft_s": 0.0, "predicted_tpot_s": 0.0,
-            "ttft_s": 0.0, "tpot_s": 0.0, "prompt_tokens": 5, "finish_reason": "length"}
+            "ttft_s": 0.0, "tpot_s": 0.0, "migrations": 0, "prompt_tokens": 5, "finish_reason": "length"}
         # Each message is timed by one clock reading as it arrives: exactly the service's times.
         scripted = await send_on_script(client, spec(max_tokens=8))
         assert [c.t for c in scripted.chunks] == pytest.approx([TTFT_S + i * ITL_S for i in range(8)])

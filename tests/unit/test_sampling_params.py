@@ -53,6 +53,11 @@ def test_defaults_are_valid():
         ("stop_token_ids", [1, "2"]),
         ("stop_token_ids", [1.0]),
         ("stop_token_ids", [True]),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("stop", ["x"] * 65),
+        ("stop", ["x" * 513]),
+        ("stop_token_ids", [1] * 1025),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(field: str, value: object):
@@ -74,6 +79,9 @@ def test_bad_values_raise_value_error_naming_the_field(field: str, value: object
         {"seed": -5},
         {"stop": []},
         {"stop_token_ids": []},
+        {"seed": 2**64 - 1},
+        {"seed": -(2**63)},
+        {"stop": ["x" * 512] * 64, "stop_token_ids": [1] * 1024},
     ],
 )
 def test_boundary_values_are_accepted(kwargs: dict):

@@ -42,8 +42,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 splitserve_{{ . }}
 {{- end -}}
 
-{{/* The Redis URL serve reads from $(SPLITSERVE_REDIS_URL), or nothing without Redis. */}}
-{{- define "splitserve.redisEnv" -}}
+{{/* What serve reads from its environment: the Redis URL ($(SPLITSERVE_REDIS_URL), nothing
+without Redis) and the API keys (SPLITSERVE_API_KEY, nothing without a Secret for them). */}}
+{{- define "splitserve.serveEnv" -}}
+{{- with .Values.apiKeys.secretName }}
+- name: SPLITSERVE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.apiKeys.secretKey }}
+{{- end }}
 {{- if eq .Values.redis.mode "bundled" }}
 - name: SPLITSERVE_REDIS_URL
   value: {{ printf "redis://%s-redis:6379/0" (include "splitserve.fullname" .) | quote }}

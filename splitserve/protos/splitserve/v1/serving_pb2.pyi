@@ -75,7 +75,7 @@ class Speculation(_message.Message):
     def __init__(self, draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class RequestReport(_message.Message):
-    __slots__ = ("prefill_worker", "decode_worker", "k_history", "draft_tokens", "accepted_tokens", "queue_s", "prefill_s", "transfer_s", "decode_s", "handoff_attempts", "placement", "predicted_ttft_s", "predicted_tpot_s", "ttft_s", "tpot_s")
+    __slots__ = ("prefill_worker", "decode_worker", "k_history", "draft_tokens", "accepted_tokens", "queue_s", "prefill_s", "transfer_s", "decode_s", "handoff_attempts", "placement", "predicted_ttft_s", "predicted_tpot_s", "ttft_s", "tpot_s", "migrations")
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     K_HISTORY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class RequestReport(_message.Message):
     PREDICTED_TPOT_S_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     prefill_worker: str
     decode_worker: str
     k_history: _containers.RepeatedScalarFieldContainer[int]
@@ -106,7 +107,8 @@ class RequestReport(_message.Message):
     predicted_tpot_s: float
     ttft_s: float
     tpot_s: float
-    def __init__(self, prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., k_history: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., handoff_attempts: _Optional[int] = ..., placement: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ...) -> None: ...
+    migrations: int
+    def __init__(self, prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., k_history: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., handoff_attempts: _Optional[int] = ..., placement: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "usage", "speculation", "report")
