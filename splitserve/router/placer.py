@@ -3,7 +3,9 @@ the facts ``prefill_placement.place`` decides on, and learns from what each plac
 then did.
 
 For a request it reads the prompt's prefix-cache hits per worker (one store read), ranks the
-prefill pool by predicted TTFT and the decode pool by predicted TPOT (placement.py), and
+prefill pool by predicted TTFT and the decode pool by predicted TPOT (placement.py) -- a
+prefill worker that decodes requests of its own takes the prompt only in chunks they absorb
+(``remote_chunk``) -- and
 describes every worker with room for the prompt, of either pool, as a local option: its mixed-step
 model, the requests decoding there (and their drafts per step, from the speculation
 controller, which also chooses their k under a step with a chunk in it, so chunk size and k
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 from splitserve.config import PlacementConfig
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.errors import ServingError
+from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
@@ -48,6 +50,7 @@ from splitserve.router.prefill_placement import (
     Remote,
     Running,
     place,
+    remote_chunk,
 )
 from splitserve.router.spec_control import SpecController
 
@@ -114,56 +117,78 @@ class Placer:
         cached = await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
         remote = self._remote(req, prefill_ids, decode_ids, cached) if prefill_ids and decode_ids else None
         sides = self._local_sides(req, [*decode_ids, *prefill_ids], cached) if local else []
+        if remote is None and prefill_ids and not sides:
+            raise CapacityError("every prefill worker decodes requests that no chunk of this prompt would leave "
+                                "within their TPOT SLO; retry later or relax the SLO", retry_after_s=1.0)
         placement = place(n, req.slo, remote, sides, self.config)
         # Counted at once (no await since the facts were read), so a burst's next request sees it.
         self.view.inflight_tokens[placement.prefill_worker] += n
-        if placement.kind == LOCAL:
+        if placement.extra_steps:  # its chunks delay what decodes where it is prefilled
             for pending in self._pending.values():
-                if pending.worker_id == placement.decode_worker:
+                if pending.worker_id == placement.prefill_worker:
                     pending.promised_s += placement.extra_decode_s
                     pending.promised_steps += placement.extra_steps
         self._pending[req.request_id] = _Pending(placement.decode_worker, req.slo.tpot_s, req.params)
         return placement
 
     def _remote(self, req: RoutedRequest, prefill_ids: Sequence[str], decode_ids: Sequence[str],
-                cached: dict[str, int]) -> Remote:
+                cached: dict[str, int]) -> Remote | None:
+        """The best remote pair; None when every prefill worker decodes requests that no chunk
+        of this prompt would leave within their TPOT SLO."""
         view, n = self.view, len(req.prompt_ids)
-        prefill_models = {w: m for w in prefill_ids if (m := view.models_of(w).prefill) is not None}
-        prefill = rank_prefill(prefill_ids, n, cached, self.block_size, view.loads, view.inflight_tokens,
-                               prefill_models, req.tried)[0]
         decode_models = {w: m for w in decode_ids if (m := view.models_of(w).decode_step) is not None}
         batches = {w: self.batch_at(w) for w in decode_ids}
         decode = rank_decode(decode_ids, n, self.block_size, view.loads, batches, decode_models, req.tried,
                              cached=cached)[0]
-        model = prefill_models.get(prefill.worker_id)
-        margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
-        ttft = prefill.predicted_s * self.corrections.factor(prefill.worker_id, TTFT[REMOTE]) + margin + self.transfer_s
         tpot = decode.predicted_s * self.corrections.factor(decode.worker_id, "tpot")
-        return Remote(prefill.worker_id, decode.worker_id, ttft, tpot)
+        prefill_models = {w: m for w in prefill_ids if (m := view.models_of(w).prefill) is not None}
+        options, unguarded = [], []
+        for prefill in rank_prefill(prefill_ids, n, cached, self.block_size, view.loads, view.inflight_tokens,
+                                    prefill_models, req.tried):
+            worker_id, factor = prefill.worker_id, self.corrections.factor(prefill.worker_id, TTFT[REMOTE])
+            model = prefill_models.get(worker_id)
+            margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
+            plain = Remote(worker_id, decode.worker_id, prefill.predicted_s * factor + margin + self.transfer_s, tpot)
+            side = self._side(req, worker_id, cached, ttft_correction=factor)
+            if side is None or not side.running or side.model is None:
+                options.append(plain)
+            elif (chunked := remote_chunk(side, n, self.config)) is not None:  # it decodes too: guarded chunks
+                options.append(Remote(worker_id, decode.worker_id, chunked.predicted_ttft_s + self.transfer_s, tpot,
+                                      chunked.chunk_tokens, chunked.extra_decode_s, chunked.extra_steps,
+                                      chunked.cost_s - chunked.predicted_ttft_s))
+            else:
+                unguarded.append(plain)
+        if not options and not self.config.admission:  # place it all the same, as well as the predictions allow
+            options = unguarded
+        tried_last = [o for o in options if o.prefill_worker not in req.tried] or options
+        return min(tried_last, key=lambda o: (o.ttft_s, o.prefill_worker), default=None)
 
     def _local_sides(self, req: RoutedRequest, worker_ids: Sequence[str], cached: dict[str, int]) -> list[LocalSide]:
+        sides = [self._side(req, w, cached, self.corrections.factor(w, TTFT[LOCAL])) for w in worker_ids
+                 if w not in req.tried]
+        return [side for side in sides if side is not None]
+
+    def _side(self, req: RoutedRequest, worker_id: str, cached: dict[str, int],
+              ttft_correction: float) -> LocalSide | None:
+        """The worker as the place of this prompt's prefill beside its decode batch; None when
+        it has no room for the prompt."""
         view, n = self.view, len(req.prompt_ids)
-        needed_blocks = blocks_for(n, self.block_size)
-        sides = []
-        for worker_id in worker_ids:
-            load = view.loads.get(worker_id)
-            if load is not None and load.num_free_blocks < needed_blocks or worker_id in req.tried:
-                continue
-            num_decoding = max(load.num_running_requests if load else 0, self.batch_at(worker_id))
-            k_max = view.models_of(worker_id).speculation.k_max
-            sides.append(LocalSide(
-                worker_id, view.models_of(worker_id).mixed_step, num_decoding,
-                self.controller.drafts_per_step(worker_id), context_tokens=num_decoding * n,
-                queued_prefill_tokens=max(load.num_queued_prompt_tokens if load else 0,
-                                          view.inflight_tokens[worker_id]),
-                cached_tokens=min(cached.get(worker_id, 0) * self.block_size, n - 1),
-                running=self.running_at(worker_id, num_decoding),
-                ttft_correction=self.corrections.factor(worker_id, TTFT[LOCAL]),
-                tpot_correction=self.corrections.factor(worker_id, "tpot"),
-                tpot_tail=self.corrections.tail(worker_id, "tpot"),
-                choose_ks=functools.partial(self.controller.best_ks, worker_id, k_max) if k_max > 0 else None,
-            ))
-        return sides
+        load = view.loads.get(worker_id)
+        if load is not None and load.num_free_blocks < blocks_for(n, self.block_size):
+            return None
+        num_decoding = max(load.num_running_requests if load else 0, self.batch_at(worker_id))
+        k_max = view.models_of(worker_id).speculation.k_max
+        return LocalSide(
+            worker_id, view.models_of(worker_id).mixed_step, num_decoding,
+            self.controller.drafts_per_step(worker_id), context_tokens=num_decoding * n,
+            queued_prefill_tokens=max(load.num_queued_prompt_tokens if load else 0, view.inflight_tokens[worker_id]),
+            cached_tokens=min(cached.get(worker_id, 0) * self.block_size, n - 1),
+            running=self.running_at(worker_id, num_decoding),
+            ttft_correction=ttft_correction,
+            tpot_correction=self.corrections.factor(worker_id, "tpot"),
+            tpot_tail=self.corrections.tail(worker_id, "tpot"),
+            choose_ks=functools.partial(self.controller.best_ks, worker_id, k_max) if k_max > 0 else None,
+        )
 
     def batch_at(self, worker_id: str) -> int:
         """The requests of this router that decode at the worker or will: those in flight there,

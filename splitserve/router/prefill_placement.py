@@ -7,7 +7,10 @@ The options for a request of n prompt tokens:
   best decode-pool worker D reserved. Predicted TTFT = P's queued prefill work and this
   prompt's uncached tokens, as time (P's prefill model), plus the exposed part of the KV
   transfer (the wait after P's first token, averaged by the router). The requests running at
-  D are not slowed.
+  D are not slowed -- but those decoding at P are, where P runs requests end to end too (an
+  elastic worker): there the prompt is prefilled in chunks P's running requests absorb
+  (``remote_chunk``, the local guard below), TTFT is that plan's, and a P whose requests
+  absorb no chunk is no candidate.
 - **local on W**, for every worker W of either pool (a pool is a preference, not a
   capability: a prefill-pool worker that takes a request decodes it too): W prefills it in
   chunks of C tokens inside its running decode batch. Predicted TTFT = the mixed steps that
@@ -67,12 +70,22 @@ _NO_PREDICTION_RETRY_S = 1.0  # the retry hint where no prediction says when a w
 @dataclass(frozen=True)
 class Remote:
     """The best remote pair, predicted by the router (corrections and margin applied; inf: a
-    worker has no model yet, which never makes an option fail its SLO)."""
+    worker has no model yet, which never makes an option fail its SLO).
+
+    Where the prefill worker decodes requests of its own (an elastic worker that also runs
+    requests end to end), the prompt is prefilled there in chunks its running requests absorb
+    (``remote_chunk``): chunk_tokens, and extra_decode_s / extra_steps / delay_cost_s, what
+    those chunks cost them (the seconds added to their steps, over how many steps, and times
+    how many requests). None / 0: it decodes nothing; the prompt runs in as few steps as it can."""
 
     prefill_worker: str
     decode_worker: str
     ttft_s: float
     tpot_s: float
+    chunk_tokens: int | None = None
+    extra_decode_s: float = 0.0
+    extra_steps: int = 0
+    delay_cost_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -155,11 +168,11 @@ class LocalSide:
 class Placement:
     """Where a request's prefill runs, and what was predicted for it.
 
-    kind: REMOTE or LOCAL (then prefill_worker == decode_worker); chunk_tokens: a local
-    prefill's chunk size; extra_decode_s / extra_steps: the seconds its own chunks add to the
-    running requests' steps, and over how many steps; draft_ks: the speculation lengths of the
-    requests decoding there while its prompt is prefilled (empty: as they are); cost_s: what the
-    choice minimized."""
+    kind: REMOTE or LOCAL (then prefill_worker == decode_worker); chunk_tokens: the prefill's
+    chunk size (None: as few steps as the worker's budget allows); extra_decode_s / extra_steps:
+    the seconds its own chunks add to the steps of the requests decoding at the prefill worker,
+    and over how many steps; draft_ks: the speculation lengths of the requests decoding there
+    while its prompt is prefilled (empty: as they are); cost_s: what the choice minimized."""
 
     kind: str
     prefill_worker: str
@@ -173,8 +186,17 @@ class Placement:
     draft_ks: tuple[tuple[str, int], ...] = ()
 
 
+def remote_chunk(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig) -> Placement | None:
+    """A prompt prefilled at ``side`` for another worker to decode, where requests decode at
+    ``side`` too: the fastest chunk plan (queued prompts first) whose delay they absorb, as a
+    LOCAL-shaped Placement (its predicted_tpot_s means nothing: the request decodes elsewhere);
+    None when no chunk size keeps them within their TPOT SLO. The same guard as a local
+    prefill's: a chunk delays the steps of everything decoding there, whoever decodes the prompt."""
+    return local_option(side, num_prompt_tokens, config, newcomer_decodes=False)
+
+
 def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig,
-                 protect: bool = True) -> Placement | None:
+                 protect: bool = True, newcomer_decodes: bool = True) -> Placement | None:
     """The fastest local prefill at ``side`` (a chunk size of ``config.chunk_tokens``) whose
     delay its running requests absorb within their TPOT SLO (``protect=False``: the smallest
     chunk when none does); None when none does or the worker has no mixed-step model yet.
@@ -192,7 +214,8 @@ def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfi
     sigma = config.margin_sigmas * model.fit().rmse
     own_tokens = max(num_prompt_tokens - side.cached_tokens, 1)
     new_tokens = side.queued_prefill_tokens + own_tokens
-    step = model.predict(side.num_decoding + 1, side.num_draft_tokens, side.context_tokens + num_prompt_tokens)
+    step = model.predict(side.num_decoding + 1, side.num_draft_tokens, side.context_tokens + num_prompt_tokens) \
+        if newcomer_decodes else model.predict(side.num_decoding, side.num_draft_tokens, side.context_tokens)
     tail = side.tpot_correction if side.tpot_tail is None else side.tpot_tail
     tpot, guard_tpot = side.tpot_correction * step + sigma, tail * step + sigma
     plain = model.predict(side.num_decoding, side.num_draft_tokens, side.context_tokens)
@@ -262,8 +285,10 @@ def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: 
     ``config.admission``, CapacityError (a sentence naming the best prediction); without, the
     cheapest option all the same (and the smallest chunk where no chunk keeps a decode worker's
     running requests within TPOT). ValueError when there is no worker at all."""
-    options = [] if remote is None else [Placement(REMOTE, remote.prefill_worker, remote.decode_worker,
-                                                   remote.ttft_s, remote.tpot_s, remote.ttft_s)]
+    options = [] if remote is None else [Placement(
+        REMOTE, remote.prefill_worker, remote.decode_worker, remote.ttft_s, remote.tpot_s,
+        remote.ttft_s + remote.delay_cost_s, chunk_tokens=remote.chunk_tokens, extra_decode_s=remote.extra_decode_s,
+        extra_steps=remote.extra_steps)]
     options += [o for side in local_sides if (o := local_option(side, num_prompt_tokens, config)) is not None]
     if not options and not config.admission:
         options = [o for side in local_sides

@@ -336,3 +336,52 @@ def test_a_burst_s_hand_offs_count_in_their_decode_worker_s_batch_before_they_re
     placer.decoding("d", "r1", SLO(), SamplingParams())  # r1 streams from d now; r2 still on its way
     placer.forget("r1")
     assert placer.batch_at("d") == 2
+
+
+def _elastic_pair(running_at_p: int) -> MemoryStore:
+    """A prefill-pool worker p that decodes ``running_at_p`` requests of its own, and an idle decode worker d."""
+    store = MemoryStore()
+    prefill = {"const": 0.02, "tokens": 0.001, "tokens_sq": 0.0}
+    decode = {"const": 0.02, "requests": 0.001, "batched_tokens": 0.002, "context_tokens": 0.0, "draft_tokens": 0.0}
+    for worker_id, kind, running in (("p", "prefill", running_at_p), ("d", "decode", 0)):
+        store.register_worker(WorkerInfo(worker_id, kind, worker_id, "", "node"), 60.0)
+        store.report(worker_id, 60.0, WorkerLoad(0, running, 100, 100),
+                     {PrefillModel.NAME: prefill, DecodeStepModel.NAME: decode, MixedStepModel.NAME: COEFFICIENTS})
+    return store
+
+
+@pytest.mark.parametrize("admission", [True, False])
+def test_a_prefill_worker_that_decodes_too_takes_remote_prompts_in_chunks_its_requests_absorb(admission):
+    # p decodes 4 requests (of another router: just started under the default 100 ms SLO), so a
+    # remote prompt's prefill there delays them as a local one would: 64-token chunks, as in
+    # test_the_fastest_local_prefill_the_running_requests_absorb_is_used (without the newcomer
+    # in p's batch: it decodes at d).
+    config = replace(EXACT, admission=admission)
+    view = ClusterView(_elastic_pair(running_at_p=4), get_actor=lambda name: None)
+    asyncio.run(view.refresh(force=True))
+
+    def placed(tpot_slo_s: float):
+        placer = Placer(view, SpecController(), 16, config, default_slo=SLO(tpot_s=tpot_slo_s))
+        req = RoutedRequest("r", list(range(PROMPT)), SamplingParams(), SLO(ttft_s=10.0, tpot_s=0.1), 0.0)
+        return asyncio.run(placer.place(req, local=False)), placer
+
+    chosen, placer = placed(0.1)
+    assert (chosen.kind, chosen.prefill_worker, chosen.decode_worker, chosen.chunk_tokens) == (REMOTE, "p", "d", 64)
+    assert chosen.predicted_ttft_s == pytest.approx(4 * 0.032 + 0.004 + 0.2) and chosen.extra_steps == 4
+    # Requests at p that allow 5 ms a step absorb no chunk: refused, or placed all the same.
+    if admission:
+        with pytest.raises(CapacityError, match="every prefill worker decodes requests"):
+            placed(0.04)
+    else:
+        assert placed(0.04)[0].chunk_tokens is None
+    view.inflight_tokens.clear()
+
+
+def test_an_idle_prefill_worker_prefills_remote_prompts_whole_as_before():
+    view = ClusterView(_elastic_pair(running_at_p=0), get_actor=lambda name: None)
+    asyncio.run(view.refresh(force=True))
+    placer = Placer(view, SpecController(), 16, EXACT, default_slo=SLO(tpot_s=0.1))
+    req = RoutedRequest("r", list(range(PROMPT)), SamplingParams(), SLO(ttft_s=10.0, tpot_s=0.1), 0.0)
+    chosen = asyncio.run(placer.place(req, local=False))
+    assert (chosen.kind, chosen.chunk_tokens, chosen.extra_steps) == (REMOTE, None, 0)
+    assert chosen.predicted_ttft_s == pytest.approx(0.02 + 0.001 * PROMPT)
