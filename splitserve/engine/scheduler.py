@@ -2,8 +2,9 @@
 
 Each step it spends a token budget: first on running requests (a decode token each, or the
 next chunk of an unfinished prefill), then on waiting requests in arrival order, reusing
-prefix-cache hits. A request's ``max_chunk_tokens`` caps its chunks below the budget (a worker
-mixing a prompt into its decode batch bounds how much each step slows the decodes). When blocks
+prefix-cache hits. A request's ``max_chunk_tokens`` caps the prompt tokens of every step it
+prefills in, below the budget (a worker mixing prompts into its decode batch bounds how much
+each step slows the decodes; queued capped prompts go chunk after chunk). When blocks
 run out it preempts the most recently started request: its blocks are freed, its counter goes
 back to zero and it waits at the head of the queue, so a request that is alone always fits and
 the engine never deadlocks. It never touches tensors.
@@ -11,6 +12,7 @@ the engine never deadlocks. It never touches tensors.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -74,6 +76,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # since start, for metrics
+        self._prefill_cap: float = math.inf  # this step's: the smallest cap of a prefill in it
+        self._prefill_tokens = 0  # this step's prompt tokens so far
 
     @property
     def num_unfinished(self) -> int:
@@ -89,19 +93,40 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._prefill_cap, self._prefill_tokens = math.inf, 0
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
 
     def _chunk(self, request: Request, num_tokens: int, budget: int) -> int:
-        """How many of a request's pending tokens fit this step (0: wait for a later step). Its
-        own cap applies even without chunked prefill, which only lets the budget split more."""
-        if request.max_chunk_tokens is not None:
-            num_tokens = min(num_tokens, request.max_chunk_tokens)
+        """How many of a request's pending tokens fit this step (0: wait for a later step).
+
+        A prefill's ``max_chunk_tokens`` caps the prompt tokens of the whole step, its own and
+        those of other prefills scheduled beside it: the cap bounds how much the step slows the
+        decodes in it, which several prompts chunked at once would multiply. Prefills are served
+        in order (running first, then waiting in arrival order), so queued prompts go chunk
+        after chunk, as the router's placement predicts. The cap applies even without chunked
+        prefill, which only lets the budget split more."""
+        if self._is_prefill(request, num_tokens):
+            cap = min(self._prefill_cap, request.max_chunk_tokens or math.inf)
+            num_tokens = min(num_tokens, max(cap - self._prefill_tokens, 0))
         if num_tokens <= budget:
             return num_tokens
         return budget if self.enable_chunked_prefill else 0
+
+    @staticmethod
+    def _is_prefill(request: Request, num_tokens: int) -> bool:
+        return num_tokens > 1 or request.num_output_tokens == 0
+
+    def _scheduled(self, out: SchedulerOutput, request: Request, num_new: int, num_spec: int = 0) -> None:
+        """Add the request's share to the step; a prefill's tokens (and cap) count against the
+        step's prefill cap."""
+        out.scheduled.append(ScheduledRequest(request, num_new + num_spec, num_spec))
+        if self._is_prefill(request, num_new):
+            self._prefill_tokens += num_new
+            if request.max_chunk_tokens is not None:
+                self._prefill_cap = min(self._prefill_cap, request.max_chunk_tokens)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
@@ -121,7 +146,7 @@ class Scheduler:
                     break
             else:
                 self.kv_cache.append(request.request_id, total)
-                out.scheduled.append(ScheduledRequest(request, num_new + num_spec, num_spec))
+                self._scheduled(out, request, num_new, num_spec)
                 budget -= num_new + num_spec
                 i += 1
         return budget
@@ -148,7 +173,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.waiting.popleft()
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            self._scheduled(out, request, num_new)
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:

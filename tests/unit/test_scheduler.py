@@ -90,6 +90,10 @@ class Driver:
             assert 0 < scheduled.num_new_tokens <= request.num_tokens - request.num_computed_tokens
             if request.max_chunk_tokens is not None:
                 assert scheduled.num_new_tokens - scheduled.num_spec_tokens <= request.max_chunk_tokens
+        prefills = [s for s in out.scheduled if s.is_prefill]
+        caps = [s.request.max_chunk_tokens for s in prefills if s.request.max_chunk_tokens is not None]
+        if caps:  # a capped prefill caps the prompt tokens of its whole step
+            assert sum(s.num_new_tokens for s in prefills) <= min(caps)
             table = self.kv.block_table(request.request_id)
             assert len(table) * self.kv.block_size >= request.num_computed_tokens + scheduled.num_new_tokens
         for request_id in out.preempted:
@@ -192,6 +196,27 @@ def test_a_requests_chunk_cap_splits_its_prefill_beside_decodes():
     assert chunks == [16, 16, 16, 2], "capped both when admitted and when continued"
     d.run()
     d.assert_all_done([*decoding, capped])
+
+
+def test_capped_prompts_queued_together_go_chunk_after_chunk_under_one_cap():
+    d = Driver(max_num_batched_tokens=64)
+    decoding = [d.add(f"d{i}", prompt(3, start=90 + 5 * i), max_tokens=20) for i in range(2)]
+    d.step()
+    a = d.add("a", prompt(40), max_tokens=2, max_chunk_tokens=16)
+    b = d.add("b", prompt(40, start=200), max_tokens=2, max_chunk_tokens=16)
+    chunks = []
+    while not b.num_output_tokens:
+        out = d.step()
+        chunks.append([(s.request.request_id, s.num_new_tokens) for s in out.scheduled if s.is_prefill])
+    # Every step carries one chunk's worth of prompt (16 tokens), a's first, then b's: what the
+    # placement predicted, not a chunk per prompt per step.
+    assert chunks == [[("a", 16)], [("a", 16)], [("a", 8), ("b", 8)], [("b", 16)], [("b", 16)]]
+    uncapped = d.add("c", prompt(30, start=300), max_tokens=2)
+    capped = d.add("e", prompt(30, start=400), max_tokens=2, max_chunk_tokens=8)
+    out = d.step()  # an uncapped prompt ahead of a capped one runs as before; the capped one waits
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled if s.is_prefill] == [("c", 30)]
+    d.run()
+    d.assert_all_done([*decoding, a, b, uncapped, capped])
 
 
 def test_the_step_budget_still_limits_a_capped_request():
