@@ -18,9 +18,11 @@ Those deletions WATCH the worker's keys, so they never race a concurrent registr
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -84,8 +86,8 @@ class RedisStore(MetadataStore):
 
     Connects (and pings) on construction: ValueError for a malformed URL, StoreConnectionError
     naming the URL when the server does not answer within ``connect_timeout_s``. Every call
-    after that gives up after ``timeout_s`` (redis-py's TimeoutError, a RedisError): a frozen
-    server fails calls, it does not hang them.
+    after that gives up after ``timeout_s``: a server stopped, frozen or restarting raises
+    StoreConnectionError from every contract method, it does not hang them.
     """
 
     def __init__(self, url: str, prefix: str = DEFAULT_STORE_PREFIX, connect_timeout_s: float = 2.0,
@@ -301,3 +303,24 @@ class RedisStore(MetadataStore):
             raise ValueError(f"malformed Redis URL {redact_url(url)!r}: no host name")
         if parts.scheme == "unix" and not parts.path:
             raise ValueError(f"malformed Redis URL {redact_url(url)!r}: no socket path")
+
+
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError (a restart loading) is one
+
+
+def _reached(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with a server that cannot be reached or does not answer in time raised as
+    StoreConnectionError (a ServingError: UNAVAILABLE / 503 at the front ends) naming the URL."""
+
+    @functools.wraps(method)
+    def call(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except _UNREACHABLE as exc:
+            raise StoreConnectionError(f"Redis at {self.url} did not answer: {exc}") from exc
+
+    return call
+
+
+for _name in sorted((MetadataStore.__abstractmethods__ - {"close"}) | {"report", "snapshot"}):
+    setattr(RedisStore, _name, _reached(getattr(RedisStore, _name)))

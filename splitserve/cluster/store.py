@@ -12,6 +12,9 @@ Liveness rule shared by every backend: a worker's load, prefix blocks and models
 only while its membership is live. ``register_worker`` starts a fresh membership, dropping
 anything stored earlier under that id, so a worker whose heartbeat returned False registers
 again and then republishes its load, prefix blocks and models.
+
+Every call of every backend raises StoreConnectionError (a ServingError) when the store cannot
+be reached or does not answer within the backend's timeout.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from splitserve.config import WORKER_KINDS, check_name
+from splitserve.errors import ServingError
 
 WorkerKind = Literal["prefill", "decode", "colocated"]  # config.WORKER_KINDS, as a type
 
 
-class StoreConnectionError(ConnectionError):
-    """The store's server (Redis) or actor (Ray) cannot be reached."""
+class StoreConnectionError(ConnectionError, ServingError):
+    """The store's server (Redis) or actor (Ray) cannot be reached or did not answer in time.
+    A ServingError: a request that needed the store fails UNAVAILABLE / 503."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import Any
 import ray
 
 from splitserve.cluster import RAY_NAMESPACE
-from splitserve.cluster.store import MetadataStore
+from splitserve.cluster.store import MetadataStore, StoreConnectionError
 from splitserve.config import MODES, WORKER_KINDS, PlacementConfig, RoleConfig
 from splitserve.engine.continuation import Continuation
 from splitserve.engine.tokenizer import Tokenizer
@@ -116,6 +116,7 @@ class Router:
             if roles is not None and roles.enabled and mode == "elastic" else None
         self._ids = itertools.count()
         self._closing = False
+        self._store_error: str | None = None  # why the last store read failed, while it does
         self._active: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
         self._balancer: asyncio.Task | None = None
@@ -127,16 +128,28 @@ class Router:
         return min(self._model_names, key=len)
 
     def is_ready(self) -> bool:
-        """Whether requests can be served: any live worker in elastic mode (every worker can run
-        a request end to end), both pools in disaggregated mode."""
+        """Whether requests can be served: the store answered the last read, and there is any
+        live worker in elastic mode (every worker can run a request end to end), both pools in
+        disaggregated mode."""
+        if self._closing or self._store_error is not None:
+            return False
         if self.mode == "elastic":
-            return not self._closing and bool(self.view.workers)
-        needed = {"colocated": {"colocated"}, "disaggregated": {"prefill", "decode"}}[self.mode]
-        return not self._closing and self.view.has_kinds(needed)
+            return bool(self.view.workers)
+        return self.view.has_kinds({"colocated": {"colocated"}, "disaggregated": {"prefill", "decode"}}[self.mode])
 
     async def refresh(self, force: bool = False) -> None:
-        """Read membership, loads and models from the store (at most every ``workers_ttl_s``)."""
-        await self.view.refresh(force)
+        """Read membership, loads and models from the store (at most every ``workers_ttl_s``);
+        StoreConnectionError (UNAVAILABLE) while the store cannot be read, and health says so."""
+        try:
+            await self.view.refresh(force)
+        except StoreConnectionError as e:
+            if self._store_error is None:
+                logger.warning("router: the store cannot be read (%s); not serving until it can", e)
+            self._store_error = str(e)
+            raise
+        if self._store_error is not None:
+            logger.info("router: the store answers again")
+            self._store_error = None
         if self.metrics is not None:
             for worker_id, load in self.view.loads.items():
                 self.metrics.set_worker_blocks(worker_id, load.num_total_blocks - load.num_free_blocks,
@@ -151,7 +164,9 @@ class Router:
             while True:
                 try:
                     await self.refresh(force=True)
-                except Exception:  # the store is unreachable: keep the last view, retry
+                except StoreConnectionError:  # said once by refresh; health is NOT_SERVING meanwhile
+                    pass
+                except Exception:  # keep the last view, retry
                     logger.warning("router: cannot read the store", exc_info=True)
                 await asyncio.sleep(interval_s)
 
@@ -174,6 +189,8 @@ class Router:
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
         if self._closing:
             raise ServingError("the server is shutting down")
+        if self._store_error is not None:  # (the background poll clears it once a read succeeds)
+            raise ServingError(f"the cluster's store cannot be read ({self._store_error}); retry later")
         req = self._accept(request)
         if self.max_queued_requests is not None and self._num_waiting >= self.max_queued_requests:
             raise CapacityError(f"{self._num_waiting} requests are waiting for their first token, the most this "

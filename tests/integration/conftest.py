@@ -31,8 +31,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def _start_redis(binary: str, workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A redis-server on ``port`` (default: a free one), no persistence: (its process, its URL)."""
+    port = port or free_port()
     log = workdir / "redis.log"
     # No persistence, and anything the server writes stays in the test's temporary folder.
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]

@@ -368,9 +368,9 @@ def test_make_store_picks_the_backend(redis_url: str, ray_cluster: None, key_pre
 
 def test_a_frozen_redis_fails_calls_after_the_timeout_instead_of_hanging(tmp_path) -> None:
     """A redis-server stopped with SIGSTOP (a stall: the socket stays open, nothing answers): a
-    heartbeat raises redis-py's TimeoutError after StoreConfig.timeout_s rather than waiting
-    for the server, so a stalled call cannot outlast the membership it renews; after SIGCONT
-    the same client works again."""
+    heartbeat raises StoreConnectionError (from redis-py's TimeoutError) after
+    StoreConfig.timeout_s rather than waiting for the server, so a stalled call cannot outlast
+    the membership it renews; after SIGCONT the same client works again."""
     import os
     import shutil
     import signal
@@ -393,7 +393,8 @@ def test_a_frozen_redis_fails_calls_after_the_timeout_instead_of_hanging(tmp_pat
         beat.start()
         beat.join(60)  # without a socket timeout it would wait for SIGCONT
         os.kill(proc.pid, signal.SIGCONT)
-        assert outcome and isinstance(outcome[0], redis.TimeoutError), outcome
+        assert outcome and isinstance(outcome[0], StoreConnectionError), outcome
+        assert isinstance(outcome[0].__cause__, redis.TimeoutError) and "did not answer" in str(outcome[0])
         assert store.heartbeat("w1", LONG_TTL) is True
         store.close()
     finally:
@@ -407,3 +408,29 @@ def _raised(fn: Callable, *args: object) -> BaseException | bool:
         return fn(*args)
     except BaseException as e:  # the test inspects it
         return e
+
+
+def test_every_call_to_a_stopped_redis_raises_store_connection_error(tmp_path) -> None:
+    """A stopped server: each contract method fails with StoreConnectionError (a ServingError,
+    so a request that needed it fails UNAVAILABLE), never redis-py's own exceptions."""
+    import shutil
+
+    from splitserve.errors import ServingError
+    from tests.integration.conftest import _start_redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not found")
+    proc, url = _start_redis(binary, tmp_path)
+    store = make_store(StoreConfig(redis_url=url, prefix="stopped"))
+    proc.terminate()
+    proc.wait(10)
+    calls = [lambda: store.register_worker(worker("w1"), LONG_TTL), lambda: store.heartbeat("w1", LONG_TTL),
+             lambda: store.list_workers(), lambda: store.match_prefix([b"\x00" * 16]),
+             lambda: store.snapshot(["m"]), lambda: store.acquire_lease("l", "me", LONG_TTL),
+             lambda: store.report("w1", LONG_TTL, WorkerLoad(0, 0, 1, 1), {})]
+    for call in calls:
+        with pytest.raises(StoreConnectionError, match="did not answer") as error:
+            call()
+        assert isinstance(error.value, ServingError)
+    store.close()

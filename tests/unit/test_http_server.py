@@ -167,7 +167,7 @@ def test_the_last_chunk_carries_the_request_report():
     wire = {"prefill_worker": "p-0", "decode_worker": "d-0", "k_history": [3, 1], "draft_tokens": 4,
             "accepted_tokens": 2, "queue_s": 0.1, "prefill_s": 0.2, "transfer_s": 0.01, "decode_s": 1.5,
             "handoff_attempts": 1, "placement": "remote", "predicted_ttft_s": 0.25, "predicted_tpot_s": 0.05,
-            "ttft_s": 0.3, "tpot_s": 0.06}
+            "ttft_s": 0.3, "tpot_s": 0.06, "migrations": 0}
     assert reply.chunk(last, is_first=False)["splitserve_report"] == wire
     assert reply.response("Hello", last)["splitserve_report"] == wire
     assert set(wire) == {f.name for f in pb.RequestReport.DESCRIPTOR.fields}  # the gRPC message's names
