@@ -141,6 +141,8 @@ class Placer:
         decode = rank_decode(decode_ids, n, self.block_size, view.loads, batches, decode_models, req.tried,
                              cached=cached)[0]
         tpot = decode.predicted_s * self.corrections.factor(decode.worker_id, "tpot")
+        load = view.loads.get(decode.worker_id)
+        decode_batch = max(load.num_running_requests if load else 0, batches[decode.worker_id])
         prefill_models = {w: m for w in prefill_ids if (m := view.models_of(w).prefill) is not None}
         options, unguarded = [], []
         for prefill in rank_prefill(prefill_ids, n, cached, self.block_size, view.loads, view.inflight_tokens,
@@ -148,14 +150,15 @@ class Placer:
             worker_id, factor = prefill.worker_id, self.corrections.factor(prefill.worker_id, TTFT[REMOTE])
             model = prefill_models.get(worker_id)
             margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
-            plain = Remote(worker_id, decode.worker_id, prefill.predicted_s * factor + margin + self.transfer_s, tpot)
+            plain = Remote(worker_id, decode.worker_id, prefill.predicted_s * factor + margin + self.transfer_s, tpot,
+                           decode_batch=decode_batch)
             side = self._side(req, worker_id, cached, ttft_correction=factor)
             if side is None or not side.running or side.model is None:
                 options.append(plain)
             elif (chunked := remote_chunk(side, n, self.config)) is not None:  # it decodes too: guarded chunks
                 options.append(Remote(worker_id, decode.worker_id, chunked.predicted_ttft_s + self.transfer_s, tpot,
                                       chunked.chunk_tokens, chunked.extra_decode_s, chunked.extra_steps,
-                                      chunked.cost_s - chunked.predicted_ttft_s))
+                                      chunked.cost_s - chunked.predicted_ttft_s, decode_batch))
             else:
                 unguarded.append(plain)
         if not options and not self.config.admission:  # place it all the same, as well as the predictions allow

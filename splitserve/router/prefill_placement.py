@@ -43,7 +43,9 @@ on the average one.
 
 The choice: among the options that meet the request's TTFT and TPOT SLOs, the lowest cost =
 predicted TTFT + the delay it imposes on requests already decoding (local: the extra seconds
-its chunks add to D's steps, times the requests running there). Nothing holds -> CapacityError,
+its chunks add to D's steps, times the requests running there) -- except that a hand-off from
+P is no candidate when running the request on P itself meets the SLOs and P decodes no more
+than D (``_undominated``). Nothing holds -> CapacityError,
 which the router answers with RESOURCE_EXHAUSTED / HTTP 429, and a retry hint: a TTFT miss's
 excess (the queued work must drain by that much), a TPOT miss's predicted TTFT (a batch shrinks
 no sooner than a prefill). It knows nothing of Ray, the store or how a placement is carried out.
@@ -86,6 +88,7 @@ class Remote:
     extra_decode_s: float = 0.0
     extra_steps: int = 0
     delay_cost_s: float = 0.0
+    decode_batch: int = 0  # the requests decoding at the decode worker (this router's placed ones too)
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: 
                                 "running there past their TPOT SLO; retry later or relax the SLO",
                                 retry_after_s=_NO_PREDICTION_RETRY_S)
         raise ValueError("no worker to place the request on")
-    meeting = [o for o in options if _meets(o, slo)]
+    meeting = _undominated([o for o in options if _meets(o, slo)], remote, local_sides)
     if meeting or not config.admission:
         return min(meeting or options, key=lambda o: (o.cost_s, o.kind != REMOTE, o.decode_worker))
     best = min(options, key=lambda o: o.predicted_ttft_s)
@@ -312,6 +315,21 @@ def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: 
     raise CapacityError(f"predicted {what} {predicted * 1000:.0f} ms on the best placement ({best.kind} on "
                         f"{best.prefill_worker}) exceeds the request's SLO of {target * 1000:.0f} ms; retry later "
                         f"or relax the SLO", retry_after_s=retry_after if math.isfinite(retry_after) else None)
+
+
+def _undominated(meeting: list[Placement], remote: Remote | None, local_sides: Sequence[LocalSide]) -> list[Placement]:
+    """``meeting`` less the hand-off from P to D when running the request on P itself meets its
+    SLOs too and P decodes no more requests than D: the same worker prefills it, no KV travels,
+    and the decode work spreads over both (what two colocated engines do) instead of piling up
+    at D, whatever the two TTFT models -- the prefill model and the mixed-step model, each
+    corrected apart -- say of the same prefill."""
+    if remote is None:
+        return meeting
+    batch_at_p = next((side.num_decoding for side in local_sides if side.worker_id == remote.prefill_worker), None)
+    runs_on_p = any(o.kind == LOCAL and o.prefill_worker == remote.prefill_worker for o in meeting)
+    if runs_on_p and batch_at_p is not None and batch_at_p <= remote.decode_batch:
+        return [o for o in meeting if o.kind != REMOTE]
+    return meeting
 
 
 def _meets_ttft(option: Placement, slo: SLO) -> bool:

@@ -385,3 +385,19 @@ def test_an_idle_prefill_worker_prefills_remote_prompts_whole_as_before():
     chosen = asyncio.run(placer.place(req, local=False))
     assert (chosen.kind, chosen.chunk_tokens, chosen.extra_steps) == (REMOTE, None, 0)
     assert chosen.predicted_ttft_s == pytest.approx(0.02 + 0.001 * PROMPT)
+
+
+def test_a_hand_off_gives_way_to_running_the_request_where_it_would_be_prefilled():
+    # The prefill model says p prefills it in 200 ms, the mixed-step model (corrected 2x) 442 ms:
+    # by cost the hand-off wins. But p decodes no more than d, so running it on p meets the SLOs
+    # with no transfer and spreads the decodes: the hand-off is no candidate.
+    on_p = LocalSide("p", MIXED, 0, 0, context_tokens=0, ttft_correction=2.0)
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    chosen = place(PROMPT, slo, Remote("p", "d", 0.2, 0.035, decode_batch=4), [on_p], EXACT)
+    assert (chosen.kind, chosen.prefill_worker, chosen.decode_worker) == (LOCAL, "p", "p")
+    # p decodes more than d: handing off spreads them better; and a local run that misses its
+    # SLO dominates nothing.
+    busier_p = replace(on_p, num_decoding=5, running=(Running(0.1, num_tokens=50, decode_s=1.75),) * 5)
+    assert place(PROMPT, slo, Remote("p", "d", 0.2, 0.035, decode_batch=4), [busier_p], EXACT).kind == REMOTE
+    assert place(PROMPT, SLO(ttft_s=0.3, tpot_s=0.1), Remote("p", "d", 0.2, 0.035, decode_batch=4), [on_p],
+                 EXACT).kind == REMOTE
