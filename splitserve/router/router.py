@@ -292,30 +292,26 @@ class Router:
         candidates = [w for w in live if w not in req.tried] or live
         if not candidates:
             raise ServingError(f"request {req.request_id}: no live worker to continue it on")
-        errors: list[str] = []
-        for worker_id in candidates:
-            stream = self._end_to_end(req, worker_id, continuation=sent.continuation())
-            try:
-                first = await anext(stream)
-            except CapacityError as e:  # full: the next worker may take it
-                errors.append(str(e))
-                continue
-            async with contextlib.aclosing(stream):
-                yield first
-                async for delta in stream:
-                    yield delta
-            return
-        raise CapacityError(no_worker("live", errors))
+        stream = self._on_first_with_room(req, candidates, "live", sent.continuation())
+        async with contextlib.aclosing(stream):
+            async for delta in stream:
+                yield delta
 
     # ------------------------------------------------------------------------ colocated
 
-    async def _colocated(self, req: RoutedRequest) -> AsyncIterator[GenerateDelta]:
+    def _colocated(self, req: RoutedRequest) -> AsyncIterator[GenerateDelta]:
+        return self._on_first_with_room(req, self.view.least_loaded("colocated"), "colocated")
+
+    async def _on_first_with_room(self, req: RoutedRequest, worker_ids: list[str], what: str,
+                                  continuation: Continuation | None = None) -> AsyncIterator[GenerateDelta]:
+        """The request end to end on the first of ``worker_ids`` with room for it: a full one
+        answers CapacityError before its first delta, and the next is asked."""
         errors: list[str] = []
-        for worker_id in self.view.least_loaded("colocated"):
-            stream = self._end_to_end(req, worker_id)
+        for worker_id in worker_ids:
+            stream = self._end_to_end(req, worker_id, continuation=continuation)
             try:
                 first = await anext(stream)
-            except CapacityError as e:  # full: the next worker may take it
+            except CapacityError as e:
                 errors.append(str(e))
                 continue
             async with contextlib.aclosing(stream):
@@ -323,7 +319,7 @@ class Router:
                 async for delta in stream:
                     yield delta
             return
-        raise CapacityError(no_worker("colocated", errors))
+        raise CapacityError(no_worker(what, errors))
 
     # --------------------------------------------------------- elastic and disaggregated
 

@@ -228,7 +228,7 @@ def check_a_local_prefill_holds_the_k_it_chose(s) -> None:
     decoding = threading.Thread(target=lambda: first.setdefault("out", generate("decoding", None, 256, started)))
     decoding.start()
     assert started.wait(120)
-    worker = next(w for w in router.view.ids("decode") if controller.k_of(w, "decoding") is not None)
+    worker = next(w.worker_id for w in router.view.workers if controller.k_of(w.worker_id, "decoding") is not None)
     held_k = {"decoding": 5}
     seen_held = []
 
