@@ -31,7 +31,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from splitserve.config import PlacementConfig
 from splitserve.engine.sampling_params import SamplingParams
@@ -39,9 +39,15 @@ from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import SLO
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.handoff import RoutedRequest
-from splitserve.router.placement import blocks_for, prompt_block_hashes, rank_decode, rank_prefill
+from splitserve.router.placement import (
+    blocks_for,
+    prompt_block_hashes,
+    rank_decode,
+    rank_prefill,
+)
 from splitserve.router.prefill_placement import (
     LOCAL,
+    NO_PREDICTION_RETRY_S,
     REMOTE,
     TTFT,
     Corrections,
@@ -115,11 +121,14 @@ class Placer:
             raise ServingError("no live worker")
         hashes = prompt_block_hashes(req.prompt_ids, self.block_size)
         cached = await asyncio.to_thread(self.view.store.match_prefix, hashes) if hashes else {}
-        remote = self._remote(req, prefill_ids, decode_ids, cached) if prefill_ids and decode_ids else None
-        sides = self._local_sides(req, [*decode_ids, *prefill_ids], cached) if local else []
+        # Each worker as the place of this prompt's prefill (None: no room), read once for both uses.
+        at = {w: self._side(req, w, cached) for w in dict.fromkeys([*decode_ids, *prefill_ids])}
+        remote = self._remote(req, prefill_ids, decode_ids, cached, at) if prefill_ids and decode_ids else None
+        sides = [side for w, side in at.items() if side is not None and w not in req.tried] if local else []
         if remote is None and prefill_ids and not sides:
             raise CapacityError("every prefill worker decodes requests that no chunk of this prompt would leave "
-                                "within their TPOT SLO; retry later or relax the SLO", retry_after_s=1.0)
+                                "within their TPOT SLO; retry later or relax the SLO",
+                                retry_after_s=NO_PREDICTION_RETRY_S)
         placement = place(n, req.slo, remote, sides, self.config)
         # Counted at once (no await since the facts were read), so a burst's next request sees it.
         self.view.inflight_tokens[placement.prefill_worker] += n
@@ -132,17 +141,17 @@ class Placer:
         return placement
 
     def _remote(self, req: RoutedRequest, prefill_ids: Sequence[str], decode_ids: Sequence[str],
-                cached: dict[str, int]) -> Remote | None:
-        """The best remote pair; None when every prefill worker decodes requests that no chunk
-        of this prompt would leave within their TPOT SLO."""
+                cached: dict[str, int], at: dict[str, LocalSide | None]) -> Remote | None:
+        """The best remote pair (``at``: each worker as the place of a prefill beside its
+        decodes); None when every prefill worker decodes requests that no chunk of this prompt
+        would leave within their TPOT SLO."""
         view, n = self.view, len(req.prompt_ids)
         decode_models = {w: m for w in decode_ids if (m := view.models_of(w).decode_step) is not None}
         batches = {w: self.batch_at(w) for w in decode_ids}
         decode = rank_decode(decode_ids, n, self.block_size, view.loads, batches, decode_models, req.tried,
                              cached=cached)[0]
         tpot = decode.predicted_s * self.corrections.factor(decode.worker_id, "tpot")
-        load = view.loads.get(decode.worker_id)
-        decode_batch = max(load.num_running_requests if load else 0, batches[decode.worker_id])
+        decode_batch = self.decoding_at(decode.worker_id)
         prefill_models = {w: m for w in prefill_ids if (m := view.models_of(w).prefill) is not None}
         options, unguarded = [], []
         for prefill in rank_prefill(prefill_ids, n, cached, self.block_size, view.loads, view.inflight_tokens,
@@ -152,10 +161,11 @@ class Placer:
             margin = 0.0 if model is None else self.config.margin_sigmas * model.fit().rmse
             plain = Remote(worker_id, decode.worker_id, prefill.predicted_s * factor + margin + self.transfer_s, tpot,
                            decode_batch=decode_batch)
-            side = self._side(req, worker_id, cached, ttft_correction=factor)
+            side = at[worker_id]
             if side is None or not side.running or side.model is None:
                 options.append(plain)
-            elif (chunked := remote_chunk(side, n, self.config)) is not None:  # it decodes too: guarded chunks
+            elif (chunked := remote_chunk(replace(side, ttft_correction=factor), n, self.config)) is not None:
+                # it decodes too: guarded chunks, its remote prefills' correction
                 options.append(Remote(worker_id, decode.worker_id, chunked.predicted_ttft_s + self.transfer_s, tpot,
                                       chunked.chunk_tokens, chunked.extra_decode_s, chunked.extra_steps,
                                       chunked.cost_s - chunked.predicted_ttft_s, decode_batch))
@@ -166,20 +176,14 @@ class Placer:
         tried_last = [o for o in options if o.prefill_worker not in req.tried] or options
         return min(tried_last, key=lambda o: (o.ttft_s, o.prefill_worker), default=None)
 
-    def _local_sides(self, req: RoutedRequest, worker_ids: Sequence[str], cached: dict[str, int]) -> list[LocalSide]:
-        sides = [self._side(req, w, cached, self.corrections.factor(w, TTFT[LOCAL])) for w in worker_ids
-                 if w not in req.tried]
-        return [side for side in sides if side is not None]
-
-    def _side(self, req: RoutedRequest, worker_id: str, cached: dict[str, int],
-              ttft_correction: float) -> LocalSide | None:
-        """The worker as the place of this prompt's prefill beside its decode batch; None when
-        it has no room for the prompt."""
+    def _side(self, req: RoutedRequest, worker_id: str, cached: dict[str, int]) -> LocalSide | None:
+        """The worker as the place of this prompt's prefill beside its decode batch (corrected as
+        its local prefills); None when it has no room for the prompt."""
         view, n = self.view, len(req.prompt_ids)
         load = view.loads.get(worker_id)
         if load is not None and load.num_free_blocks < blocks_for(n, self.block_size):
             return None
-        num_decoding = max(load.num_running_requests if load else 0, self.batch_at(worker_id))
+        num_decoding = self.decoding_at(worker_id)
         k_max = view.models_of(worker_id).speculation.k_max
         return LocalSide(
             worker_id, view.models_of(worker_id).mixed_step, num_decoding,
@@ -187,11 +191,16 @@ class Placer:
             queued_prefill_tokens=max(load.num_queued_prompt_tokens if load else 0, view.inflight_tokens[worker_id]),
             cached_tokens=min(cached.get(worker_id, 0) * self.block_size, n - 1),
             running=self.running_at(worker_id, num_decoding),
-            ttft_correction=ttft_correction,
+            ttft_correction=self.corrections.factor(worker_id, TTFT[LOCAL]),
             tpot_correction=self.corrections.factor(worker_id, "tpot"),
             tpot_tail=self.corrections.tail(worker_id, "tpot"),
             choose_ks=functools.partial(self.controller.best_ks, worker_id, k_max) if k_max > 0 else None,
         )
+
+    def decoding_at(self, worker_id: str) -> int:
+        """The requests decoding at the worker: as it last reported, or this router's there if more."""
+        load = self.view.loads.get(worker_id)
+        return max(load.num_running_requests if load else 0, self.batch_at(worker_id))
 
     def batch_at(self, worker_id: str) -> int:
         """The requests of this router that decode at the worker or will: those in flight there,

@@ -66,7 +66,7 @@ from splitserve.router.goodput import StepTime, expected_kept_tokens
 
 REMOTE, LOCAL = "remote", "local"
 TTFT = {REMOTE: "ttft/remote", LOCAL: "ttft/local"}  # the correction factors' quantity, per kind
-_NO_PREDICTION_RETRY_S = 1.0  # the retry hint where no prediction says when a worker will have room
+NO_PREDICTION_RETRY_S = 1.0  # the retry hint where no prediction says when a worker will have room
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: 
         if remote is None and local_sides:
             raise CapacityError("no worker can prefill the request locally without pushing the requests "
                                 "running there past their TPOT SLO; retry later or relax the SLO",
-                                retry_after_s=_NO_PREDICTION_RETRY_S)
+                                retry_after_s=NO_PREDICTION_RETRY_S)
         raise ValueError("no worker to place the request on")
     meeting = _undominated([o for o in options if _meets(o, slo)], remote, local_sides)
     if meeting or not config.admission:
