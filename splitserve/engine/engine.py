@@ -214,12 +214,7 @@ class LLMEngine:
         if len(outputs) >= request.max_tokens:
             raise ValueError(f"the request produced {len(outputs)} tokens already; it may produce "
                              f"{request.max_tokens} in all here, so nothing is left to continue")
-        state = continuation.generator_state
-        if request.generator is not None and state is not None:
-            try:
-                request.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
-            except RuntimeError as e:
-                raise ValueError(f"a continuation's generator_state is not a sampler state: {e}") from None
+        _restore_generator(request, continuation.generator_state, "a continuation's generator_state")
         request.token_ids.extend(outputs)
         return continuation.num_emitted_chars
 
@@ -250,7 +245,7 @@ class LLMEngine:
         return Reservation(table, len(prefix) * self.config.block_size)
 
     def start_reserved(
-        self, request_id: str, first_token_id: int, generator_state: torch.Tensor | None = None
+        self, request_id: str, first_token_id: int, generator_state: bytes | None = None
     ) -> RequestOutput:
         """Decode side: the prompt's K/V are in the reserved blocks; run the request from its
         first token on. ``generator_state`` continues a seeded request's random stream where
@@ -263,8 +258,7 @@ class LLMEngine:
         if isinstance(first_token_id, bool) or not isinstance(first_token_id, int) or not 0 <= first_token_id < vocab:
             raise ValueError(f"first_token_id must be a token id in [0, {vocab}), got {first_token_id!r}")
         del self._reserved[request_id]
-        if generator_state is not None and request.generator is not None:
-            request.generator.set_state(generator_state)
+        _restore_generator(request, generator_state, "generator_state")
         request.num_computed_tokens = request.num_prompt_tokens
         self.kv_cache.cache_full_blocks(request_id, request.token_ids, request.num_computed_tokens)
         self.scheduler.add_running(request)
@@ -494,7 +488,7 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         output = self._outputs[request.request_id].update()
         if request.generator is not None:  # where it goes on elsewhere, its random stream does too
-            output.generator_state = request.generator.get_state()
+            output.generator_state = request.generator.get_state().numpy().tobytes()
         if request.export_kv:  # prefill done: the request goes on (or ends) elsewhere
             self._finish(request)
         elif output.finished:
@@ -507,3 +501,14 @@ class LLMEngine:
         if self.proposer is not None:
             self.proposer.free(request.request_id)
         del self._outputs[request.request_id]
+
+
+def _restore_generator(request: Request, state: bytes | None, what: str) -> None:
+    """Continue a seeded request's random stream from ``state`` (``RequestOutput.generator_state``
+    of the engine it comes from); ValueError naming ``what`` for bytes that are no sampler state."""
+    if request.generator is None or state is None:
+        return
+    try:
+        request.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    except RuntimeError as e:
+        raise ValueError(f"{what} is not a sampler state: {e}") from None

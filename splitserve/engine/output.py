@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from splitserve.engine.request import FinishReason, Request
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -53,7 +51,7 @@ class RequestOutput:
     spec: SpecStats
     # A seeded request's sampler RNG state after this output's tokens (the decode side of a
     # handoff, or a worker it migrates to, continues from it).
-    generator_state: torch.Tensor | None = None
+    generator_state: bytes | None = None
 
 
 class OutputState:

@@ -102,7 +102,7 @@ def _result(request_id: str, output: RequestOutput, prefill_s: float, report: Ha
         finished=output.finished,
         finish_reason=str(output.finish_reason) if output.finish_reason else None,
         num_prompt_tokens=len(output.prompt_token_ids),
-        generator_state=None if output.generator_state is None else output.generator_state.numpy().tobytes(),
+        generator_state=output.generator_state,
         prefill_s=prefill_s,
         handoff_wait_s=report.wait_s,
         num_kv_chunks=report.num_chunks,

@@ -85,5 +85,5 @@ def merge_outputs(request_id: str, outputs: list[RequestOutput | None]) -> Gener
         num_output_tokens=len(last.token_ids),
         num_draft_tokens=last.spec.num_draft_tokens,
         num_accepted_tokens=last.spec.num_accepted_tokens,
-        generator_state=None if last.generator_state is None else last.generator_state.numpy().tobytes(),
+        generator_state=last.generator_state,
     )

@@ -172,8 +172,7 @@ class Worker:
         await self.kv.wait_landed(request_id)
         stream = self.loop.open_stream(request_id)
         try:
-            state = None if generator_state is None else torch.frombuffer(bytearray(generator_state), dtype=torch.uint8)
-            first = await self.loop.call(self.engine.start_reserved, request_id, first_token_id, state)
+            first = await self.loop.call(self.engine.start_reserved, request_id, first_token_id, generator_state)
         except BaseException:
             self.loop.close_stream(request_id)
             raise

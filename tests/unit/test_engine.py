@@ -266,8 +266,7 @@ def test_a_continued_request_goes_on_exactly_where_it_left_off(llm, params):
     sent_tokens, sent_text = outputs[cut].token_ids, "".join(o.new_text for o in outputs[: cut + 1])
     state = outputs[cut].generator_state
     assert (state is not None) == (params.seed is not None)  # every output of a seeded request carries it
-    continuation = Continuation(tuple(sent_tokens), len(sent_text),
-                                None if state is None else state.numpy().tobytes())
+    continuation = Continuation(tuple(sent_tokens), len(sent_text), state)
     rest, rest_text, rest_outputs = _run(engine, PROMPTS[1], params, continuation=continuation)
     assert sent_tokens + rest == tokens and sent_text + rest_text == text
     assert rest_outputs[-1].token_ids == tokens and rest_outputs[-1].finish_reason == "length"
