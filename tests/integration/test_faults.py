@@ -91,17 +91,21 @@ def test_streams_continue_on_another_worker_when_theirs_dies(ray_cluster, uninte
             stream.join(600)
         assert [stream.error for stream in streams] == [None] * len(streams)
         assert [stream.tokens for stream in streams] == uninterrupted
+        failed = 0
         if mode == "disaggregated":  # its one decode worker is gone: new requests fail at once, clearly
             assert all(s.code() == grpc.StatusCode.UNAVAILABLE and "no live decode worker" in s.details()
                        for s in (stream.error for stream in after))
-            after = []
+            failed, after = len(after), []
         assert [stream.error for stream in after] == [None] * len(after)  # elastic: the other worker serves them
         assert [stream.tokens for stream in after] == uninterrupted[: len(after)]
         reports = [stream.last.report for stream in streams + after]
         assert all(r.decode_worker != victim for r in reports)
         assert sum(r.migrations for r in reports[: len(streams)]) >= 1, f"no stream was on {victim} when it was killed"
         moved = sum(r.migrations for r in reports)  # a new request placed there before anyone noticed moves too
-        assert f"splitserve_migrations_total {float(moved)}" in s.metrics.render().decode()
+        counted = next(float(line.split()[1]) for line in s.metrics.render().decode().splitlines()
+                       if line.startswith("splitserve_migrations_total "))
+        # A new request that moved and then found no decode worker left counts but has no report.
+        assert moved <= counted <= moved + 3 * failed  # (3: the migration limit)
 
         assert_idle(s, dead=frozenset({victim}))
     finally:
