@@ -31,6 +31,8 @@ DEFAULT_STORE_PREFIX = "splitserve"
 AUTO_HOST = "auto"  # TransferConfig.host: each worker advertises its own node's address
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # set by the deployment, not by pools
 DEFAULT_GRPC_PORT = 50051
+MIN_KV_AUTH_KEY_BYTES = 16
+DEFAULT_SEND_TIMEOUT_S = 30.0  # how long a stream's write may wait on a client that takes nothing
 
 
 def check_name(what: str, value: object) -> None:
@@ -184,7 +186,10 @@ class TransferConfig:
     deployment spanning hosts needs). timeout_s: a handoff's deadline (each chunk's send, and the decode
     side's wait). reservation_lease_s: a decode reservation is a lease its router renews while
     the prompt is prefilled (every third of it); one not renewed for this long is released, so
-    the blocks of a router that died come back within it.
+    the blocks of a router that died come back within it. auth_key: the deployment's shared
+    secret for KV links (at least 16 bytes; kept out of repr): receivers refuse chunks, and the
+    collective rendezvous refuses peers, that do not prove it (None: any peer is taken;
+    ``splitserve.transfer.auth``).
     """
 
     backend: str = "collective"
@@ -193,9 +198,13 @@ class TransferConfig:
     host: str = "127.0.0.1"
     timeout_s: float = 30.0
     reservation_lease_s: float = 10.0
+    auth_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_choice("transfer backend", self.backend, TRANSFER_BACKENDS)
+        if self.auth_key is not None and (not isinstance(self.auth_key, bytes)
+                                          or len(self.auth_key) < MIN_KV_AUTH_KEY_BYTES):
+            raise ValueError(f"the KV auth key must be at least {MIN_KV_AUTH_KEY_BYTES} bytes")
         _check_choice("kv_codec", self.kv_codec, KV_CODECS)
         check_name("host", self.host)
         if self.layers_per_chunk < 1:
@@ -469,8 +478,12 @@ class ServeConfig:
     started, and leave them running at shutdown. grace_s: what in-flight requests get at
     shutdown. migration_limit: how many times a request may move to another worker when the
     one running it dies (0: never). max_queued_requests: requests that may wait for their first
-    token at once; one more is refused at once with a retry hint (None: no bound). access: API
-    keys and TLS of both front ends."""
+    token at once; one more is refused at once with a retry hint (None: no bound).
+    stream_lease_s: a worker aborts the requests it streams to a router it has not heard from
+    for this long (the router renews every third of it), so a router that dies leaves no
+    request decoding for nobody. send_timeout_s: a stream whose client takes no data for this
+    long (it stopped reading) is aborted, on both front ends. access: API keys and TLS of both
+    front ends."""
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = DEFAULT_GRPC_PORT
@@ -484,6 +497,8 @@ class ServeConfig:
     router_only: bool = False
     migration_limit: int = 3
     max_queued_requests: int | None = None
+    stream_lease_s: float = 10.0
+    send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
     access: AccessConfig = field(default_factory=AccessConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     roles: RoleConfig = field(default_factory=RoleConfig)
@@ -501,6 +516,9 @@ class ServeConfig:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        for name in ("stream_lease_s", "send_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
         if self.grace_s < 0 or self.start_timeout_s <= 0:
             raise ValueError(f"need grace_s >= 0 and start_timeout_s > 0, got {self.grace_s}, {self.start_timeout_s}")
 

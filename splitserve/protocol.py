@@ -5,7 +5,8 @@ decode worker reserved blocks for a prompt's KV), ``PrefillResult`` (a prompt's 
 once its KV landed at the decode worker) and ``WorkerStatus``; routers add the
 ``RequestReport`` to a request's last delta and judge requests by their ``SLO``;
 ``SpeculationLimits`` is what a worker publishes about its speculation for the router's
-controller. The errors they raise are in ``splitserve.errors``. Nothing here knows Ray, gRPC
+controller; a ``StreamLease`` names the router a worker streams a request to and how long that
+router's silence is tolerated. The errors they raise are in ``splitserve.errors``. Nothing here knows Ray, gRPC
 or the engine, and holds no tensors: these are plain dataclasses that travel through Ray's
 serialization (a router process unpickles them without torch) and are translated to protobuf
 only at the front ends.
@@ -104,6 +105,21 @@ class KVDestination:
     def __post_init__(self) -> None:
         if isinstance(self.start_token, bool) or not isinstance(self.start_token, int) or self.start_token < 0:
             raise ValueError(f"start_token must be an integer >= 0, got {self.start_token!r}")
+
+
+@dataclass(frozen=True)
+class StreamLease:
+    """The router a worker streams a request to (``owner``: one id per router process) and
+    the lease it holds the request under: a worker that hears nothing from that owner for
+    ``lease_s`` (``Worker.renew_streams``, which the router calls every third of it) aborts the
+    owner's requests, since a dead router's streams have no reader."""
+
+    owner: str
+    lease_s: float
+
+    def __post_init__(self) -> None:
+        if not self.owner or not 0 < self.lease_s < float("inf"):
+            raise ValueError(f"a stream lease needs an owner and a positive, finite lease_s, got {self}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from splitserve.config import (
 )
 
 API_KEY_ENV = "SPLITSERVE_API_KEY"
+KV_AUTH_KEY_ENV = "SPLITSERVE_KV_AUTH_KEY"
 
 
 def add_options(serve: argparse.ArgumentParser,
@@ -53,7 +54,7 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
         speculative = SpeculativeConfig(args.speculative, num_speculative_tokens=args.num_speculative_tokens)
         decode_engine = replace(engine, speculative=speculative)
     transfer = TransferConfig(backend=args.transfer, kv_codec=args.kv_codec, layers_per_chunk=args.layers_per_chunk,
-                              host=args.host)
+                              host=args.host, auth_key=kv_auth_key(args.kv_auth_key_file))
     store = StoreConfig(redis_url=args.redis_url, prefix=args.store_prefix)
     cluster = ClusterConfig(mode=args.mode, num_workers=args.workers, num_prefill_workers=args.prefill_workers,
                             num_decode_workers=args.decode_workers,
@@ -67,7 +68,8 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
                         slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
                         slo_tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None,
                         router_only=args.router_only, migration_limit=args.migration_limit,
-                        max_queued_requests=args.max_queued_requests,
+                        max_queued_requests=args.max_queued_requests, stream_lease_s=args.stream_lease,
+                        send_timeout_s=args.send_timeout,
                         access=AccessConfig(api_keys=api_keys(args.api_key), ssl_certfile=args.ssl_certfile,
                                             ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs),
                         roles=RoleConfig(enabled=args.balance_roles, min_dwell_s=args.role_dwell),
@@ -80,6 +82,22 @@ def api_keys(given: list[str] | None) -> tuple[str, ...]:
     if given:
         return tuple(given)
     return tuple(key.strip() for key in os.environ.get(API_KEY_ENV, "").split(",") if key.strip())
+
+
+def kv_auth_key(path: str | None) -> bytes | None:
+    """The KV links' shared secret: --kv-auth-key-file's content, else $SPLITSERVE_KV_AUTH_KEY's
+    (surrounding whitespace dropped; None: neither). ValueError for a file it cannot read."""
+    if path is None:
+        key = os.environ.get(KV_AUTH_KEY_ENV, "").strip().encode()
+        return key or None
+    try:
+        with open(path, "rb") as file:
+            key = file.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the KV auth key file {path}: {e.strerror}") from None
+    if not key:
+        raise ValueError(f"the KV auth key file {path} is empty")
+    return key
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,6 +192,10 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
             "how KV values are encoded on the wire (default: %(default)s)", choices=KV_CODECS)
     _option(group, TransferConfig, "--layers-per-chunk", "layers_per_chunk", "layers per KV chunk on the wire; a "
             "chunk is sent as soon as its layers are computed (default: %(default)s)", type=int, metavar="N")
+    group.add_argument("--kv-auth-key-file", metavar="FILE", help="a file holding the deployment's shared secret "
+                       "for KV links (at least 16 bytes): workers refuse KV chunks and collective rendezvous from "
+                       "peers without it; every process of the deployment needs the same one (default: "
+                       f"${KV_AUTH_KEY_ENV}, else none)")
     _option(group, StoreConfig, "--redis-url", "redis_url",
             "keep the shared state (workers, loads, prefix index) in this Redis (default: an embedded store)",
             metavar="URL")
@@ -231,6 +253,12 @@ def _add_front_end_options(group: argparse._ArgumentGroup) -> None:
     _option(group, ServeConfig, "--max-queued-requests", "max_queued_requests", "requests that may wait for their "
             "first token at once; one more is refused at once (RESOURCE_EXHAUSTED / 429 with a retry hint) instead "
             "of queueing (default: no bound)", type=int, metavar="N")
+    _option(group, ServeConfig, "--stream-lease", "stream_lease_s", "seconds a worker keeps streaming a "
+            "request without hearing from its router (renewed every third of it); a router that died has its "
+            "requests aborted after this (default: %(default)s)", type=float, metavar="S")
+    _option(group, ServeConfig, "--send-timeout", "send_timeout_s", "seconds a stream may wait on a client that "
+            "takes no data (it stopped reading) before its request is aborted and the stream ended (default: "
+            "%(default)s)", type=float, metavar="S")
     _option(group, ServeConfig, "--router-only", "router_only", "a router replica: start no workers, serve over "
             "those another `splitserve serve` started (same --redis-url, --store-prefix, --mode and --model; join "
             "its Ray with --address); worker options are ignored", action="store_true")

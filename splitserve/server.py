@@ -99,11 +99,13 @@ class Server:
                              default_slo=SLO(self.options.slo_ttft_s, self.options.slo_tpot_s),
                              placement=self.options.placement, migration_limit=self.options.migration_limit,
                              max_queued_requests=self.options.max_queued_requests,
+                             stream_lease_s=self.options.stream_lease_s,
                              roles=None if self.options.router_only else self.options.roles)
-        self._grpc = GrpcServer(self.router, metrics=self.metrics, access=self.options.access)
+        self._grpc = GrpcServer(self.router, metrics=self.metrics, access=self.options.access,
+                                send_timeout_s=self.options.send_timeout_s)
         self.port = await self._grpc.start(self.options.grpc_host, self.options.grpc_port)
         if self.options.http_port is not None:
-            self._http = HttpServer(self.router, self.metrics, self.options.access)
+            self._http = HttpServer(self.router, self.metrics, self.options.access, self.options.send_timeout_s)
             self.http_port = await self._http.start(self.options.http_host, self.options.http_port)
         if self.deployment is not None:
             await self.deployment.start(self.options.start_timeout_s,

@@ -18,7 +18,7 @@ from typing import Any
 from splitserve.config import AUTO_HOST, WorkerConfig
 from splitserve.engine.continuation import Continuation
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, WorkerStatus
+from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, StreamLease, WorkerStatus
 
 
 class WorkerActor:
@@ -44,9 +44,9 @@ class WorkerActor:
     # A request end to end.
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       max_chunk_tokens: int | None = None,
-                       continuation: Continuation | None = None) -> AsyncIterator[GenerateDelta]:
-        deltas = self.worker.generate(request_id, prompt_token_ids, params, max_chunk_tokens, continuation)
+                       max_chunk_tokens: int | None = None, continuation: Continuation | None = None,
+                       lease: StreamLease | None = None) -> AsyncIterator[GenerateDelta]:
+        deltas = self.worker.generate(request_id, prompt_token_ids, params, max_chunk_tokens, continuation, lease)
         async with contextlib.aclosing(deltas):
             async for delta in deltas:  # closing this stream closes the worker's: it aborts the request
                 yield delta
@@ -56,6 +56,9 @@ class WorkerActor:
 
     async def abort(self, request_id: str) -> None:
         await self.worker.abort(request_id)
+
+    async def renew_streams(self, owner: str) -> int:
+        return await self.worker.renew_streams(owner)
 
     # Prefill for a remote worker.
 
@@ -80,9 +83,10 @@ class WorkerActor:
     async def renew_reservation(self, request_id: str) -> bool:
         return await self.worker.renew_reservation(request_id)
 
-    async def generate_from(self, request_id: str, first_token_id: int,
-                            generator_state: bytes | None = None) -> AsyncIterator[GenerateDelta]:
-        async with contextlib.aclosing(self.worker.generate_from(request_id, first_token_id, generator_state)) as deltas:
+    async def generate_from(self, request_id: str, first_token_id: int, generator_state: bytes | None = None,
+                            lease: StreamLease | None = None) -> AsyncIterator[GenerateDelta]:
+        deltas = self.worker.generate_from(request_id, first_token_id, generator_state, lease)
+        async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 yield delta
 

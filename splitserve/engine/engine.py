@@ -334,12 +334,15 @@ class LLMEngine:
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks; unknown or finished ids are ignored."""
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; whether it was unfinished (unknown or finished
+        ids are ignored)."""
         state = self._outputs.get(request_id)
-        if state is not None:
-            state.request.finish_reason = FinishReason.ABORT
-            self._finish(state.request)
+        if state is None:
+            return False
+        state.request.finish_reason = FinishReason.ABORT
+        self._finish(state.request)
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0

@@ -7,7 +7,9 @@ follows ``Frontend.is_ready``) and reflection. Protobuf stays here: requests bec
 errors map to statuses by type as ``splitserve.router.api`` describes; a RESOURCE_EXHAUSTED whose
 CapacityError carries a retry hint also sends the ``grpc-retry-pushback-ms`` trailer. With API
 keys configured every call but health checks needs one (UNAUTHENTICATED without); with TLS
-files it listens with TLS (mutual with a CA bundle). The serve command starts it inside the
+files it listens with TLS (mutual with a CA bundle). A stream whose client takes no message
+for ``send_timeout_s`` (it stopped reading; HTTP/2 flow control holds the write) is aborted
+with DEADLINE_EXCEEDED, and so is its request. The serve command starts it inside the
 router's event loop and stops it on shutdown.
 """
 
@@ -24,7 +26,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitserve.config import DEFAULT_GRPC_PORT, AccessConfig
+from splitserve.config import DEFAULT_GRPC_PORT, DEFAULT_SEND_TIMEOUT_S, AccessConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import SLO, GenerateDelta, RequestReport
@@ -147,9 +149,10 @@ def trailers_for_error(error: Exception) -> tuple[tuple[str, str], ...]:
 
 
 class _GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, frontend: Frontend, metrics: Metrics | None):
+    def __init__(self, frontend: Frontend, metrics: Metrics | None, send_timeout_s: float):
         self._frontend = frontend
         self._metrics = metrics
+        self._send_timeout_s = send_timeout_s
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         try:
@@ -159,18 +162,8 @@ class _GenerationService(pb_grpc.GenerationServicer):
                 self._metrics.count_error(error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         stream: AsyncIterator[GenerateDelta] | None = None
-        try:
-            stream = observe_stream(self._metrics, self._frontend.generate(generate_input))
-            async for delta in stream:
-                await context.write(delta_to_pb(delta))
-        except Exception as error:
-            if context.cancelled():  # the client left mid-write: nobody to tell
-                return
-            code, details = status_for_error(error)
-            if code == grpc.StatusCode.INTERNAL:
-                logger.exception("Generate %r failed", request.request_id)
-            await context.abort(code, details, trailers_for_error(error))
-        finally:
+
+        async def close() -> None:
             # A client cancel (or stop) arrives as CancelledError at whichever await the handler
             # is in. Closing the frontend's iterator here, instead of leaving it to garbage
             # collection (which a live traceback can put off), makes the router abort the
@@ -178,6 +171,34 @@ class _GenerationService(pb_grpc.GenerationServicer):
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+        try:
+            stream = observe_stream(self._metrics, self._frontend.generate(generate_input))
+            async for delta in stream:
+                try:
+                    await asyncio.wait_for(context.write(delta_to_pb(delta)), self._send_timeout_s)
+                except TimeoutError:
+                    raise _StalledClient(f"the client took no message for {self._send_timeout_s:g} s; the request "
+                                         f"was aborted") from None
+        except Exception as error:
+            if context.cancelled():  # the client left mid-write: nobody to tell
+                return
+            code, details = status_for_error(error)
+            if isinstance(error, _StalledClient):  # the request goes first: the status may wait on the client
+                logger.warning("Generate %r: %s", request.request_id, error)
+                await close()
+                if self._metrics is not None:
+                    self._metrics.count_error(ServingError(str(error)))
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("Generate %r failed", request.request_id)
+            await context.abort(code, details, trailers_for_error(error))
+        finally:
+            await close()
+
+
+class _StalledClient(Exception):
+    """A stream's client took no message within the send timeout."""
 
 
 class _ReadinessHealth(health_async.HealthServicer):
@@ -246,13 +267,17 @@ class GrpcServer:
     Call ``start`` and ``stop`` from the event loop the frontend runs in. health_poll_s: how
     often health Watch streams are brought up to date with ``frontend.is_ready()``. metrics:
     where request latencies and outcomes are recorded (None: nowhere). access: API keys and TLS
-    (``splitserve.router.access``; None: open, plaintext).
+    (``splitserve.router.access``; None: open, plaintext). send_timeout_s: how long a stream's
+    write may wait on a client that takes no message before the request is aborted.
     """
 
     def __init__(self, frontend: Frontend, *, health_poll_s: float = 1.0, metrics: Metrics | None = None,
-                 access: AccessConfig | None = None):
+                 access: AccessConfig | None = None, send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S):
         if not health_poll_s > 0:
             raise ValueError(f"health_poll_s must be positive, got {health_poll_s!r}")
+        if not 0 < send_timeout_s < math.inf:
+            raise ValueError(f"send_timeout_s must be positive and finite, got {send_timeout_s!r}")
+        self._send_timeout_s = send_timeout_s
         self._frontend = frontend
         self._metrics = metrics
         self._access = access or AccessConfig()
@@ -268,7 +293,8 @@ class GrpcServer:
         credentials = _server_credentials(self._access)
         interceptors = [_ApiKeys(self._access.api_keys)] if self._access.api_keys else []
         server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
-        pb_grpc.add_GenerationServicer_to_server(_GenerationService(self._frontend, self._metrics), server)
+        service = _GenerationService(self._frontend, self._metrics, self._send_timeout_s)
+        pb_grpc.add_GenerationServicer_to_server(service, server)
         self._health = _ReadinessHealth(self._frontend.is_ready)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -9,7 +9,10 @@ The wire format lives in ``openai_protocol``; here is the I/O. Errors map to sta
 whose CapacityError carries a retry hint also gets ``Retry-After``. An error after a stream has
 begun is sent as an SSE ``error`` event before ``[DONE]``. The first output is awaited before
 the response starts, so input errors still get their status (and headers). A client that
-disconnects cancels its handler, which closes the frontend's iterator: the request is aborted.
+disconnects cancels its handler, which closes the frontend's iterator: the request is aborted;
+so does one that takes no data for ``send_timeout_s`` while a write waits on it (its buffers
+full: a client that stopped reading, or reads a byte a second), and its connection is closed --
+a stalled reader holds nothing for longer than that.
 With API keys configured every route but /health and /livez answers 401 without one; with
 TLS files it serves HTTPS (mutual TLS with a CA bundle). The serve command starts it inside the
 router's event loop, after the gRPC server.
@@ -27,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from splitserve.config import AccessConfig
+from splitserve.config import DEFAULT_SEND_TIMEOUT_S, AccessConfig
 from splitserve.errors import CapacityError, ServingError
 from splitserve.protocol import GenerateDelta
 from splitserve.router.access import OPEN_HTTP_PATHS, UNAUTHENTICATED, is_authorized, server_ssl_context
@@ -110,8 +113,12 @@ class HttpServer:
     Call ``start`` and ``stop`` from the event loop the frontend runs in.
     """
 
-    def __init__(self, frontend: Frontend, metrics: Metrics | None = None, access: AccessConfig | None = None):
+    def __init__(self, frontend: Frontend, metrics: Metrics | None = None, access: AccessConfig | None = None,
+                 send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S):
+        if not 0 < send_timeout_s < math.inf:
+            raise ValueError(f"send_timeout_s must be positive and finite, got {send_timeout_s!r}")
         self._frontend = frontend
+        self._send_timeout_s = send_timeout_s
         self.metrics = metrics if metrics is not None else Metrics()
         self._access = access or AccessConfig()
         self._runner: web.AppRunner | None = None
@@ -231,30 +238,43 @@ class HttpServer:
                       stream: AsyncIterator[GenerateDelta]) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
+
+        async def send(data: bytes) -> None:
+            """Write, or give the client up (ConnectionResetError) when it takes no data in time."""
+            try:
+                await asyncio.wait_for(response.write(data), self._send_timeout_s)
+            except TimeoutError:
+                logger.warning("request %s: the client took no data for %g s; aborting it and closing the "
+                               "connection", reply.request_id, self._send_timeout_s)
+                self.metrics.count_error(ServingError("the client stopped reading"))
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError("the client stopped reading") from None
+
         try:
-            await self._write_events(response, reply, first, stream)
-            await response.write(_DONE)
+            await self._write_events(send, reply, first, stream)
+            await send(_DONE)
             await response.write_eof()
         except ConnectionResetError:  # the client left; _generate's close aborts the request
             pass
         return response
 
-    async def _write_events(self, response: web.StreamResponse, reply: Reply, first: GenerateDelta,
+    async def _write_events(self, send: Callable[[bytes], Awaitable[None]], reply: Reply, first: GenerateDelta,
                             stream: AsyncIterator[GenerateDelta]) -> None:
         """A chunk per delta, then the usage chunk; an error ends the stream as an error event."""
         delta: GenerateDelta | None = first
         last = first
         try:
             while delta is not None:
-                await response.write(_sse(reply.chunk(delta, is_first=delta is first)))
+                await send(_sse(reply.chunk(delta, is_first=delta is first)))
                 last = delta
                 delta = None if delta.finished else await anext(stream, None)
             if reply.include_usage:
-                await response.write(_sse(reply.usage_chunk(last)))
+                await send(_sse(reply.usage_chunk(last)))
         except ConnectionResetError:
             raise
         except Exception as error:
             status, message = status_for_error(error)
             if status == 500:
                 logger.exception("request %s failed mid-stream", reply.request_id)
-            await response.write(_sse(error_body(status, message)))
+            await send(_sse(error_body(status, message)))

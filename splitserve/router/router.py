@@ -53,7 +53,7 @@ from splitserve.router.placer import Placer
 from splitserve.router.prefill_placement import LOCAL, Placement
 from splitserve.router.roles import RoleBalancer, RoleStats
 from splitserve.router.speculation import Speculation
-from splitserve.router.worker_calls import Visit, no_worker
+from splitserve.router.worker_calls import OwnerLease, Visit, no_worker
 
 logger = logging.getLogger(__name__)
 _TTFT_WEIGHT = 0.1  # how fast the mean time to first token (a full queue's retry hint) follows new requests
@@ -67,7 +67,9 @@ class Router:
     migration_limit: how many times a request may move to another worker when the one running
     it dies (0: never; it fails with UNAVAILABLE). max_queued_requests: how many requests may
     wait for their first token at once; one more is refused at once (RESOURCE_EXHAUSTED / 429,
-    retry hint: the recent mean TTFT) rather than queued (None: no bound).
+    retry hint: the recent mean TTFT) rather than queued (None: no bound). stream_lease_s: how
+    long a worker streaming a request of this router's keeps it without hearing from the router
+    (``OwnerLease``; renewed every third of it): a router that died leaves no request decoding.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Router:
         roles: RoleConfig | None = None,
         migration_limit: int = 3,
         max_queued_requests: int | None = None,
+        stream_lease_s: float = 10.0,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -108,6 +111,7 @@ class Router:
         self.metrics = metrics
         self.speculation = Speculation(self.view, spec_interval_s, metrics)
         self.handoff = Handoff(self.view, self.speculation, block_size, handoff_attempts)
+        self.owner = OwnerLease(self.view, stream_lease_s)
         self.placer = Placer(self.view, self.speculation.controller, block_size, placement or PlacementConfig(),
                              self.default_slo)
         self.role_stats = RoleStats()
@@ -185,6 +189,7 @@ class Router:
             _, pending = await asyncio.wait(set(self._active), timeout=grace_s)
             for task in pending:
                 task.cancel()
+        self.owner.stop()
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
         if self._closing:
@@ -351,7 +356,8 @@ class Router:
             chunk = None if placement is None else placement.chunk_tokens
             if placement is not None and placement.draft_ks:
                 self.speculation.hold(worker_id, visit.handle, req.request_id, dict(placement.draft_ks))
-            stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params, chunk, continuation)
+            stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params, chunk, continuation,
+                                                 self.owner.hold())
             self.speculation.track(worker_id, req.request_id, len(req.prompt_ids), req.params, params)
             async for ref in stream:
                 delta = await self.view.call(ref, worker_id)
@@ -410,7 +416,8 @@ class Router:
                 self.metrics.observe_transfer(result.num_kv_bytes, result.handoff_wait_s)
             self.speculation.track(decode.worker_id, req.request_id, len(req.prompt_ids), req.params,
                                    handoff.decode_params)
-            stream = decode.handle.generate_from.remote(req.request_id, result.first_token_id, result.generator_state)
+            stream = decode.handle.generate_from.remote(req.request_id, result.first_token_id, result.generator_state,
+                                                        self.owner.hold())
             async for ref in stream:
                 delta = await self.view.call(ref, decode.worker_id)
                 decode.finished = delta.finished

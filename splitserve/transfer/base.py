@@ -7,8 +7,9 @@ reserved. A prefill worker makes a sender per receiver endpoint and calls ``send
 
 What every backend shares lives here: encoding, the CRC-32 of the encoded payload (computed
 once per send; the receiver recomputes it while the bytes arrive), checksum verification and
-the NACK/re-send loop, the deadline, and the sink call. Backends only move a manifest and
-payload bytes one way and an ``Ack`` back.
+the NACK/re-send loop, the deadline, the sink call, and, with a deployment key (``auth_key``),
+each manifest's tag and its check before the sink sees anything (``splitserve.transfer.auth``).
+Backends only move a manifest and payload bytes one way and an ``Ack`` back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from splitserve.transfer.auth import kv_auth
 from splitserve.transfer.codec import get_codec
 from splitserve.transfer.manifest import KVManifest
 
@@ -80,9 +82,12 @@ def crc32(data: torch.Tensor | bytes | memoryview, value: int = 0) -> int:
 
 
 class KVReceiver(ABC):
-    """Accepts chunks from any number of senders and hands each verified chunk to the sink."""
+    """Accepts chunks from any number of senders and hands each verified chunk to the sink.
+    auth_key: the deployment's shared secret; chunks (and collective peers) without it are
+    refused (None: any peer is taken)."""
 
-    def __init__(self, sink: Sink):
+    def __init__(self, sink: Sink, auth_key: bytes | None = None):
+        self._auth = kv_auth(auth_key)
         self._sink = sink
         self._sink_lock = threading.Lock()
         self._is_stopped = False
@@ -106,6 +111,9 @@ class KVReceiver(ABC):
         """Verify one received chunk and give it to the sink; the answer goes back to the sender."""
         if self._is_stopped:
             return Ack(AckStatus.REJECTED, "receiver stopped")
+        refusal = self._unauthenticated(manifest)
+        if refusal is not None:
+            return refusal
         if manifest.checksum != computed_crc:
             logger.warning("chunk %s: checksum %08x != computed %08x; NACK",
                            manifest.key, manifest.checksum, computed_crc)
@@ -123,19 +131,30 @@ class KVReceiver(ABC):
             return Ack(AckStatus.REJECTED, f"sink refused chunk {manifest.key}: {type(e).__name__}: {e}")
         return Ack(AckStatus.OK)
 
+    def _unauthenticated(self, manifest: KVManifest) -> Ack | None:
+        """The refusal of a chunk whose tag does not verify with this receiver's key; None if
+        it does (or the receiver has no key)."""
+        if self._auth is None or self._auth.matches(manifest.auth_tag,
+                                                    self._auth.tag_manifest(manifest.unsigned().to_bytes())):
+            return None
+        logger.warning("chunk %s from %s: not authenticated; refused", manifest.key, manifest.src_worker)
+        return Ack(AckStatus.REJECTED, f"chunk {manifest.key} is not authenticated (its sender lacks this "
+                                       f"deployment's KV auth key)")
+
 
 class KVSender(ABC):
     """Sends chunks to one receiver endpoint; ``send`` blocks until the chunk is acknowledged.
 
     timeout_s bounds each ``send`` (all re-sends included); max_retries bounds re-sends after
     NACKs and broken links; segment_bytes is the slice size on the wire (None: the backend's
-    default). Thread-safe: concurrent sends on one sender go one at a time.
+    default). auth_key: the deployment's shared secret, which tags every manifest (None: no
+    tag). Thread-safe: concurrent sends on one sender go one at a time.
     """
 
     default_segment_bytes = 16 << 20  # payloads move (and are checksummed on arrival) in such slices
 
     def __init__(self, endpoint: str, *, timeout_s: float = 30.0, max_retries: int = 3,
-                 segment_bytes: int | None = None):
+                 segment_bytes: int | None = None, auth_key: bytes | None = None):
         segment_bytes = segment_bytes or self.default_segment_bytes
         if timeout_s <= 0 or max_retries < 0 or segment_bytes <= 0:
             raise ValueError(f"need timeout_s > 0, max_retries >= 0, segment_bytes > 0; got "
@@ -144,13 +163,14 @@ class KVSender(ABC):
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.segment_bytes = segment_bytes
+        self._auth = kv_auth(auth_key)
         self._lock = threading.Lock()
         self._num_corrupt_sends = 0
 
     def send(self, manifest: KVManifest, kv: torch.Tensor, *, timeout_s: float | None = None) -> SendReport:
         """Encode ``kv`` with the manifest's codec, checksum it, ship it and wait for the ack.
 
-        Any checksum already in ``manifest`` is replaced by the payload's. Raises ValueError
+        Any checksum (and tag) already in ``manifest`` is replaced by the payload's. Raises ValueError
         when ``kv`` does not match the manifest, TransferError when the chunk did not land.
         """
         if tuple(kv.shape) != manifest.shape or kv.dtype != manifest.torch_dtype:
@@ -159,7 +179,9 @@ class KVSender(ABC):
         start = time.monotonic()
         deadline = start + (self.timeout_s if timeout_s is None else timeout_s)
         payload = get_codec(manifest.codec).encode(kv)
-        manifest = replace(manifest, checksum=crc32(payload))
+        manifest = replace(manifest, checksum=crc32(payload), auth_tag=None)
+        if self._auth is not None:
+            manifest = replace(manifest, auth_tag=self._auth.tag_manifest(manifest.to_bytes()))
         problem = ""
         with self._lock:
             for attempt in range(1, self.max_retries + 2):

@@ -2,11 +2,14 @@
 
 No global process group: a worker talks to many peers that come and go. The receiver runs a
 ``TCPStore`` server (its endpoint) and an acceptor thread blocked on the store's ``peers``
-queue. A sender, on its first send, connects to that store, pushes a fresh session id, and
-both sides build a 2-rank group (receiver rank 0, sender rank 1) under the session's key
-prefix: ``ProcessGroupGloo`` for CPU tensors, ``ProcessGroupNCCL`` for CUDA ones (the
+queue. A sender, on its first send, connects to that store, pushes a fresh session id, waits
+for the receiver's verdict on it, and both sides build a 2-rank group (receiver rank 0, sender
+rank 1) under the session's key prefix: ``ProcessGroupGloo`` for CPU tensors, ``ProcessGroupNCCL`` for CUDA ones (the
 receiver's device decides and publishes it in the store). Each pair gets its own receiver
-thread, blocked in a receive between chunks.
+thread, blocked in a receive between chunks. With a deployment key the session id carries the
+sender's tag and the verdict the receiver's (``KVAuth``): the receiver builds no group for a
+session that does not verify or was offered before, and the sender sends nothing to a receiver
+that cannot prove the key.
 
 Per chunk, in order on the pair: one fixed-size header (magic, kind, sizes, then the manifest
 bytes with the checksum; a manifest too long for it continues in one more message), the
@@ -27,6 +30,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -37,6 +41,7 @@ from splitserve.transfer.base import (
     Ack, AckStatus, KVReceiver, KVSender, Sink, TransferError, _ConnectionLost, check_reachable_host, crc32,
     remaining,
 )
+from splitserve.transfer.auth import KVAuth
 from splitserve.transfer.manifest import KVManifest
 
 logger = logging.getLogger(__name__)
@@ -50,6 +55,8 @@ _INLINE_BYTES = _HEADER_BYTES - _PRELUDE.size
 _ACK_BYTES = 256
 _TAG = 0
 _PEERS_QUEUE = "peers"
+_ACCEPTED, _REFUSED = b"accepted:", b"refused:"  # a verdict: the receiver's tag (hex), or why not
+_REMEMBERED_SESSIONS = 1 << 16  # offered session ids kept to refuse a replayed offer
 _FOREVER = datetime.timedelta(days=365)
 
 
@@ -104,6 +111,15 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _listen(host: str, port: int) -> tuple[int, int]:
+    """A socket listening on ``host`` alone (a TCPStore left to listen by itself takes every
+    interface): its descriptor, for the store to own and close, and its port."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    listener = socket.create_server((host, port), family=family, backlog=128)
+    port = listener.getsockname()[1]
+    return listener.detach(), port
+
+
 def _local_address(host: str, port: int) -> str:
     """This machine's address on the route to ``host`` (what the peer can reach us at)."""
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
@@ -116,18 +132,23 @@ class CollectiveReceiver(KVReceiver):
     """Decode side: a TCPStore for rendezvous and one thread (and group) per connected sender.
 
     device: where received chunks land ("cpu" -> Gloo, "cuda[:i]" -> NCCL). host: the address
-    senders reach this machine at (the store and each group listen there); port 0 picks a free
-    one for the store (groups always take free ports).
+    senders reach this machine at (the store and each group listen there, on that address
+    alone); port 0 picks a free one for the store (groups always take free ports). auth_key:
+    as KVReceiver's; a peer whose session offer does not verify gets no group.
     """
 
     def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
-                 idle_timeout_s: float = 300.0, connect_timeout_s: float = 30.0):
-        super().__init__(sink)
+                 idle_timeout_s: float = 300.0, connect_timeout_s: float = 30.0, auth_key: bytes | None = None):
+        super().__init__(sink, auth_key)
+        self._offered: deque[str] = deque(maxlen=_REMEMBERED_SESSIONS)
+        self.num_refused_peers = 0
         self._host = check_reachable_host(host)
         self._device = torch.device(device)
         self._idle_timeout = _seconds(idle_timeout_s)
         self._connect_timeout = _seconds(connect_timeout_s)
-        store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=self._connect_timeout)
+        listen_fd, port = _listen(host, port)
+        store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=self._connect_timeout,
+                              master_listen_fd=listen_fd)
         store.set("backend", _backend_for(self._device))
         self._port = store.port
         self._store: dist.TCPStore | None = store
@@ -154,12 +175,33 @@ class CollectiveReceiver(KVReceiver):
         queue = master.clone()  # type: ignore[attr-defined]  # in TCPStore, missing from its stubs
         queue.set_timeout(_FOREVER)
         while not self._is_stopped:
-            session = queue.queue_pop(_PEERS_QUEUE).decode()
-            if not session or self._is_stopped:
+            offer = queue.queue_pop(_PEERS_QUEUE).decode(errors="replace")
+            if not offer or self._is_stopped:
                 break
+            session, _, tag = offer.partition(".")
+            refusal = self._refusal(session, tag)
+            if refusal is not None:
+                self.num_refused_peers += 1
+                logger.warning("kv receiver %s: refused peer session %r: %s", self.endpoint, session[:64], refusal)
+                if _is_session_id(session):
+                    queue.set(f"pair/{session}/verdict", _REFUSED + refusal.encode())
+                continue
+            self._offered.append(session)
+            acceptance = self._auth.tag_acceptance(session).hex() if self._auth is not None else ""
+            queue.set(f"pair/{session}/verdict", _ACCEPTED + acceptance.encode())
             store = dist.PrefixStore(f"pair/{session}/", master.clone())  # type: ignore[attr-defined]
             threading.Thread(target=self._serve_peer, args=(session, store), name=f"kv-peer-{session[:8]}",
                              daemon=True).start()
+
+    def _refusal(self, session: str, tag: str) -> str | None:
+        """Why a session offer gets no group; None when it may have one."""
+        if not _is_session_id(session):
+            return "malformed session id"
+        if session in self._offered:
+            return "session offered before"
+        if self._auth is not None and not self._auth.matches(_unhex(tag), self._auth.tag_session(session)):
+            return "not authenticated (the sender lacks this deployment's KV auth key)"
+        return None
 
     def _serve_peer(self, session: str, store: dist.Store) -> None:
         try:
@@ -244,13 +286,25 @@ class CollectiveSender(KVSender):
             store = dist.TCPStore(self._host, self._port, is_master=False, wait_for_workers=False, timeout=timeout)
             backend = store.get("backend").decode()
             session = uuid.uuid4().hex
-            store.queue_push(_PEERS_QUEUE, session)
+            tag = self._auth.tag_session(session).hex() if self._auth is not None else ""
+            store.queue_push(_PEERS_QUEUE, f"{session}.{tag}")
+            self._check_verdict(session, store.get(f"pair/{session}/verdict"))
             local_host = _local_address(self._host, self._port)
             group = _make_group(dist.PrefixStore(f"pair/{session}/", store), 1, backend, local_host, timeout)
         except RuntimeError as e:  # DistNetworkError / DistStoreError: no receiver, or it did not answer
             raise TransferError(f"cannot open a {self.endpoint} link: {str(e).splitlines()[0]}") from e
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         return _Link(group, device)
+
+    def _check_verdict(self, session: str, verdict: bytes) -> None:
+        """TransferError unless the receiver accepted ``session`` (proving the key, with one)."""
+        if verdict.startswith(_REFUSED):
+            raise TransferError(f"the receiver refused it: {verdict[len(_REFUSED):].decode(errors='replace')}")
+        proof = verdict[len(_ACCEPTED):] if verdict.startswith(_ACCEPTED) else None
+        if proof is None or (self._auth is not None
+                             and not KVAuth.matches(_unhex(proof.decode(errors="replace")),
+                                                    self._auth.tag_acceptance(session))):
+            raise TransferError("the receiver did not prove this deployment's KV auth key; nothing sent")
 
     def _transmit(self, manifest: KVManifest, payload: torch.Tensor, deadline: float) -> Ack:
         if self._link is None:
@@ -286,3 +340,15 @@ def _header(kind: int, manifest_bytes: bytes, payload_nbytes: int, segment_bytes
             device: torch.device) -> torch.Tensor:
     prelude = _PRELUDE.pack(_MAGIC, kind, len(manifest_bytes), payload_nbytes, segment_bytes)
     return _as_tensor((prelude + manifest_bytes[:_INLINE_BYTES]).ljust(_HEADER_BYTES, b"\0"), device)
+
+
+def _is_session_id(session: str) -> bool:
+    """A session id as senders make them (a uuid4's 32 hex digits): safe as a key prefix."""
+    return len(session) == 32 and all(c in "0123456789abcdef" for c in session)
+
+
+def _unhex(text: str) -> bytes | None:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return None

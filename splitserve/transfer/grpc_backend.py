@@ -54,7 +54,7 @@ def manifest_to_pb(m: KVManifest) -> pb.KVManifest:
         request_id=m.request_id, src_worker=m.src_worker, dst_worker=m.dst_worker, chunk_index=m.chunk_index,
         layer_start=m.layer_start, layer_end=m.layer_end, token_start=m.token_start, token_end=m.token_end,
         block_size=m.block_size, dst_block_ids=m.dst_block_ids, num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim, dtype=m.dtype, codec=m.codec, checksum=m.checksum,
+        head_dim=m.head_dim, dtype=m.dtype, codec=m.codec, checksum=m.checksum, auth_tag=m.auth_tag,
     )
 
 
@@ -66,6 +66,7 @@ def manifest_from_pb(p: pb.KVManifest) -> KVManifest:
         block_size=p.block_size, dst_block_ids=tuple(p.dst_block_ids), num_kv_heads=p.num_kv_heads,
         head_dim=p.head_dim, dtype=p.dtype, codec=p.codec,
         checksum=p.checksum if p.HasField("checksum") else None,
+        auth_tag=p.auth_tag if p.HasField("auth_tag") else None,
     )
 
 
@@ -149,11 +150,13 @@ class GrpcReceiver(KVReceiver):
 
     host/port: where to listen, an address senders can reach (port 0 picks a free one); the
     endpoint is ``host:port``.
-    max_workers bounds concurrent chunk calls (one per sending peer is typical).
+    max_workers bounds concurrent chunk calls (one per sending peer is typical). auth_key: as
+    KVReceiver's; a chunk whose tag does not verify is refused before its payload is read.
     """
 
-    def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8):
-        super().__init__(sink)
+    def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
+                 auth_key: bytes | None = None):
+        super().__init__(sink, auth_key)
         self._host = check_reachable_host(host)
         self._buffers = threading.local()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="kv-grpc"),
@@ -193,6 +196,9 @@ class GrpcReceiver(KVReceiver):
             return Ack(AckStatus.REJECTED, f"bad first frame: {e}")
         if manifest.checksum is None:
             return Ack(AckStatus.REJECTED, "the manifest carries no checksum")
+        refusal = self._unauthenticated(manifest)
+        if refusal is not None:
+            return refusal
         payload = self._buffer(get_codec(manifest.codec).nbytes(manifest.shape, manifest.torch_dtype))
         offset, computed = 0, 0
         while True:

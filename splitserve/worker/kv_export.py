@@ -49,7 +49,7 @@ class KVExport:
         self.loop, self.engine, self.timeout_s = loop, engine, transfer.timeout_s
 
         def sender(backend: str, endpoint: str):
-            return make_sender(backend, endpoint, timeout_s=transfer.timeout_s)
+            return make_sender(backend, endpoint, timeout_s=transfer.timeout_s, auth_key=transfer.auth_key)
 
         self.streamer = KVStreamer(worker_id, engine.runner.kv_cache, engine.config.block_size, sender,
                                    transfer.layers_per_chunk)

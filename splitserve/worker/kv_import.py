@@ -37,7 +37,8 @@ class KVImport:
         self.worker_id, self.engine, self.loop, self.transfer = worker_id, engine, loop, transfer
         self._abort = abort  # the worker's abort: expiry and a failed wait release through it
         self.ingest = KVIngest(engine.runner.kv_cache, engine.config.block_size)
-        self.receiver = make_receiver(transfer.backend, self.ingest, host=transfer.host)
+        self.receiver = make_receiver(transfer.backend, self.ingest, host=transfer.host,
+                                      auth_key=transfer.auth_key)
         self._landed: dict[str, asyncio.Future] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
 

@@ -9,7 +9,9 @@
 - ``kv`` (KVImport): ``reserve`` blocks for a prompt prefilled elsewhere, take its KV in, and
   ``generate_from`` its first token on;
 - ``membership`` and ``heartbeat`` (Membership, Heartbeat): the store entry and its renewals,
-  from ``start`` to ``stop``.
+  from ``start`` to ``stop``;
+- ``leases`` (StreamLeases): which router each streamed request belongs to; a router silent
+  for its lease (``renew_streams``) has its requests aborted.
 
 ``generate`` runs a request end to end, its prefill chunked into the running decode batch.
 Every worker can do all three; its ``role`` ("prefill", "decode" or "colocated", listed in the
@@ -38,7 +40,8 @@ from splitserve.config import WORKER_KINDS, WorkerConfig
 from splitserve.engine.continuation import Continuation
 from splitserve.engine.engine import LLMEngine, LoadedModel
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.protocol import GenerateDelta, KVDestination, PrefillResult, SpeculationLimits, WorkerStatus
+from splitserve.protocol import (GenerateDelta, KVDestination, PrefillResult, SpeculationLimits, StreamLease,
+                                 WorkerStatus)
 from splitserve.worker.engine_loop import EngineLoop
 from splitserve.worker.kv_export import KVExport
 from splitserve.worker.kv_import import KVImport
@@ -46,6 +49,7 @@ from splitserve.worker.membership import Heartbeat, Membership
 from splitserve.worker.prefix_mirror import PrefixMirror
 from splitserve.worker.profile import run_profile
 from splitserve.worker.step_models import StepModels
+from splitserve.worker.stream_leases import StreamLeases
 from splitserve.worker.streams import merge_outputs, stream_deltas
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ class Worker:
         self.prefixes = PrefixMirror(self.engine.block_pool)  # routers place prompts by cached prefixes
         self.export = KVExport(self.worker_id, self.engine, self.loop, config.transfer)
         self.kv = KVImport(self.worker_id, self.engine, self.loop, config.transfer, self.abort)
+        self.leases = StreamLeases(self.worker_id, self.abort)
+        self.num_aborted = 0  # requests stopped unfinished (a client cancel, a released reservation, an orphan)
         self.membership: Membership | None = None
         self.heartbeat: Heartbeat | None = None
 
@@ -127,11 +133,13 @@ class Worker:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         max_chunk_tokens: int | None = None, continuation: Continuation | None = None,
+        lease: StreamLease | None = None,
     ) -> AsyncIterator[GenerateDelta]:
         """Run a request from its prompt, its prefill in chunks of at most ``max_chunk_tokens``
         (None: the engine's step budget) mixed into the decode batch; ValueError (before the
         first delta) for bad input. ``continuation``: what it produced on a worker that died;
-        it goes on from there (the deltas carry the tokens after those)."""
+        it goes on from there (the deltas carry the tokens after those). ``lease``: its router
+        and how long that router may stay silent before the request is aborted (StreamLeases)."""
         stream = self.loop.open_stream(request_id)
         try:
             await self.loop.call(self.engine.add_request, prompt_token_ids, params, request_id,
@@ -139,7 +147,7 @@ class Worker:
         except BaseException:
             self.loop.close_stream(request_id)
             raise
-        async for delta in stream_deltas(self.loop, request_id, stream, self.abort, self.config.stream_interval):
+        async for delta in self._leased(request_id, stream, lease):
             yield delta
 
     async def prefill(
@@ -162,9 +170,11 @@ class Worker:
 
     async def generate_from(
         self, request_id: str, first_token_id: int, generator_state: bytes | None = None,
+        lease: StreamLease | None = None,
     ) -> AsyncIterator[GenerateDelta]:
         """Decode a reserved request from its first token; stream the tokens after it.
-        ``generator_state``: a seeded request's sampler state, as PrefillResult carries it.
+        ``generator_state``: a seeded request's sampler state, as PrefillResult carries it;
+        ``lease``: as ``generate``'s.
 
         Raises ServingError when the prompt's KV did not all arrive within the transfer timeout
         (the reservation is released).
@@ -180,8 +190,23 @@ class Worker:
             self.loop.close_stream(request_id)
             yield merge_outputs(request_id, [first])
             return
-        async for delta in stream_deltas(self.loop, request_id, stream, self.abort, self.config.stream_interval):
+        async for delta in self._leased(request_id, stream, lease):
             yield delta
+
+    async def _leased(self, request_id: str, stream: asyncio.Queue,
+                      lease: StreamLease | None) -> AsyncIterator[GenerateDelta]:
+        """The request's deltas, held under ``lease`` until it leaves."""
+        self.leases.hold(request_id, lease)
+        try:
+            async for delta in stream_deltas(self.loop, request_id, stream, self.abort, self.config.stream_interval):
+                yield delta
+        finally:
+            self.leases.release(request_id, lease)
+
+    async def renew_streams(self, owner: str) -> int:
+        """Keep the requests router ``owner`` streams from here another lease; how many it
+        holds here. Runs on the actor's event loop, never waiting for the engine."""
+        return self.leases.renew(owner)
 
     async def set_speculation(self, request_id: str, num_speculative_tokens: int) -> bool:
         """Change a running request's k from the next step; False if it is not running here
@@ -198,14 +223,17 @@ class Worker:
         """Stop a request (wherever it is in this worker: queued, prefilling, reserved, decoding)
         and free its blocks; idempotent. No late KV chunk can touch them afterwards."""
         self.kv.release(request_id)
-        await self.loop.call(self.engine.abort, request_id)
+        if await self.loop.call(self.engine.abort, request_id):
+            self.num_aborted += 1
         self.loop.end_stream(request_id)
 
     # --------------------------------------------------------------- counters and drills
 
     def stats(self) -> dict[str, int]:
-        """Handoffs it prefilled since start: handoffs, failed_handoffs, kv_chunks, kv_bytes, kv_resends."""
-        return asdict(self.export.counters)
+        """Since start: the handoffs it prefilled (handoffs, failed_handoffs, kv_chunks, kv_bytes,
+        kv_resends); the requests it stopped unfinished (aborted), and of those, the ones whose
+        router went silent (orphans_aborted)."""
+        return asdict(self.export.counters) | {"aborted": self.num_aborted, "orphans_aborted": self.leases.num_expired}
 
     def cpu_times(self) -> dict[str, float]:
         """CPU seconds since start: ``engine`` (the engine thread: steps and calls between

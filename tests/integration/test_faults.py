@@ -1,25 +1,38 @@
-"""Faults on a real Ray cluster with the real model: a worker killed (SIGKILL, or ray.kill)
-while it streams requests. Every stream continues on another worker from the tokens its
-client got (migration), greedy and seeded outputs equal to an uninterrupted run, the
-RequestReport and /metrics count the moves, the router stops sending new requests to the
-dead worker at once (its membership has a 15 s TTL here): in elastic mode the other worker
-serves them, in disaggregated mode they fail at once with UNAVAILABLE (no decode worker is
-left); and the live workers end idle.
+"""Faults on a real Ray cluster with the real model.
+
+A worker killed (SIGKILL, or ray.kill) while it streams requests: every stream continues on
+another worker from the tokens its client got (migration), greedy and seeded outputs equal to
+an uninterrupted run, the RequestReport and /metrics count the moves, the router stops sending
+new requests to the dead worker at once (its membership has a 15 s TTL here): in elastic mode
+the other worker serves them, in disaggregated mode they fail at once with UNAVAILABLE (no
+decode worker is left); and the live workers end idle.
+
+A router replica (`splitserve serve --router-only`, its own process) killed with SIGKILL while
+it streams: its clients see the stream end with an error, not a hang; the workers abort its
+requests once its stream lease lapses; the other router's stream goes on untouched. A prefill
+worker killed mid-transfer: its decode reservation is released at once and another prefill
+worker serves the request.
 Each test runs its own Server (its own module: they cannot share the CPUs with others)."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 
 import grpc
 import pytest
 import ray
 
 from splitserve import SamplingParams
+from splitserve.config import TransferConfig
 from splitserve.router.client import GenerationClient, make_request
 from tests.conftest import PROMPTS
+from tests.integration.conftest import free_port
 from tests.integration.idle import assert_idle
 from tests.integration.test_serving import start_server
 
@@ -41,9 +54,9 @@ def uninterrupted(llm) -> list[list[int]]:
 class _Stream(threading.Thread):
     """One gRPC stream, read to its end: its tokens, its last response, or its error."""
 
-    def __init__(self, address: str, prompt: str, seed: int | None):
+    def __init__(self, address: str, prompt: str, seed: int | None, **params):
         super().__init__(daemon=True)
-        self.address, self.request = address, make_request(prompt, **_params(seed))
+        self.address, self.request = address, make_request(prompt, **(_params(seed) | params))
         self.tokens: list[int] = []
         self.last = self.error = None
         self.started = threading.Event()
@@ -110,3 +123,136 @@ def test_streams_continue_on_another_worker_when_theirs_dies(ray_cluster, uninte
         assert_idle(s, dead=frozenset({victim}))
     finally:
         s.stop()
+
+
+def test_a_killed_router_replica_leaves_no_request_decoding(ray_cluster, redis_url, llm):
+    s = start_server(mode="elastic", redis_url=redis_url)
+    port, lease_s = free_port(), 2.0
+    replica = subprocess.Popen(
+        [sys.executable, "-m", "splitserve.cli", "serve", "--router-only", "--grpc-port", str(port), "--redis-url",
+         redis_url, "--store-prefix", s.config.store.prefix, "--address", ray.get_runtime_context().gcs_address,
+         "--stream-lease", str(lease_s)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with GenerationClient(f"127.0.0.1:{port}") as client:
+            client.wait_ready(600)
+        long = {"max_tokens": 400}  # far longer than the test: only the lease can end them early
+        orphans = [_Stream(f"127.0.0.1:{port}", PROMPTS[i], None, **long) for i in range(4)]
+        kept = _Stream(s.address, PROMPTS[4], None)  # the other router's, running through the kill
+        for stream in [*orphans, kept]:
+            stream.start()
+        for stream in [*orphans, kept]:
+            assert stream.started.wait(300), "a stream produced no tokens"
+        replica.kill()
+        replica.wait(60)
+        for stream in orphans:
+            stream.join(60)
+            assert not stream.is_alive(), "a client of the killed router hangs"
+            assert isinstance(stream.error, grpc.RpcError) and len(stream.tokens) < long["max_tokens"]
+        kept.join(600)
+        assert kept.error is None and kept.tokens == uninterrupted_tokens(llm, PROMPTS[4])
+
+        assert_idle(s, timeout_s=60)  # the orphans were aborted, not decoded to their end
+        aborted = sum(stats["orphans_aborted"] for stats in ray.get(
+            [h.stats.remote() for h in s.deployment.handles.values()], timeout=60))
+        assert aborted == len(orphans)
+    finally:
+        if replica.poll() is None:
+            replica.kill()
+            replica.wait(60)
+        s.stop()
+
+
+def test_a_prefill_worker_killed_mid_transfer_frees_its_reservation_and_the_retry_completes(ray_cluster, llm):
+    """Its first KV chunk held at the decode worker (a drill), the prefill worker is SIGKILLed:
+    the router releases the decode reservation at once -- the lease and the transfer deadline
+    are 10 minutes here, so nothing else could -- and the other prefill worker serves the
+    request, greedy output unchanged."""
+    transfer = TransferConfig(timeout_s=600.0, reservation_lease_s=600.0)
+    s = start_server(mode="disaggregated", num_workers=3, num_prefill_workers=2, num_decode_workers=1,
+                     cpus_per_worker=0.5, transfer=transfer)
+    try:
+        statuses = s.call(s.deployment.worker_statuses())
+        (decode_id,) = [w for w, status in statuses.items() if status.kind == "decode"]
+        decode = s.deployment.handles[decode_id]
+        ray.get(decode.inject_stall.remote(math.inf, 1), timeout=60)
+        aborted_before = ray.get(decode.stats.remote(), timeout=60)["aborted"]
+        stream = _Stream(s.address, PROMPTS[0], None, max_tokens=8)
+        stream.start()
+        victim = _wait_for(lambda: next((w for w, status in s.call(s.deployment.worker_statuses()).items()
+                                         if status.kind == "prefill" and not status.is_idle), None))
+        _kill(s.deployment.handles[victim], "sigkill")
+        _wait_for(lambda: ray.get(decode.stats.remote(), timeout=60)["aborted"] == aborted_before + 1)
+        ray.get(decode.release_stalls.remote(), timeout=60)  # the retry's chunks queue behind the held one
+        stream.join(300)
+        assert stream.error is None and stream.tokens == uninterrupted_tokens(llm, PROMPTS[0])[:8]
+        report = stream.last.report
+        assert report.handoff_attempts == 2 and report.prefill_worker not in ("", victim), report
+        assert_idle(s, dead=frozenset({victim}))
+    finally:
+        s.stop()
+
+
+def _wait_for(condition, timeout_s: float = 120.0):
+    """``condition()``'s first truthy value, polled; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "the condition did not come true"
+        time.sleep(0.05)
+    return value
+
+
+def uninterrupted_tokens(llm, prompt: str) -> list[int]:
+    return llm.generate(prompt, SamplingParams(**_params(None)))[0].token_ids
+
+
+def test_cancelling_half_of_40_streams_aborts_exactly_those_and_the_rest_finish_whole(ray_cluster):
+    s = start_server(mode="elastic")
+    try:
+        def counters() -> tuple[dict[str, float], int]:
+            outcomes = {line.split('"')[1]: float(line.split()[1]) for line in s.metrics.render().decode().splitlines()
+                        if line.startswith("splitserve_requests_total{")}
+            stats = ray.get([h.stats.remote() for h in s.deployment.handles.values()], timeout=60)
+            return outcomes, sum(w["aborted"] for w in stats)
+
+        before, aborted_before = counters()
+        kept = [_Stream(s.address, PROMPTS[i % len(PROMPTS)], None, max_tokens=16) for i in range(20)]
+        cancelled = [_Cancelled(s.address, PROMPTS[i % len(PROMPTS)]) for i in range(20)]
+        streams = [stream for pair in zip(kept, cancelled, strict=True) for stream in pair]
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            stream.join(600)
+        assert [stream.error for stream in streams] == [None] * len(streams)
+        assert [len(stream.tokens) for stream in kept] == [16] * len(kept)
+        assert all(2 <= len(stream.tokens) < _Cancelled.MAX_TOKENS for stream in cancelled)
+
+        assert_idle(s)
+        after, aborted_after = counters()
+        assert after["aborted"] - before["aborted"] == len(cancelled)  # the frontend's count
+        assert after["finished"] - before["finished"] == len(kept)
+        assert aborted_after - aborted_before == len(cancelled)  # the workers': each stopped once, where it ran
+    finally:
+        s.stop()
+
+
+class _Cancelled(_Stream):
+    """A long stream its client cancels after two tokens."""
+
+    MAX_TOKENS = 100
+
+    def __init__(self, address: str, prompt: str):
+        super().__init__(address, prompt, None, max_tokens=self.MAX_TOKENS)
+
+    def run(self) -> None:
+        try:
+            with GenerationClient(self.address) as client:
+                responses = client.generate(self.request, timeout_s=600)
+                for response in responses:
+                    self.tokens += response.token_ids
+                    if len(self.tokens) >= 2:
+                        responses.close()  # cancels the call
+                        break
+        except Exception as e:  # the test reports it
+            self.error = e
+        finally:
+            self.started.set()

@@ -64,13 +64,16 @@ def start_server(*, transfer: TransferConfig | None = None, redis_url: str | Non
 # waits a second longer, so its handoff fails by the deadline whatever the machine's speed, and
 # a retry's chunks (queued behind it at the same receiver) still land well within theirs.
 DRILL_TIMEOUT_S = 6.0
+KV_AUTH_KEY = b"e2e-deployment-secret"
 STALL_S = DRILL_TIMEOUT_S + 1.0
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster):
-    """Disaggregated, collective transfer, embedded store; a short reservation lease for the drills."""
-    s = start_server(mode="disaggregated", transfer=TransferConfig(timeout_s=DRILL_TIMEOUT_S, reservation_lease_s=4.0))
+    """Disaggregated, collective transfer with a KV auth key, embedded store; a short reservation
+    lease for the drills."""
+    transfer = TransferConfig(timeout_s=DRILL_TIMEOUT_S, reservation_lease_s=4.0, auth_key=KV_AUTH_KEY)
+    s = start_server(mode="disaggregated", transfer=transfer)
     yield s
     s.stop()
 

@@ -20,6 +20,7 @@ from splitserve.router.client import GenerationClient, make_request
 from tests.conftest import PROMPTS
 from tests.integration.conftest import free_port
 from tests.integration.test_serving import expected, generate_all, start_server, wait_idle  # noqa: F401
+from tests.integration.test_serving import KV_AUTH_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
-        pytest.param({"transfer": TransferConfig(backend="grpc"), "redis": True}, id="grpc-transfer-redis-store"),
+        pytest.param({"transfer": TransferConfig(backend="grpc", auth_key=KV_AUTH_KEY), "redis": True},
+                     id="grpc-transfer-kv-auth-redis-store"),
         pytest.param({"mode": "colocated", "redis": True}, id="colocated-redis-store"),
         pytest.param({"mode": "colocated"}, id="colocated-embedded-store"),
     ],

@@ -1,10 +1,11 @@
 """Test stand-ins shared by the front-end tests (gRPC, HTTP): a Frontend over one in-process
-LLMEngine, one that answers one token without a model, and an event loop in a thread for
-servers that tests call synchronously."""
+LLMEngine, one that answers one token without a model, one that streams without end, and an
+event loop in a thread for servers that tests call synchronously."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -96,6 +97,29 @@ class OneTokenFrontend:
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
         yield GenerateDelta("r", [1], "a", finished=True, finish_reason="stop", num_prompt_tokens=1,
                             num_output_tokens=1)
+
+
+class FloodFrontend:
+    """Streams large deltas without end, as fast as they are taken; counts the streams a front
+    end closed (a request it gave up: the router would abort it)."""
+
+    model_name = MODEL_NAME
+
+    def __init__(self, delta_chars: int = 16 << 10):
+        self.delta_chars = delta_chars
+        self.num_closed = 0
+
+    def is_ready(self) -> bool:
+        return True
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
+        try:
+            for n in itertools.count(1):
+                yield GenerateDelta("flood", [1], "a" * self.delta_chars, finished=False, num_prompt_tokens=1,
+                                    num_output_tokens=n)
+                await asyncio.sleep(0)
+        finally:
+            self.num_closed += 1
 
 
 class LoopThread:

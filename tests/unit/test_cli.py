@@ -198,6 +198,10 @@ def test_a_resources_flag_takes_a_json_object(value: str, message: str, capsys: 
     (["--prefill-resources", '{"GPU": 1}'], "prefill_resources takes custom resources; 'GPU' is Ray's own"),
     (["--decode-resources", '{"pool": 0}'], "decode_resources['pool'] must be a positive number"),
     (["--resource-wait", "-1"], "resource_wait_s must be >= 0"),
+    (["--kv-auth-key-file", "/nonexistent/kv.key"], "cannot read the KV auth key file /nonexistent/kv.key"),
+    (["--kv-auth-key-file", "/dev/null"], "the KV auth key file /dev/null is empty"),
+    (["--stream-lease", "0"], "stream_lease_s must be positive and finite"),
+    (["--send-timeout", "inf"], "send_timeout_s must be positive and finite"),
 ])
 def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,3 +212,24 @@ def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: s
     assert cli.main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("splitserve: error: ") and message in err
+
+
+def test_the_kv_auth_key_comes_from_its_file_else_the_environment(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from splitserve.serve_cli import KV_AUTH_KEY_ENV, configs
+
+    def transfer(*argv: str) -> TransferConfig:
+        return configs(cli.build_parser().parse_args(["serve", *argv]))[0].transfer
+
+    monkeypatch.delenv(KV_AUTH_KEY_ENV, raising=False)
+    assert transfer().auth_key is None
+    monkeypatch.setenv(KV_AUTH_KEY_ENV, " from-the-environment\n")
+    assert transfer().auth_key == b"from-the-environment"
+    key_file = tmp_path / "kv.key"
+    key_file.write_bytes(b"0123456789abcdef0123\n")
+    assert transfer("--kv-auth-key-file", str(key_file)).auth_key == b"0123456789abcdef0123"
+    assert "0123456789abcdef" not in repr(transfer("--kv-auth-key-file", str(key_file)))
+    key_file.write_bytes(b"short")
+    monkeypatch.setattr(server, "connect_ray", lambda address: None)
+    assert cli.main(["serve", "--kv-auth-key-file", str(key_file)]) == 2
+    assert "the KV auth key must be at least 16 bytes" in capsys.readouterr().err

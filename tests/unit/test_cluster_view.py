@@ -1,7 +1,8 @@
 """ClusterView on a real in-memory store: a call that finds a worker dead or unreachable takes
 it out of every pool at once (the first sign, before its membership lapses), until the store
 lists a new start of it or drops it, or the exclusion's time passes; a worker's own errors come
-back as they were raised."""
+back as they were raised. And the router's OwnerLease, renewed through it at the workers where
+requests are in flight."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from splitserve.cluster.embedded_store import MemoryStore
 from splitserve.cluster.store import WorkerInfo
 from splitserve.errors import ServingError, WorkerGone
 from splitserve.router.cluster_view import ClusterView
+from splitserve.router.worker_calls import OwnerLease
 
 
 def _info(worker_id: str, started_at: float) -> WorkerInfo:
@@ -79,3 +81,49 @@ def test_a_worker_gone_from_ray_but_listed_is_gone_and_its_own_errors_pass_throu
             await view.call(_raising(ValueError("bad prompt")), "a")
 
     asyncio.run(scenario())
+
+
+# ----------------------------------------------------------------- the router's owner lease
+
+class _Renewals:
+    """Worker handles whose ``renew_streams`` records each call (a frozen one never answers)."""
+
+    def __init__(self, frozen: set[str]):
+        self.calls: list[tuple[str, str]] = []
+        self.frozen = frozen
+
+    def handle(self, worker_id: str):
+        renewals = self
+
+        class Method:
+            @staticmethod
+            def remote(owner: str):
+                renewals.calls.append((worker_id, owner))
+                return asyncio.sleep(3600 if worker_id in renewals.frozen else 0, 1)
+
+        return type("Handle", (), {"renew_streams": Method})()
+
+
+def test_the_owner_lease_renews_where_requests_are_in_flight_past_a_frozen_worker_and_stops_when_none_are():
+    store = MemoryStore()
+    for worker_id in ("a", "b", "c"):
+        store.register_worker(_info(worker_id, 100.0), ttl_s=600)
+    renewals = _Renewals(frozen={"c"})
+    view = ClusterView(store, get_actor=lambda name: renewals.handle(name.rsplit(".", 1)[-1]))
+
+    async def scenario() -> tuple[set[str], bool]:
+        await view.refresh(force=True)
+        owner = OwnerLease(view, lease_s=0.06)
+        view.inflight["a"], view.inflight["b"], view.inflight["c"] = 1, 0, 2
+        assert owner.hold() == owner.lease and owner.lease.owner.startswith("router-")
+        for _ in range(1000):  # the frozen worker costs a third of the lease, never the others' renewals
+            if sum(1 for worker_id, _ in renewals.calls if worker_id == "a") >= 3:
+                break
+            await asyncio.sleep(0.01)
+        view.inflight["a"] = view.inflight["c"] = 0
+        task = owner._task
+        await asyncio.wait_for(task, 60)  # nothing in flight: the renewals stop
+        return {worker_id for worker_id, _ in renewals.calls}, {o for _, o in renewals.calls} == {owner.lease.owner}
+
+    workers, one_owner = asyncio.run(scenario())
+    assert workers == {"a", "c"} and one_owner

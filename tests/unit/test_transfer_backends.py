@@ -8,6 +8,7 @@ fresh receiver, so each peer's first send to it creates the pair's group (or cha
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import threading
 import time
@@ -17,12 +18,15 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
 import pytest
 import torch
+import torch.distributed as dist
 
 from splitserve.transfer import (
     KVManifest, TransferError, covering_blocks, gather_kv, make_receiver, make_sender, scatter_chunk,
 )
+from splitserve.transfer.auth import KVAuth
 
 BACKENDS = ["collective", "grpc"]
 LAYERS, HEADS, DIM, BLOCK, BLOCKS = 6, 2, 16, 4, 40
@@ -320,6 +324,83 @@ def test_sending_to_a_stopped_receiver_raises_transfer_error(backend, peers):
         assert not result["ok"] and result["seconds"] < 10, (kept_link, new_link)
     peers[0].submit("close_all")
     peers[0].result()
+
+
+KEY, OTHER_KEY = b"deployment-key-0123456789", b"someone-else-0123456789"
+
+
+@pytest.mark.parametrize("sender_key", [KEY, OTHER_KEY, None], ids=["same key", "other key", "no key"])
+def test_with_a_deployment_key_only_senders_holding_it_get_chunks_in(backend, peers, sender_key):
+    recorder = Recorder()
+    rx = make_receiver(backend, recorder, auth_key=KEY)
+    try:
+        (result,) = peers[0].send(backend, rx.endpoint, [R1.chunk(0, (0, 2), (0, 8))], auth_key=sender_key)
+        if sender_key == KEY:
+            oks([result])
+            assert_landed(recorder.cache, [(R1, (0, 2), (0, 8))])
+        else:  # refused at once, and nothing reached the cache
+            assert not result["ok"] and "not authenticated" in result["error"] and result["seconds"] < 10, result
+            assert recorder.seen == [] and (recorder.cache == BACKGROUND).all()
+    finally:
+        peers[0].submit("close_all")
+        peers[0].result()
+        rx.stop()
+
+
+def test_a_keyed_collective_sender_sends_nothing_to_a_receiver_without_the_key(peers):
+    recorder = Recorder()
+    rx = make_receiver("collective", recorder)
+    try:
+        (result,) = peers[0].send("collective", rx.endpoint, [R1.chunk(0, (0, 2), (0, 8))], auth_key=KEY)
+        assert not result["ok"] and "did not prove" in result["error"] and recorder.seen == [], result
+    finally:
+        peers[0].submit("close_all")
+        peers[0].result()
+        rx.stop()
+
+
+def test_a_collective_receiver_builds_no_group_for_a_forged_or_replayed_session():
+    """A peer speaking the rendezvous protocol by hand: garbage, a made-up tag, then a valid
+    offer twice; only the first valid one gets a verdict of acceptance (and a pair thread)."""
+    rx = make_receiver("collective", Recorder(), auth_key=KEY, idle_timeout_s=2.0)
+    host, port = rx.endpoint.rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=20))
+    forged, valid = "ab" * 16, "cd" * 16
+    try:
+        before = peer_threads()
+        store.queue_push("peers", "../../backend")
+        store.queue_push("peers", f"{forged}.{'00' * 16}")
+        assert store.get(f"pair/{forged}/verdict").startswith(b"refused:not authenticated")
+        store.queue_push("peers", f"{valid}.{KVAuth(KEY).tag_session(valid).hex()}")
+        assert store.get(f"pair/{valid}/verdict") == b"accepted:" + KVAuth(KEY).tag_acceptance(valid).hex().encode()
+        store.queue_push("peers", f"{valid}.{KVAuth(KEY).tag_session(valid).hex()}")
+        deadline = time.monotonic() + 20
+        while rx.num_refused_peers < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.get(f"pair/{valid}/verdict") == b"refused:session offered before"
+        assert store.get("backend") == b"gloo" and len(peer_threads() - before) <= 1
+    finally:
+        rx.stop()
+
+
+def test_a_receiver_and_its_pairs_listen_on_its_host_alone(backend, peers):
+    """Never a wildcard address: a TCPStore or a server left to itself would take every interface."""
+    def listening() -> set[tuple[str, int]]:
+        return {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)  # gRPC: an IPv4-mapped IPv6 socket
+                for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+    before = listening()
+    rx = make_receiver(backend, Recorder())
+    try:
+        oks(peers[0].send(backend, rx.endpoint, [R1.chunk(0, (0, 2), (0, 8))]))
+        opened = listening() - before
+        assert ("127.0.0.1", int(rx.endpoint.rsplit(":", 1)[1])) in opened
+        assert {ip for ip, _ in opened} == {"127.0.0.1"}, opened
+    finally:
+        peers[0].submit("close_all")
+        peers[0].result()
+        rx.stop()
 
 
 def peer_threads() -> set[threading.Thread]:

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from splitserve.transfer import KVManifest
+from splitserve.transfer.auth import KVAuth
 from splitserve.transfer.grpc_backend import manifest_from_pb, manifest_to_pb
 
 
@@ -50,6 +51,8 @@ def test_block_ids_are_stored_as_a_tuple():
         (dict(dtype="int4"), "dtype"),
         (dict(codec="zstd"), "codec"),
         (dict(checksum=1 << 32), "checksum"),
+        (dict(auth_tag=b""), "auth_tag"),
+        (dict(auth_tag=b"x" * 256), "auth_tag"),
     ],
 )
 def test_invalid_manifests_raise_value_error(overrides: dict, message: str):
@@ -63,12 +66,12 @@ def test_blocks_cover_exactly_the_token_range():
     assert len(manifest(token_start=15, token_end=33, dst_block_ids=(1, 2, 3)).dst_block_ids) == 3
 
 
-@pytest.mark.parametrize("checksum", [None, 0, 0xDEADBEEF])
-def test_bytes_round_trip(checksum: int | None):
-    m = manifest(checksum=checksum, codec="fp16", dtype="float16", request_id="ünïcode-req")
+@pytest.mark.parametrize("checksum, auth_tag", [(None, None), (0, None), (0xDEADBEEF, b"\x00tag" * 4)])
+def test_bytes_round_trip(checksum: int | None, auth_tag: bytes | None):
+    m = manifest(checksum=checksum, auth_tag=auth_tag, codec="fp16", dtype="float16", request_id="ünïcode-req")
     data = m.to_bytes()
     assert KVManifest.from_bytes(data) == m
-    assert len(data) < 100  # a small header next to megabytes of KV
+    assert len(data) < 120  # a small header next to megabytes of KV
 
 
 def test_bytes_round_trip_with_many_blocks():
@@ -95,7 +98,25 @@ def test_protobuf_round_trip_and_validation():
     m = manifest(checksum=None, codec="int8")
     assert manifest_from_pb(manifest_to_pb(m)) == m
     assert manifest_from_pb(manifest_to_pb(replace(m, checksum=0))) == replace(m, checksum=0)
+    tagged = replace(m, checksum=7, auth_tag=b"t" * 16)
+    assert manifest_from_pb(manifest_to_pb(tagged)) == tagged
     bad = manifest_to_pb(m)
     del bad.dst_block_ids[-1]
     with pytest.raises(ValueError, match="span"):
         manifest_from_pb(bad)
+
+
+def test_a_manifest_tag_verifies_only_that_manifest_with_that_key():
+    key = KVAuth(b"k" * 32)
+    signed = manifest(checksum=0xDEADBEEF)
+    tag = key.tag_manifest(signed.to_bytes())
+    arrived = KVManifest.from_bytes(replace(signed, auth_tag=tag).to_bytes())
+    assert KVAuth.matches(arrived.auth_tag, key.tag_manifest(arrived.unsigned().to_bytes()))
+    for changed in (replace(signed, checksum=0xDEADBEEE), replace(signed, dst_block_ids=(7, 3, 8)),
+                    replace(signed, request_id="req-2")):
+        assert not KVAuth.matches(tag, key.tag_manifest(changed.to_bytes()))
+    assert not KVAuth.matches(tag, KVAuth(b"o" * 32).tag_manifest(signed.to_bytes()))
+    assert not KVAuth.matches(None, tag)
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        KVAuth(b"short")
+    assert repr(key) == "KVAuth(<key>)"

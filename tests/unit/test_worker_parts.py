@@ -1,8 +1,8 @@
 """The worker runtime's parts without Ray or the model: membership beats against an in-memory
 store (registration, renewal, re-registration after a lapse, what each beat publishes), the
 prefix mirror's net changes, which steps feed which latency model, the startup profile's plan
-and the steps it measures, how a request's tokens are grouped into messages, and where a worker
-says its KV receiver is."""
+and the steps it measures, how a request's tokens are grouped into messages, where a worker
+says its KV receiver is, and the leases its streams are held under."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.engine import StepStats
 from splitserve.engine.output import FinishReason, RequestOutput, SpecStats
 from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
-from splitserve.protocol import GenerateDelta, SpeculationLimits
+from splitserve.protocol import GenerateDelta, SpeculationLimits, StreamLease
 from splitserve.worker.membership import Heartbeat, Membership
 from splitserve.worker.prefix_mirror import PrefixMirror
 from splitserve.worker.step_models import StepModels
+from splitserve.worker.stream_leases import StreamLeases
 from splitserve.worker.streams import stream_deltas
 
 
@@ -223,3 +224,67 @@ def test_an_auto_transfer_host_becomes_the_node_s_own_address():
     assert on_this_node(fixed) is fixed
     auto = on_this_node(WorkerConfig("w", "decode", transfer=TransferConfig(host="auto")))
     assert auto.transfer.host == ray.util.get_node_ip_address() != "auto"
+
+
+# --------------------------------------------------------------------------- stream leases
+
+def _leases() -> tuple[StreamLeases, list[str]]:
+    aborted: list[str] = []
+
+    async def abort(request_id: str) -> None:
+        aborted.append(request_id)
+
+    return StreamLeases("w0", abort), aborted
+
+
+def test_a_silent_owner_loses_its_requests_and_no_one_else_s():
+    async def run() -> tuple[list[str], StreamLeases]:
+        leases, aborted = _leases()
+        silent, alive = StreamLease("router-a", 0.01), StreamLease("router-b", 3600.0)
+        leases.hold("a1", silent)
+        leases.hold("a2", silent)
+        leases.hold("b1", alive)
+        leases.hold("free", None)  # no lease: never aborted for silence
+        for _ in range(1000):
+            if len(aborted) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return aborted, leases
+
+    aborted, leases = asyncio.run(run())
+    assert sorted(aborted) == ["a1", "a2"]
+    assert leases.num_expired == 2 and leases.num_held() == 1
+
+
+def test_an_owner_with_nothing_left_here_is_forgotten_and_its_lease_cannot_fire():
+    async def run() -> tuple[list[str], int]:
+        leases, aborted = _leases()
+        lease = StreamLease("router-a", 0.01)
+        leases.hold("a1", lease)
+        leases.release("a1", lease)
+        leases.release("a1", lease)  # twice, or never held: nothing happens
+        leases.release("zz", StreamLease("router-z", 1.0))
+        await asyncio.sleep(0.1)
+        return aborted, leases.renew("router-a")
+
+    assert asyncio.run(run()) == ([], 0)
+
+
+def test_a_renewal_moves_the_owner_s_deadline_and_counts_what_it_holds():
+    async def run() -> tuple[int, int, bool]:
+        leases, _ = _leases()
+        lease = StreamLease("router-a", 3600.0)
+        leases.hold("a1", lease)
+        leases.hold("a2", lease)
+        before = leases._expiry["router-a"].when()
+        await asyncio.sleep(0.01)
+        held = leases.renew("router-a")
+        return held, leases.renew("router-unknown"), leases._expiry["router-a"].when() > before
+
+    assert asyncio.run(run()) == (2, 0, True)
+
+
+@pytest.mark.parametrize("lease_s", [0.0, -1.0, float("inf")])
+def test_a_stream_lease_needs_a_positive_finite_length(lease_s):
+    with pytest.raises(ValueError, match="lease_s"):
+        StreamLease("router-a", lease_s)

@@ -43,7 +43,9 @@ splitserve_{{ . }}
 {{- end -}}
 
 {{/* What serve reads from its environment: the Redis URL ($(SPLITSERVE_REDIS_URL), nothing
-without Redis) and the API keys (SPLITSERVE_API_KEY, nothing without a Secret for them). */}}
+without Redis), the API keys (SPLITSERVE_API_KEY) and the KV links' shared secret
+(SPLITSERVE_KV_AUTH_KEY; the head hands it to the workers it starts), each nothing without a
+Secret for it. */}}
 {{- define "splitserve.serveEnv" -}}
 {{- with .Values.apiKeys.secretName }}
 - name: SPLITSERVE_API_KEY
@@ -51,6 +53,13 @@ without Redis) and the API keys (SPLITSERVE_API_KEY, nothing without a Secret fo
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.apiKeys.secretKey }}
+{{- end }}
+{{- with .Values.kvAuth.secretName }}
+- name: SPLITSERVE_KV_AUTH_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.kvAuth.secretKey }}
 {{- end }}
 {{- if eq .Values.redis.mode "bundled" }}
 - name: SPLITSERVE_REDIS_URL

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitserve/v1/kv_transfer.proto\x12\rsplitserve.v1\"\xc2\x02\n\nKVManifest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsrc_worker\x18\x02 \x01(\t\x12\x12\n\ndst_worker\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x04 \x01(\r\x12\x13\n\x0blayer_start\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\x12\x13\n\x0btoken_start\x18\x07 \x01(\r\x12\x11\n\ttoken_end\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x15\n\rdst_block_ids\x18\n \x03(\r\x12\x14\n\x0cnum_kv_heads\x18\x0b \x01(\r\x12\x10\n\x08head_dim\x18\x0c \x01(\r\x12\r\n\x05\x64type\x18\r \x01(\t\x12\r\n\x05\x63odec\x18\x0e \x01(\t\x12\x15\n\x08\x63hecksum\x18\x0f \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_checksum\"I\n\x0cKVChunkFrame\x12+\n\x08manifest\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.KVManifest\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa8\x01\n\x05KVAck\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.splitserve.v1.KVAck.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"b\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x1c\n\x18STATUS_CHECKSUM_MISMATCH\x10\x02\x12\x13\n\x0fSTATUS_REJECTED\x10\x03\x32N\n\nKVTransfer\x12@\n\tPushChunk\x12\x1b.splitserve.v1.KVChunkFrame\x1a\x14.splitserve.v1.KVAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitserve/v1/kv_transfer.proto\x12\rsplitserve.v1\"\xe6\x02\n\nKVManifest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsrc_worker\x18\x02 \x01(\t\x12\x12\n\ndst_worker\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x04 \x01(\r\x12\x13\n\x0blayer_start\x18\x05 \x01(\r\x12\x11\n\tlayer_end\x18\x06 \x01(\r\x12\x13\n\x0btoken_start\x18\x07 \x01(\r\x12\x11\n\ttoken_end\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x15\n\rdst_block_ids\x18\n \x03(\r\x12\x14\n\x0cnum_kv_heads\x18\x0b \x01(\r\x12\x10\n\x08head_dim\x18\x0c \x01(\r\x12\r\n\x05\x64type\x18\r \x01(\t\x12\r\n\x05\x63odec\x18\x0e \x01(\t\x12\x15\n\x08\x63hecksum\x18\x0f \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08\x61uth_tag\x18\x10 \x01(\x0cH\x01\x88\x01\x01\x42\x0b\n\t_checksumB\x0b\n\t_auth_tag\"I\n\x0cKVChunkFrame\x12+\n\x08manifest\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.KVManifest\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa8\x01\n\x05KVAck\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.splitserve.v1.KVAck.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"b\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x1c\n\x18STATUS_CHECKSUM_MISMATCH\x10\x02\x12\x13\n\x0fSTATUS_REJECTED\x10\x03\x32N\n\nKVTransfer\x12@\n\tPushChunk\x12\x1b.splitserve.v1.KVChunkFrame\x1a\x14.splitserve.v1.KVAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.kv_transfer_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVMANIFEST']._serialized_start=51
-  _globals['_KVMANIFEST']._serialized_end=373
-  _globals['_KVCHUNKFRAME']._serialized_start=375
-  _globals['_KVCHUNKFRAME']._serialized_end=448
-  _globals['_KVACK']._serialized_start=451
-  _globals['_KVACK']._serialized_end=619
-  _globals['_KVACK_STATUS']._serialized_start=521
-  _globals['_KVACK_STATUS']._serialized_end=619
-  _globals['_KVTRANSFER']._serialized_start=621
-  _globals['_KVTRANSFER']._serialized_end=699
+  _globals['_KVMANIFEST']._serialized_end=409
+  _globals['_KVCHUNKFRAME']._serialized_start=411
+  _globals['_KVCHUNKFRAME']._serialized_end=484
+  _globals['_KVACK']._serialized_start=487
+  _globals['_KVACK']._serialized_end=655
+  _globals['_KVACK_STATUS']._serialized_start=557
+  _globals['_KVACK_STATUS']._serialized_end=655
+  _globals['_KVTRANSFER']._serialized_start=657
+  _globals['_KVTRANSFER']._serialized_end=735
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVManifest(_message.Message):
-    __slots__ = ("request_id", "src_worker", "dst_worker", "chunk_index", "layer_start", "layer_end", "token_start", "token_end", "block_size", "dst_block_ids", "num_kv_heads", "head_dim", "dtype", "codec", "checksum")
+    __slots__ = ("request_id", "src_worker", "dst_worker", "chunk_index", "layer_start", "layer_end", "token_start", "token_end", "block_size", "dst_block_ids", "num_kv_heads", "head_dim", "dtype", "codec", "checksum", "auth_tag")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SRC_WORKER_FIELD_NUMBER: _ClassVar[int]
     DST_WORKER_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class KVManifest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    AUTH_TAG_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     src_worker: str
     dst_worker: str
@@ -39,7 +40,8 @@ class KVManifest(_message.Message):
     dtype: str
     codec: str
     checksum: int
-    def __init__(self, request_id: _Optional[str] = ..., src_worker: _Optional[str] = ..., dst_worker: _Optional[str] = ..., chunk_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., block_size: _Optional[int] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., codec: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
+    auth_tag: bytes
+    def __init__(self, request_id: _Optional[str] = ..., src_worker: _Optional[str] = ..., dst_worker: _Optional[str] = ..., chunk_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., block_size: _Optional[int] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., codec: _Optional[str] = ..., checksum: _Optional[int] = ..., auth_tag: _Optional[bytes] = ...) -> None: ...
 
 class KVChunkFrame(_message.Message):
     __slots__ = ("manifest", "data")
