@@ -296,7 +296,9 @@ class ClusterConfig:
     prefill_resources / decode_resources: the Ray custom resources each worker starting in that
     pool requests, which pins the pool to the nodes that offer them (colocated workers take the
     decode pool's); resource_wait_s: how long the deployment waits for the resources its
-    workers need (nodes that join later, an autoscaler) before it gives up.
+    workers need (nodes that join later, an autoscaler) before it gives up. restart_workers:
+    a worker whose process died is replaced by a new one of the same name, which loads the
+    model and joins again (``Deployment``; False: the cluster serves on with fewer workers).
     """
 
     mode: str = "elastic"
@@ -313,6 +315,7 @@ class ClusterConfig:
     prefill_resources: Mapping[str, float] = field(default_factory=dict)
     decode_resources: Mapping[str, float] = field(default_factory=dict)
     resource_wait_s: float = 600.0
+    restart_workers: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)

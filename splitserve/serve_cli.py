@@ -62,7 +62,7 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
                             num_threads=args.threads_per_worker, cpus_per_worker=args.cpus_per_worker,
                             stream_interval=args.stream_interval,
                             prefill_resources=args.prefill_resources, decode_resources=args.decode_resources,
-                            resource_wait_s=args.resource_wait)
+                            resource_wait_s=args.resource_wait, restart_workers=args.restart_workers)
     serve = ServeConfig(grpc_host=args.grpc_host, grpc_port=args.grpc_port, http_host=args.http_host,
                         http_port=args.http_port, address=args.address, grace_s=args.grace,
                         slo_ttft_s=args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
@@ -183,6 +183,11 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--decode-resources", type=_resources, default=field_default(ClusterConfig,
                        "decode_resources"), metavar="JSON", help="likewise for the decode pool (and colocated "
                        "workers) (default: none)")
+    is_on = field_default(ClusterConfig, "restart_workers")
+    group.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=is_on,
+                       help="replace a worker whose process died with a new one of the same name (it loads the "
+                       "model and joins again); --no-restart-workers serves on with fewer (default: "
+                       f"{'on' if is_on else 'off'})")
     _option(group, ClusterConfig, "--resource-wait", "resource_wait_s", "seconds to wait for the resources the "
             "workers need when joining a Ray cluster (its nodes may join later), logging progress; a cluster this "
             "command started fails at once on what it lacks (default: %(default)s)", type=float, metavar="SECONDS")

@@ -8,8 +8,11 @@ custom resources, which pin it to the nodes that offer them -- and waits until e
 loaded its model and joined the store. Before that it waits, bounded by ``resource_wait_s``
 and logging progress, until the cluster has the resources free: nodes may join later. Actors
 are named ``{store prefix}.{kind}-{i}`` in the ``splitserve`` namespace, so a router on any node finds
-them by the worker id the store lists. It knows the workers' lifecycle calls (``start``,
-``status``, ``stop``), not what they serve.
+them by the worker id the store lists. With ``restart_workers`` it supervises them: a worker
+whose actor died (its process killed, its node gone) is replaced by a new actor of the same
+name and configuration, started like the first; routers see the new start in the store and
+take it back. It knows the workers' lifecycle calls (``start``, ``status``, ``stop``), not
+what they serve.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from collections import Counter
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from splitserve.cluster import RAY_NAMESPACE
-from splitserve.config import ClusterConfig
+from splitserve.config import ClusterConfig, WorkerConfig
 from splitserve.errors import CapacityError
 from splitserve.protocol import WorkerStatus
 
 logger = logging.getLogger(__name__)
 _WAIT_LOG_S = 10.0  # how often a deployment waiting for resources says so
+_SUPERVISE_S = 1.0  # how often a supervising deployment asks every worker whether it lives
 
 
 class Deployment:
@@ -43,6 +47,10 @@ class Deployment:
         self.actor_class = actor_class
         self.handles: dict[str, Any] = {}  # worker id -> actor handle
         self.statuses: dict[str, WorkerStatus] = {}
+        self.num_restarts = 0
+        self._configs: dict[str, WorkerConfig] = {}
+        self._on_gpus = False
+        self._supervisor: asyncio.Task | None = None
 
     async def start(self, timeout_s: float = 600.0, cluster_may_grow: bool = True) -> None:
         """Create every worker and wait until all are ready (model loaded, store joined).
@@ -57,15 +65,10 @@ class Deployment:
         for wc in configs:
             needed.update(wc.resources)
         await self._wait_for(needed, len(configs), cluster_may_grow)
+        self._on_gpus = on_gpus
         for wc in configs:
-            actor = ray.remote(self.actor_class).options(
-                name=wc.worker_id, namespace=RAY_NAMESPACE,
-                num_cpus=0 if on_gpus else wc.ray_cpus,
-                num_gpus=1 if on_gpus else 0,
-                resources=dict(wc.resources),
-                max_concurrency=1000,  # async methods: concurrency is requests in flight, not threads
-            )
-            self.handles[wc.worker_id] = actor.remote(wc)
+            self._configs[wc.worker_id] = wc
+            self.handles[wc.worker_id] = self._create(wc)
         try:
             statuses = await asyncio.wait_for(
                 asyncio.gather(*(h.start.remote() for h in self.handles.values())), timeout_s
@@ -75,6 +78,54 @@ class Deployment:
             raise
         self.statuses = {s.worker_id: s for s in statuses}
         logger.info("deployment %s ready: %s", self.config.store.prefix, ", ".join(self.handles))
+        if self.config.restart_workers:
+            self._supervisor = asyncio.create_task(self._supervise(timeout_s))
+
+    def _create(self, wc: WorkerConfig) -> Any:
+        actor = ray.remote(self.actor_class).options(
+            name=wc.worker_id, namespace=RAY_NAMESPACE,
+            num_cpus=0 if self._on_gpus else wc.ray_cpus,
+            num_gpus=1 if self._on_gpus else 0,
+            resources=dict(wc.resources),
+            max_concurrency=1000,  # async methods: concurrency is requests in flight, not threads
+        )
+        return actor.remote(wc)
+
+    async def _supervise(self, start_timeout_s: float) -> None:
+        """Every ``_SUPERVISE_S``: replace each worker found dead (one that cannot be reached
+        for now, or answers slowly, is left alone); until ``stop``."""
+        while True:
+            await asyncio.sleep(_SUPERVISE_S)
+            for worker_id in [w for w, alive in zip(self.handles, await asyncio.gather(
+                    *(self._is_alive(h) for h in self.handles.values())), strict=True) if not alive]:
+                try:
+                    await self._restart(worker_id, start_timeout_s)
+                except Exception as e:  # Ray or the store refused it; the next round tries again
+                    logger.warning("deployment %s: cannot restart %s yet: %r", self.config.store.prefix, worker_id, e)
+
+    async def _is_alive(self, handle: Any) -> bool:
+        try:
+            await asyncio.wait_for(_await(handle.status.remote()), 10)
+        except RayActorError as e:
+            return isinstance(e, ActorUnavailableError)
+        except TimeoutError:
+            pass
+        return True
+
+    async def _restart(self, worker_id: str, start_timeout_s: float) -> None:
+        logger.warning("deployment %s: worker %s died; starting a new one", self.config.store.prefix, worker_id)
+        with contextlib.suppress(Exception):  # Ray keeps a dead actor's name taken until it is killed
+            ray.kill(self.handles[worker_id], no_restart=True)
+        handle = self.handles[worker_id] = self._create(self._configs[worker_id])
+        try:
+            self.statuses[worker_id] = await asyncio.wait_for(_await(handle.start.remote()), start_timeout_s)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                ray.kill(handle)
+            raise
+        self.num_restarts += 1
+        logger.info("deployment %s: worker %s is back (restart %d)", self.config.store.prefix, worker_id,
+                    self.num_restarts)
 
     async def _wait_for(self, needed: Counter[str], num_workers: int, cluster_may_grow: bool) -> None:
         """Until the Ray cluster has ``needed`` free: nodes may join later (an autoscaler, slow
@@ -109,6 +160,10 @@ class Deployment:
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every worker (leave the store, end streams) and kill the actors."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
         handles, self.handles = self.handles, {}
         stops = [h.stop.remote() for h in handles.values()]
         if not stops:

@@ -176,7 +176,8 @@ class _GenerationService(pb_grpc.GenerationServicer):
             stream = observe_stream(self._metrics, self._frontend.generate(generate_input))
             async for delta in stream:
                 try:
-                    await asyncio.wait_for(context.write(delta_to_pb(delta)), self._send_timeout_s)
+                    async with asyncio.timeout(self._send_timeout_s):  # in this task: a cancel reaches the write
+                        await context.write(delta_to_pb(delta))
                 except TimeoutError:
                     raise _StalledClient(f"the client took no message for {self._send_timeout_s:g} s; the request "
                                          f"was aborted") from None

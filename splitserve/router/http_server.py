@@ -242,7 +242,8 @@ class HttpServer:
         async def send(data: bytes) -> None:
             """Write, or give the client up (ConnectionResetError) when it takes no data in time."""
             try:
-                await asyncio.wait_for(response.write(data), self._send_timeout_s)
+                async with asyncio.timeout(self._send_timeout_s):  # in this task: a cancel reaches the write
+                    await response.write(data)
             except TimeoutError:
                 logger.warning("request %s: the client took no data for %g s; aborting it and closing the "
                                "connection", reply.request_id, self._send_timeout_s)

@@ -11,7 +11,8 @@ A router replica (`splitserve serve --router-only`, its own process) killed with
 it streams: its clients see the stream end with an error, not a hang; the workers abort its
 requests once its stream lease lapses; the other router's stream goes on untouched. A prefill
 worker killed mid-transfer: its decode reservation is released at once and another prefill
-worker serves the request.
+worker serves the request. A worker whose process died is replaced (same name) and served
+from again.
 Each test runs its own Server (its own module: they cannot share the CPUs with others)."""
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _kill(handle, how: str) -> None:
 
 @pytest.mark.parametrize(("mode", "how"), [("elastic", "sigkill"), ("disaggregated", "ray.kill")])
 def test_streams_continue_on_another_worker_when_theirs_dies(ray_cluster, uninterrupted, mode, how):
-    s = start_server(mode=mode)
+    s = start_server(mode=mode, restart_workers=False)  # the victim stays dead: no request may reach it
     try:
         streams = [_Stream(s.address, prompt, seed) for prompt, seed in STREAMS]
         for stream in streams:
@@ -169,7 +170,7 @@ def test_a_prefill_worker_killed_mid_transfer_frees_its_reservation_and_the_retr
     request, greedy output unchanged."""
     transfer = TransferConfig(timeout_s=600.0, reservation_lease_s=600.0)
     s = start_server(mode="disaggregated", num_workers=3, num_prefill_workers=2, num_decode_workers=1,
-                     cpus_per_worker=0.5, transfer=transfer)
+                     cpus_per_worker=0.5, transfer=transfer, restart_workers=False)
     try:
         statuses = s.call(s.deployment.worker_statuses())
         (decode_id,) = [w for w, status in statuses.items() if status.kind == "decode"]
@@ -190,6 +191,32 @@ def test_a_prefill_worker_killed_mid_transfer_frees_its_reservation_and_the_retr
         assert_idle(s, dead=frozenset({victim}))
     finally:
         s.stop()
+
+
+def test_a_worker_whose_process_died_is_replaced_and_routed_to_again(ray_cluster, llm):
+    s = start_server(mode="elastic")
+    try:
+        victim = sorted(s.deployment.handles)[0]
+        old_pid = ray.get(s.deployment.handles[victim].__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+        _kill(s.deployment.handles[victim], "sigkill")
+        _wait_for(lambda: s.deployment.num_restarts == 1, timeout_s=300)
+        new_pid = ray.get(s.deployment.handles[victim].__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+        assert new_pid != old_pid
+        _wait_for(lambda: victim in {w.worker_id for w in s.call(_refreshed(s.router)).workers})
+        streams = [_Stream(s.address, PROMPTS[i], None, max_tokens=8) for i in range(4)]
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            stream.join(300)
+        assert [stream.tokens for stream in streams] == [uninterrupted_tokens(llm, PROMPTS[i])[:8] for i in range(4)]
+        assert_idle(s)
+    finally:
+        s.stop()
+
+
+async def _refreshed(router):
+    await router.refresh(force=True)
+    return router.view
 
 
 def _wait_for(condition, timeout_s: float = 120.0):

@@ -153,8 +153,10 @@ def test_serve_flags_build_the_configs() -> None:
         "serve", "--transfer", "grpc", "--kv-codec", "int8", "--redis-url", "redis://127.0.0.1:1/0",
         "--store-prefix", "p", "--speculative", "ngram", "--num-speculative-tokens", "2", "--slo-ttft-ms", "250",
         "--http-port", "0", "--stream-interval", "4", "--host", "auto", "--resource-wait", "30",
-        "--prefill-resources", '{"splitserve_prefill": 1}', "--decode-resources", '{"splitserve_decode": 0.5}'])
+        "--prefill-resources", '{"splitserve_prefill": 1}', "--decode-resources", '{"splitserve_decode": 0.5}',
+        "--no-restart-workers"])
     cluster, serve = configs(args)
+    assert not cluster.restart_workers and configs(cli.build_parser().parse_args(["serve"]))[0].restart_workers
     assert [(w.kind, w.resources) for w in cluster.worker_configs(2, 0)] == [
         ("prefill", {"splitserve_prefill": 1}), ("decode", {"splitserve_decode": 0.5})]
     assert cluster.resource_wait_s == 30 and cluster.transfer.host == "auto"
