@@ -4,7 +4,8 @@
 (the shared state and membership), ``WorkerConfig`` (one worker: the three embedded),
 ``ClusterConfig`` (what ``splitserve serve`` runs: the mode, worker counts and the shared
 sub-configs), ``PlacementConfig`` and ``RoleConfig`` (how the router places prefills and moves
-workers between pools) and ``ServeConfig`` (where the API listens). Each value is stated and checked once, here; the
+workers between pools), ``ServeConfig`` (where the API listens) and ``SimConfig`` (the cluster
+``splitserve simulate`` models). Each value is stated and checked once, here; the
 command line reads its defaults from these classes. Components take the scalars they need
 (``BlockPool(num_blocks, block_size)``), never the root config; these classes exist so that a
 bad setting fails at start-up with a sentence.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
@@ -535,3 +536,53 @@ def field_default(cls: type, name: str) -> Any:
         return spec.default_factory()
     assert spec.default is not MISSING, f"{cls.__name__}.{name} has no default"
     return spec.default
+
+
+SimMode = Literal["disaggregated", "colocated"]
+ColocatedScheduler = Literal["prefill-first", "chunked"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulated cluster.
+
+    disaggregated: ``num_prefill`` instances of TP ``prefill_tp`` and ``num_decode`` of TP
+    ``decode_tp``. colocated: ``num_instances`` of TP ``tp``, each doing both phases with
+    ``colocated_scheduler``: ``prefill-first`` (an iteration is a batch of whole prompts when
+    prompts wait, else a decode step: vLLM v0) or ``chunked`` (every iteration decodes the
+    running requests and fills the rest of ``max_batched_tokens`` with prompt chunks: Sarathi).
+    """
+
+    mode: SimMode = "disaggregated"
+    num_prefill: int = 1
+    prefill_tp: int = 1
+    num_decode: int = 1
+    decode_tp: int = 1
+    num_instances: int = 1
+    tp: int = 1
+    colocated_scheduler: ColocatedScheduler = "prefill-first"
+    # the engine's per-step token budget, which chunks its prefills: the same budget here
+    max_batched_tokens: int = field_default(EngineConfig, "max_num_batched_tokens")
+
+    def __post_init__(self) -> None:
+        if self.mode not in get_args(SimMode):
+            raise ValueError(f"mode must be one of {get_args(SimMode)}, got {self.mode!r}")
+        if self.colocated_scheduler not in get_args(ColocatedScheduler):
+            raise ValueError(f"colocated_scheduler must be one of {get_args(ColocatedScheduler)}, "
+                             f"got {self.colocated_scheduler!r}")
+        for name in ("num_prefill", "prefill_tp", "num_decode", "decode_tp", "num_instances", "tp",
+                     "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_gpus(self) -> int:
+        if self.mode == "disaggregated":
+            return self.num_prefill * self.prefill_tp + self.num_decode * self.decode_tp
+        return self.num_instances * self.tp
+
+    def describe(self) -> str:
+        """E.g. 'disaggregated 2P(TP1)+1D(TP2)' or 'colocated 4x(TP1) chunked'."""
+        if self.mode == "disaggregated":
+            return f"disaggregated {self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
+        return f"colocated {self.num_instances}x(TP{self.tp}) {self.colocated_scheduler}"

@@ -23,10 +23,11 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.console import Console
 
+from splitserve.loadtest.arguments import count, parsed, positive, rates
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.clients import DEFAULT_CONNECT_TIMEOUT_S, Client, TargetError, make_client
 from splitserve.loadtest.metrics import SLO, meets_slo, scaled_slos
@@ -44,7 +45,6 @@ from splitserve.loadtest.runner import (
 from splitserve.loadtest.saved import load_results, replot, rescale
 from splitserve.loadtest.workloads import generate, load_tokenizer, parse_workload
 
-T = TypeVar("T")
 _PROG = "splitserve loadtest"
 LATE_WARNING_S = 0.1  # a send this far behind its schedule changes the load measured
 
@@ -56,21 +56,21 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = loadtest.add_subparsers(dest="loadtest_command", required=True, title="commands", metavar="COMMAND",
                                   help="one of:")
     run = _add_command(sub, "run", "one run at one request rate (or concurrency)")
-    run.add_argument("--rate", type=_positive(float), default=None, help="requests/s; needed by the open-loop "
+    run.add_argument("--rate", type=positive(float), default=None, help="requests/s; needed by the open-loop "
                      "arrivals (poisson, gamma, constant), refused with concurrency:N")
     _add_run_options(run)
     sweep = _add_command(sub, "sweep", "a run per request rate, and the goodput")
-    sweep.add_argument("--rates", type=_rates, required=True, help="comma-separated requests/s, e.g. 0.5,1,2,4")
+    sweep.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 0.5,1,2,4")
     _add_run_options(sweep)
     search = _add_command(sub, "search", "find the goodput: double the rate until attainment < 90%, then bisect")
-    search.add_argument("--start-rate", type=_positive(float), default=1.0, metavar="RATE",
+    search.add_argument("--start-rate", type=positive(float), default=1.0, metavar="RATE",
                         help="the first run's requests/s (default: %(default)g)")
-    search.add_argument("--steps", type=_count(0), default=3, metavar="N",
+    search.add_argument("--steps", type=count(0), default=3, metavar="N",
                         help="bisection runs after the bracket (default: %(default)s)")
     _add_run_options(search)
     rescale = _add_command(sub, "slo-scale", "re-score saved results under scaled (or other) SLOs")
     rescale.add_argument("dir", type=Path, help="a run's or a sweep's --out folder")
-    rescale.add_argument("--factors", type=_rates, default=None, help="comma-separated factors to multiply the "
+    rescale.add_argument("--factors", type=rates, default=None, help="comma-separated factors to multiply the "
                          "SLO by, e.g. 0.5,1,2; the SLO is the saved one unless --slo-ttft-ms/--slo-tpot-ms "
                          "replace it (default: 1)")
     _add_slo_options(rescale)
@@ -93,90 +93,46 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         "HTTP the first of GET /v1/models)")
     parser.add_argument("--api-key", default=None, help="sent as a Bearer token (HTTP header, gRPC authorization "
                         "metadata) (default: none)")
-    parser.add_argument("--workload", type=_parsed(parse_workload), default="chat",
+    parser.add_argument("--workload", type=parsed(parse_workload), default="chat",
                         help="chat, code, fixed:IN/OUT, prefix:SHARED/IN/OUT or file:PATH (default: %(default)s)")
-    parser.add_argument("--scale", type=_positive(float), default=1.0, help="chat/code: multiply the trace's "
+    parser.add_argument("--scale", type=positive(float), default=1.0, help="chat/code: multiply the trace's "
                         "prompt and output lengths by this, keeping their shape, e.g. 0.125 on a CPU "
                         "(default: %(default)g)")
-    parser.add_argument("--num-requests", type=_count(1), default=100, metavar="N",
+    parser.add_argument("--num-requests", type=count(1), default=100, metavar="N",
                         help="requests per run (default: %(default)s)")
-    parser.add_argument("--duration", type=_positive(float), default=None, help="stop sending after this many "
+    parser.add_argument("--duration", type=positive(float), default=None, help="stop sending after this many "
                         "seconds, or --num-requests, whichever comes first (default: no limit)")
-    parser.add_argument("--arrival", type=_parsed(parse_arrival), default="poisson",
+    parser.add_argument("--arrival", type=parsed(parse_arrival), default="poisson",
                         help="poisson, gamma:CV, constant or concurrency:N (default: %(default)s)")
     _add_slo_options(parser)
     parser.add_argument("--send-slo", action="store_true", help="also send the SLO with every request "
                         "(splitserve schedules for it; other servers do not take it)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the workload and the arrival times (default: %(default)s)")
-    parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+    parser.add_argument("--timeout", type=positive(float), default=DEFAULT_TIMEOUT_S,
                         help="seconds before a request is given up as failed, and (up to 30) for "
                         "connecting at the start (default: %(default)g)")
-    parser.add_argument("--drain", type=_positive(float), default=DEFAULT_DRAIN_S, help="with --duration: "
+    parser.add_argument("--drain", type=positive(float), default=DEFAULT_DRAIN_S, help="with --duration: "
                         "seconds requests still running get before they are cancelled (default: %(default)g)")
     parser.add_argument("--tokenizer", default=None, help="a GGUF file or HF folder whose tokenizer counts the "
                         "prompt tokens (default: the default model's, SmolLM2-135M-Instruct)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: loadtest-<date-time>)")
-    parser.add_argument("--max-prompt-tokens", type=_count(1), default=None, metavar="N",
+    parser.add_argument("--max-prompt-tokens", type=count(1), default=None, metavar="N",
                         help="cap on a prompt's tokens (default: none)")
-    parser.add_argument("--max-output-tokens", type=_count(1), default=None, metavar="N",
+    parser.add_argument("--max-output-tokens", type=count(1), default=None, metavar="N",
                         help="cap on a request's output tokens (default: none)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a live progress line (default: when stdout is a terminal)")
 
 
 def _add_slo_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slo-ttft-ms", type=_positive(float), default=None, metavar="MS",
+    parser.add_argument("--slo-ttft-ms", type=positive(float), default=None, metavar="MS",
                         help="time-to-first-token bound in ms (default: none)")
-    parser.add_argument("--slo-tpot-ms", type=_positive(float), default=None, metavar="MS",
+    parser.add_argument("--slo-tpot-ms", type=positive(float), default=None, metavar="MS",
                         help="time-per-output-token bound in ms (default: none)")
 
 
 # ------------------------------------------------------------------- argument types
-
-
-def _parsed(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse type from a parser that raises ValueError with a sentence."""
-
-    def parse_argument(text: str) -> T:
-        try:
-            return parse(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    parse_argument.__name__ = parse.__name__
-    return parse_argument
-
-
-def _positive(kind: type[float] | type[int]) -> Callable[[str], Any]:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-        return value
-
-    return parse
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        if not text.strip().isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return int(text)
-
-    return parse
-
-
-def _rates(text: str) -> list[float]:
-    """Comma-separated numbers > 0."""
-    parse = _positive(float)
-    values = [parse(part) for part in text.split(",") if part.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
-    return values
 
 
 def _handled(handler: Callable[[argparse.Namespace], int], prog: str) -> Callable[[argparse.Namespace], int]:

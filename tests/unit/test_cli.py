@@ -24,7 +24,7 @@ from splitserve.config import (
 )
 from splitserve.engine.sampling_params import SamplingParams
 
-COMMANDS = ("generate", "client", "serve", "loadtest")
+COMMANDS = ("generate", "client", "serve", "loadtest", "simulate")
 LOADTEST_COMMANDS = ("run", "sweep", "search", "slo-scale", "report")
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("worker",),
     ("router", "worker_actor"),  # worker_actor: the Ray actor shell over the worker
     ("server", "loadtest"),
+    ("sim",),  # the simulator: the router's decisions over simulated instances, loadtest's workloads and metrics
     ("serve_cli",),
     ("cli",),
 ]

@@ -1,0 +1,4 @@
+"""The serving simulator: a discrete-event model of prefill and decode instances timed by fitted
+latency profiles (DistServe's published ones, or splitserve's own), fed by the load tester's
+workloads and arrivals, placing requests with the router's own ranking functions, and writing
+the load tester's result schema (``splitserve simulate``; docs/simulator.md)."""

@@ -1,0 +1,81 @@
+"""Which instance a simulated request goes to: the router's own ranking functions, fed from
+simulated state, so the simulator places as splitserve's router does rather than copying its
+policy.
+
+- prefill (disaggregated): ``router.placement.rank_prefill`` -- the lowest predicted TTFT, its
+  PrefillModel (the profile's prefill formula, in seconds) over the prompt tokens queued or
+  running there plus this prompt's; no prefix cache is simulated.
+- decode (disaggregated): ``router.placement.rank_decode`` -- the lowest predicted step time with
+  one more request (the profile's small-batch decode formula as a DecodeStepModel); instances
+  without room for the request's KV last. Its load counts the requests running, waiting for KV
+  and in transfer there; its free KV is the capacity less what those hold or need. The choice
+  is made when the prompt's prefill ends (DistServe's order; splitserve's router picks the
+  decode worker at arrival, before the prefill: see docs/simulator.md).
+- colocated: the least loaded instance, by the key of ``ClusterView._load_key`` (requests
+  there, then queued prompt tokens, running requests, free KV). That key is a method of the
+  router's stateful ClusterView, not a pure function, so it is restated here.
+
+Instance ids are zero-padded indices, so the router's tie-break by id is a tie-break by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from splitserve.cluster.store import WorkerLoad
+from splitserve.latency import DecodeStepModel, PrefillModel
+from splitserve.router.placement import rank_decode, rank_prefill
+from splitserve.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
+from splitserve.sim.profile import InstanceProfile
+
+_S = 1e-3  # profiles are in ms, the router's models in seconds
+_BLOCK_SIZE = 1  # KV is counted in tokens
+
+
+def prefill_model(profile: InstanceProfile) -> PrefillModel:
+    p = profile.prefill
+    return PrefillModel.from_coefficients({"const": p.a * _S, "tokens": p.b * _S, "tokens_sq": p.c * _S})
+
+
+def decode_model(profile: InstanceProfile) -> DecodeStepModel:
+    """``a + b * sum(C_i + 1) + c * B`` as the router's model: B requests of one batched token
+    each over sum(C_i) of context is ``a + b * context + (b + c) * B`` (b + c >= 0: checked)."""
+    d = profile.decode.small
+    return DecodeStepModel.from_coefficients({"const": d.a * _S, "requests": (d.b + d.c) * _S, "batched_tokens": 0.0,
+                                              "context_tokens": d.b * _S, "draft_tokens": 0.0})
+
+
+class RouterRankings:
+    """The router's rankings over one cluster's instances (their models built once)."""
+
+    def __init__(self, prefill: Sequence[PrefillInstance], decode: Sequence[DecodeInstance]):
+        width = len(str(max(len(prefill), len(decode), 1)))
+        self._prefill_ids = [f"p{i:0{width}d}" for i in range(len(prefill))]
+        self._decode_ids = [f"d{i:0{width}d}" for i in range(len(decode))]
+        self._index = {id_: i for ids in (self._prefill_ids, self._decode_ids) for i, id_ in enumerate(ids)}
+        self._prefill_models = {id_: prefill_model(p.profile) for id_, p in zip(self._prefill_ids, prefill)}
+        self._decode_models = {id_: decode_model(d.profile) for id_, d in zip(self._decode_ids, decode)}
+
+    def choose_prefill(self, instances: Sequence[PrefillInstance], num_prompt_tokens: int) -> int:
+        loads = {id_: WorkerLoad(p.queued_tokens, 0, 0, 0, updated_at=0.0)
+                 for id_, p in zip(self._prefill_ids, instances)}
+        best = rank_prefill(self._prefill_ids, num_prompt_tokens, {}, _BLOCK_SIZE, loads, {}, self._prefill_models)[0]
+        return self._index[best.worker_id]
+
+    def choose_decode(self, instances: Sequence[DecodeInstance], num_prompt_tokens: int) -> int:
+        loads = {}
+        for id_, d in zip(self._decode_ids, instances):
+            capacity = d.profile.kv_capacity_tokens
+            loads[id_] = WorkerLoad(0, d.num_requests, max(capacity - d.committed_kv, 0), capacity, updated_at=0.0)
+        best = rank_decode(self._decode_ids, num_prompt_tokens, _BLOCK_SIZE, loads, {}, self._decode_models)[0]
+        return self._index[best.worker_id]
+
+
+def choose_colocated(instances: Sequence[ColocatedInstance]) -> int:
+    """The least loaded instance (ClusterView._load_key's order; the lowest index on a tie)."""
+    def key(i: int) -> tuple[int, int, int, int, int]:
+        c = instances[i]
+        free = c.profile.kv_capacity_tokens - c.decode.reserved_kv
+        return (c.num_unfinished, c.queued_tokens, c.decode.size, -free, i)
+
+    return min(range(len(instances)), key=key)
