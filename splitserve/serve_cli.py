@@ -202,7 +202,9 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
                        "peers without it; every process of the deployment needs the same one (default: "
                        f"${KV_AUTH_KEY_ENV}, else none)")
     _option(group, StoreConfig, "--redis-url", "redis_url",
-            "keep the shared state (workers, loads, prefix index) in this Redis (default: an embedded store)",
+            "keep the shared state (workers, loads, prefix index) in this Redis: redis://HOST:6379/0, or over TLS "
+            "rediss://[USER:PASSWORD@]HOST:6379/0[?ssl_ca_certs=CA.pem] (an ACL user needs ~PREFIX:*) (default: an "
+            "embedded store)",
             metavar="URL")
     _option(group, StoreConfig, "--store-prefix", "prefix",
             "namespace of this deployment's shared state and worker names (default: %(default)s)", metavar="PREFIX")

@@ -84,8 +84,12 @@ def _ms(ttl_s: float) -> int:
 class RedisStore(MetadataStore):
     """Client of one Redis server (``redis://``, ``rediss://`` or ``unix://`` URL).
 
+    TLS and access control are the URL's, as redis-py reads it: ``rediss://`` with
+    ``?ssl_ca_certs=PATH`` (and ``ssl_certfile``/``ssl_keyfile`` for a client certificate), an ACL
+    user as ``rediss://USER:PASSWORD@host:port/0``; the user needs the keys ``~<prefix>:*``.
     Connects (and pings) on construction: ValueError for a malformed URL, StoreConnectionError
-    naming the URL when the server does not answer within ``connect_timeout_s``. Every call
+    naming the URL (never its password) when the server does not answer within
+    ``connect_timeout_s``, refuses the credentials, or the user may not touch the prefix's keys. Every call
     after that gives up after ``timeout_s``: a server stopped, frozen or restarting raises
     StoreConnectionError from every contract method, it does not hang them.
     """
@@ -108,6 +112,11 @@ class RedisStore(MetadataStore):
             raise ValueError(f"malformed Redis URL {self.url!r}: {exc}") from exc
         try:
             self._redis.ping()
+            self._redis.exists(self._key("workers"))  # an ACL user must be granted the prefix's keys
+        except redis.exceptions.NoPermissionError as exc:
+            self._redis.close()
+            raise StoreConnectionError(f"Redis at {self.url} refuses this user the keys under {prefix!r} ({exc}); "
+                                       f"grant it ~{prefix}:* and the commands it needs in the ACL") from exc
         except redis.RedisError as exc:
             self._redis.close()
             raise StoreConnectionError(f"cannot reach Redis at {self.url}: {exc}") from exc
@@ -318,6 +327,8 @@ def _reached(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
         except _UNREACHABLE as exc:
             raise StoreConnectionError(f"Redis at {self.url} did not answer: {exc}") from exc
+        except redis.exceptions.NoPermissionError as exc:  # the ACL changed under a running deployment
+            raise StoreConnectionError(f"Redis at {self.url} refused a call: {exc}") from exc
 
     return call
 

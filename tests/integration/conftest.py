@@ -20,8 +20,11 @@ import pytest
 import redis
 
 from splitserve.cluster.store import MetadataStore
+from tests.pki import make_pki
 
-BACKENDS = ("memory", "embedded", "redis")
+BACKENDS = ("memory", "embedded", "redis", "redis-tls-acl")
+REDIS_URL_FIXTURE = {"redis": "redis_url", "redis-tls-acl": "redis_tls_url"}
+REDIS_USER, REDIS_PASSWORD = "splitserve", "acl-secret-5d1c"  # an ACL user granted only ~test-* (the key prefixes)
 
 
 def free_port() -> int:
@@ -31,15 +34,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_redis(binary: str, workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A redis-server on ``port`` (default: a free one), no persistence: (its process, its URL)."""
+def _start_redis(binary: str, workdir: Path, port: int | None = None, *,
+                 pki: dict[str, Path] | None = None) -> tuple[subprocess.Popen, str]:
+    """A redis-server on ``port`` (default: a free one), no persistence: (its process, its URL).
+    With ``pki`` (tests.pki.make_pki's files) it speaks TLS only, and only to the ACL user
+    REDIS_USER, on keys ``test-*``; the URL carries the user and the CA."""
     port = port or free_port()
     log = workdir / "redis.log"
     # No persistence, and anything the server writes stays in the test's temporary folder.
-    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    cmd = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     cmd += ["--dir", str(workdir), "--logfile", str(log)]
+    if pki is None:
+        cmd += ["--port", str(port)]
+        url = f"redis://127.0.0.1:{port}/0"
+    else:
+        cmd += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(pki["server.pem"]),
+                "--tls-key-file", str(pki["server.key"]), "--tls-ca-cert-file", str(pki["ca.pem"]),
+                "--tls-auth-clients", "no", "--user", "default", "off",
+                "--user", REDIS_USER, "on", f">{REDIS_PASSWORD}", "~test-*", "+@all", "-@dangerous"]
+        url = f"rediss://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={pki['ca.pem']}"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
     deadline = time.monotonic() + 15
     try:
@@ -68,12 +82,28 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(message)
     proc, url = _start_redis(binary, tmp_path_factory.mktemp("redis"))
     yield url
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_tls_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``rediss://`` URL of a TLS-only redis-server with an ACL user, started for this session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found") if os.environ.get("CI") else pytest.skip("redis-server not found")
+    workdir = tmp_path_factory.mktemp("redis-tls")
+    proc, url = _start_redis(binary, workdir, pki=make_pki(workdir))
+    yield url
+    _stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +157,7 @@ def open_store(
         def make() -> MetadataStore:
             return EmbeddedStore(prefix=key_prefix)
     else:
-        url = request.getfixturevalue("redis_url")
+        url = request.getfixturevalue(REDIS_URL_FIXTURE[backend])
         from splitserve.cluster.redis_store import RedisStore
 
         def make() -> MetadataStore:
@@ -149,8 +179,8 @@ def _drop_state(backend: str, key_prefix: str, request: pytest.FixtureRequest) -
         from splitserve.cluster.embedded_store import EmbeddedStore
 
         EmbeddedStore(prefix=key_prefix).destroy()
-    elif backend == "redis":
-        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    elif backend in REDIS_URL_FIXTURE:
+        client = redis.Redis.from_url(request.getfixturevalue(REDIS_URL_FIXTURE[backend]))
         keys = list(client.scan_iter(match=f"{key_prefix}:*"))
         if keys:
             client.delete(*keys)

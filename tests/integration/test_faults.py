@@ -1,7 +1,8 @@
 """Faults on a real Ray cluster with the real model.
 
-A worker killed (SIGKILL, or ray.kill) while it streams requests: every stream continues on
-another worker from the tokens its client got (migration), greedy and seeded outputs equal to
+A worker killed (SIGKILL, SIGTERM or ray.kill) while it streams requests: every stream continues on
+another worker from the tokens its client got (migration; after SIGTERM a stream may also end
+where it was, as Ray lets an actor's running tasks finish), greedy and seeded outputs equal to
 an uninterrupted run, the RequestReport and /metrics count the moves, the router stops sending
 new requests to the dead worker at once (its membership has a 15 s TTL here): in elastic mode
 the other worker serves them, in disaggregated mode they fail at once with UNAVAILABLE (no
@@ -12,11 +13,14 @@ it streams: its clients see the stream end with an error, not a hang; the worker
 requests once its stream lease lapses; the other router's stream goes on untouched. A prefill
 worker killed mid-transfer: its decode reservation is released at once and another prefill
 worker serves the request. A worker whose process died is replaced (same name) and served
-from again.
+from again. Half of 40 streams cancelled by their clients (gRPC cancels, HTTP clients hanging
+up): exactly those are aborted, where they ran, and counted once.
 Each test runs its own Server (its own module: they cannot share the CPUs with others)."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import math
 import os
 import signal
@@ -34,7 +38,7 @@ from splitserve.config import TransferConfig
 from splitserve.router.client import GenerationClient, make_request
 from tests.conftest import PROMPTS
 from tests.integration.conftest import free_port
-from tests.integration.idle import assert_idle
+from tests.integration.idle import Footprint, assert_idle
 from tests.integration.test_serving import start_server
 
 pytestmark = pytest.mark.slow
@@ -77,14 +81,15 @@ class _Stream(threading.Thread):
 
 
 def _kill(handle, how: str) -> None:
-    if how == "sigkill":
-        pid = ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
-        os.kill(pid, signal.SIGKILL)
-    else:
+    if how == "ray.kill":
         ray.kill(handle, no_restart=True)
+    else:
+        pid = ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+        os.kill(pid, signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
 
 
-@pytest.mark.parametrize(("mode", "how"), [("elastic", "sigkill"), ("disaggregated", "ray.kill")])
+@pytest.mark.parametrize(("mode", "how"), [("elastic", "sigkill"), ("elastic", "sigterm"),
+                                           ("disaggregated", "ray.kill")])
 def test_streams_continue_on_another_worker_when_theirs_dies(ray_cluster, uninterrupted, mode, how):
     s = start_server(mode=mode, restart_workers=False)  # the victim stays dead: no request may reach it
     try:
@@ -113,8 +118,9 @@ def test_streams_continue_on_another_worker_when_theirs_dies(ray_cluster, uninte
         assert [stream.error for stream in after] == [None] * len(after)  # elastic: the other worker serves them
         assert [stream.tokens for stream in after] == uninterrupted[: len(after)]
         reports = [stream.last.report for stream in streams + after]
-        assert all(r.decode_worker != victim for r in reports)
-        assert sum(r.migrations for r in reports[: len(streams)]) >= 1, f"no stream was on {victim} when it was killed"
+        if how != "sigterm":  # SIGTERM: Ray's worker exits once its running tasks end: a stream may finish there
+            assert all(r.decode_worker != victim for r in reports)
+            assert sum(r.migrations for r in reports[: len(streams)]) >= 1, f"no stream was on {victim} when it died"
         moved = sum(r.migrations for r in reports)  # a new request placed there before anyone noticed moves too
         counted = next(float(line.split()[1]) for line in s.metrics.render().decode().splitlines()
                        if line.startswith("splitserve_migrations_total "))
@@ -136,6 +142,7 @@ def test_a_killed_router_replica_leaves_no_request_decoding(ray_cluster, redis_u
     try:
         with GenerationClient(f"127.0.0.1:{port}") as client:
             client.wait_ready(600)
+        baseline = Footprint.of(s)
         long = {"max_tokens": 400}  # far longer than the test: only the lease can end them early
         orphans = [_Stream(f"127.0.0.1:{port}", PROMPTS[i], None, **long) for i in range(4)]
         kept = _Stream(s.address, PROMPTS[4], None)  # the other router's, running through the kill
@@ -152,7 +159,7 @@ def test_a_killed_router_replica_leaves_no_request_decoding(ray_cluster, redis_u
         kept.join(600)
         assert kept.error is None and kept.tokens == uninterrupted_tokens(llm, PROMPTS[4])
 
-        assert_idle(s, timeout_s=60)  # the orphans were aborted, not decoded to their end
+        assert_idle(s, baseline=baseline, timeout_s=60)  # the orphans were aborted, not decoded to their end
         aborted = sum(stats["orphans_aborted"] for stats in ray.get(
             [h.stats.remote() for h in s.deployment.handles.values()], timeout=60))
         assert aborted == len(orphans)
@@ -233,7 +240,7 @@ def uninterrupted_tokens(llm, prompt: str) -> list[int]:
 
 
 def test_cancelling_half_of_40_streams_aborts_exactly_those_and_the_rest_finish_whole(ray_cluster):
-    s = start_server(mode="elastic")
+    s = start_server(mode="elastic", http=True)
     try:
         def counters() -> tuple[dict[str, float], int]:
             outcomes = {line.split('"')[1]: float(line.split()[1]) for line in s.metrics.render().decode().splitlines()
@@ -241,19 +248,29 @@ def test_cancelling_half_of_40_streams_aborts_exactly_those_and_the_rest_finish_
             stats = ray.get([h.stats.remote() for h in s.deployment.handles.values()], timeout=60)
             return outcomes, sum(w["aborted"] for w in stats)
 
+        def run(n: int) -> tuple[list[_Stream], list[threading.Thread]]:
+            kept = [_Stream(s.address, PROMPTS[i % len(PROMPTS)], None, max_tokens=16) for i in range(n)]
+            cancelled = [_Cancelled(s.address, PROMPTS[i % len(PROMPTS)]) for i in range(n // 2)] + \
+                [_HungUp(s.http_port, PROMPTS[i % len(PROMPTS)]) for i in range(n // 2)]
+            streams = [stream for pair in zip(kept, cancelled, strict=True) for stream in pair]
+            for stream in streams:
+                stream.start()
+            for stream in streams:
+                stream.join(600)
+            return kept, cancelled
+
+        run(4)  # warm-up: pools that grow on demand have grown
+        assert_idle(s)
+        baseline = Footprint.of(s)
         before, aborted_before = counters()
-        kept = [_Stream(s.address, PROMPTS[i % len(PROMPTS)], None, max_tokens=16) for i in range(20)]
-        cancelled = [_Cancelled(s.address, PROMPTS[i % len(PROMPTS)]) for i in range(20)]
-        streams = [stream for pair in zip(kept, cancelled, strict=True) for stream in pair]
-        for stream in streams:
-            stream.start()
-        for stream in streams:
-            stream.join(600)
+        kept, cancelled = run(20)
+        streams = kept + cancelled
         assert [stream.error for stream in streams] == [None] * len(streams)
         assert [len(stream.tokens) for stream in kept] == [16] * len(kept)
-        assert all(2 <= len(stream.tokens) < _Cancelled.MAX_TOKENS for stream in cancelled)
+        assert all(2 <= len(stream.tokens) < _Cancelled.MAX_TOKENS for stream in cancelled[:10])
+        assert all(stream.events == 2 for stream in cancelled[10:])
 
-        assert_idle(s)
+        assert_idle(s, baseline=baseline)
         after, aborted_after = counters()
         assert after["aborted"] - before["aborted"] == len(cancelled)  # the frontend's count
         assert after["finished"] - before["finished"] == len(kept)
@@ -283,3 +300,33 @@ class _Cancelled(_Stream):
             self.error = e
         finally:
             self.started.set()
+
+
+class _HungUp(threading.Thread):
+    """A long streamed completion over HTTP whose client closes the connection after two events."""
+
+    def __init__(self, http_port: int, prompt: str):
+        super().__init__(daemon=True)
+        self.http_port, self.prompt = http_port, prompt
+        self.events = 0
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=600)
+        response = None
+        try:
+            body = {"prompt": self.prompt, "max_tokens": _Cancelled.MAX_TOKENS, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200, response.read()[:500]
+            while self.events < 2:
+                line = response.readline()
+                assert line, "the stream ended before the client hung up"
+                self.events += line.startswith(b"data: {")
+        except Exception as e:  # the test reports it
+            self.error = e
+        finally:  # hangs up mid-stream (the socket closes with its last user)
+            if response is not None:
+                response.close()
+            connection.close()

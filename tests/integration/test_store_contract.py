@@ -1,11 +1,13 @@
 """The MetadataStore contract, run against every backend: in-process memory, the embedded Ray
-actor (a real local Ray) and Redis (a real redis-server). Same test functions for each."""
+actor (a real local Ray), Redis (a real redis-server) and Redis over TLS with an ACL user
+(``rediss://``). Same test functions for each."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -13,6 +15,7 @@ from splitserve.cluster.store import MetadataStore, Snapshot, StoreConnectionErr
 from splitserve.cluster.stores import make_store
 from splitserve.config import StoreConfig
 from splitserve.engine.block_pool import hash_block_tokens
+from tests.integration.conftest import REDIS_PASSWORD, REDIS_URL_FIXTURE
 
 # Expiry tests set everything up under LONG_TTL, check it, and only then shorten a TTL to
 # SHORT_TTL and wait EXPIRY_WAIT: a slow setup cannot expire anything early, and a TTL cannot
@@ -274,7 +277,7 @@ def test_another_process_sees_the_same_state(
     import ray
 
     request.getfixturevalue("ray_cluster")
-    url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    url = request.getfixturevalue(REDIS_URL_FIXTURE[backend]) if backend in REDIS_URL_FIXTURE else None
     store.register_worker(worker("w1", "decode"), LONG_TTL)
     store.acquire_lease("xfer", "here", LONG_TTL)
 
@@ -349,6 +352,24 @@ def test_unreachable_redis_names_the_url_without_password(unused_port: int) -> N
     with pytest.raises(StoreConnectionError, match=r"127\.0\.0\.1") as info:
         RedisStore(url, connect_timeout_s=1.0)
     assert "hunter2" not in str(info.value)
+
+
+def test_redis_over_tls_refuses_plaintext_wrong_credentials_and_keys_outside_the_acl(redis_tls_url: str) -> None:
+    from splitserve.cluster.redis_store import RedisStore
+
+    parts = urlsplit(redis_tls_url)
+    plaintext = urlunsplit(parts._replace(scheme="redis", query=""))
+    with pytest.raises(StoreConnectionError, match="cannot reach Redis"):
+        RedisStore(plaintext, connect_timeout_s=1.0, timeout_s=1.0)
+    wrong = redis_tls_url.replace(f":{REDIS_PASSWORD}@", ":not-the-password@")
+    with pytest.raises(StoreConnectionError, match="cannot reach Redis") as info:
+        RedisStore(wrong)
+    assert "not-the-password" not in str(info.value)
+    with pytest.raises(StoreConnectionError, match=r"refuses this user the keys under 'elsewhere'.*~elsewhere:\*"):
+        RedisStore(redis_tls_url, prefix="elsewhere")  # the ACL grants ~test-* only
+    untrusted = urlunsplit(parts._replace(query=""))  # no CA: the server's certificate is not trusted
+    with pytest.raises(StoreConnectionError, match="cannot reach Redis"):
+        RedisStore(untrusted)
 
 
 def test_make_store_picks_the_backend(redis_url: str, ray_cluster: None, key_prefix: str) -> None:

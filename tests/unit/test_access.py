@@ -5,9 +5,7 @@ server cannot use fail its start with a sentence naming them."""
 
 from __future__ import annotations
 
-import datetime
 import http.client
-import ipaddress
 import json
 import ssl
 from collections.abc import Iterator
@@ -15,10 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2
 
 from splitserve.config import AccessConfig
@@ -26,6 +20,7 @@ from splitserve.router.access import is_authorized
 from splitserve.router.client import GENERATION_SERVICE, GenerationClient, make_request
 from splitserve.router.grpc_server import GrpcServer
 from splitserve.router.http_server import HttpServer
+from tests.pki import make_pki
 from tests.unit.frontend_helpers import MODEL_NAME, LoopThread, OneTokenFrontend
 
 KEY = "sk-test-7f3a"
@@ -111,36 +106,10 @@ def test_with_api_keys_every_route_but_health_needs_one(loop):
         _stop(loop, http_server, grpc_server)
 
 
-def _certificate(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey]
-                 | None, *, is_ca: bool = False) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
-    if not is_ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("splitserve test CA", ca_key, None, is_ca=True)
-    files = {"ca": ca}
-    for name in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        files[name] = _certificate(name, key, (ca.subject, ca_key))
-        (folder / f"{name}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    for name, certificate in files.items():
-        (folder / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return {p.stem + p.suffix: p for p in folder.iterdir()}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
