@@ -15,7 +15,7 @@ the two routers; prompts of 16-400 tokens, half of them behind one of four share
 reuse), 8-64 new tokens with ``ignore_eos`` (so a short stream is a truncated one), 10% of the
 streams cancelled by their client after a few tokens.
 
-Faults, in turn, every ``--fault-every`` seconds: SIGKILL of the worker running the most
+Faults, in turn (``--faults`` picks the kinds), every ``--fault-every`` seconds: SIGKILL of the worker running the most
 requests (its streams migrate; the deployment starts a new one), Redis frozen with SIGSTOP for
 10 s (then SIGCONT), SIGKILL of the router replica (a new one is started at once, as a
 supervisor would). Recovery time: from the end of the fault (the kill; the SIGCONT) until the
@@ -28,8 +28,12 @@ ended without an error but short of its tokens); hung (no end within ``--request
 After the load stops the routers must drain and every worker must end idle (free blocks ==
 total, nothing unfinished). Memory: the RSS of every process (this one: the head router and
 the load; each worker process; the replica; redis-server, and Redis' own ``used_memory``)
-sampled every 10 s; slopes by least squares after the warm-up, in MiB/min, over samples of one
-process life (a restarted worker is a new series).
+sampled every 10 s; slopes by least squares in MiB/min over samples of one process life (a
+restarted worker is a new series), over the second half of each life and never its first
+``WARM_UP_S`` (caches and the allocator fill while new batch shapes come; a life too short for
+two minutes after that has no slope). Worker kills end
+a worker's life every few minutes, so a run that measures the workers' memory leaves them out:
+``--faults "redis stall,router kill"``.
 
 Writes ``summary.json`` to ``--out`` (default bench/results/chaos) and the per-request records
 and samples beside it under bench/runs/; prints a table. Exit status 1 when a request was lost,
@@ -62,7 +66,7 @@ import ray
 import redis
 from grpc_health.v1 import health_pb2
 
-from bench.common import RESULTS_DIR, command_line, git_revision, machine_info, markdown_table, raw_dir
+from bench.common import RESULTS_DIR, ROOT, command_line, git_revision, machine_info, markdown_table, raw_dir
 from splitserve.cluster import RAY_NAMESPACE
 from splitserve.config import ClusterConfig, ServeConfig, StoreConfig
 from splitserve.protos.splitserve.v1 import serving_pb2_grpc as pb_grpc
@@ -76,6 +80,7 @@ SAMPLE_S = 10.0
 MAX_QUEUED = 8
 VOCAB = 49152  # SmolLM2's; ids below it, above the special tokens
 READY_TIMEOUT_S = 600.0
+WARM_UP_S = 300.0
 
 
 # ------------------------------------------------------------------------------- the cluster
@@ -204,6 +209,7 @@ class Record:
     cancel_after: int | None
     outcome: str = ""  # ok, cancelled, refused, failed, lost, hung
     status: str = ""  # the gRPC status of a failure or refusal
+    detail: str = ""  # and its sentence
     tokens: int = 0
     seconds: float = 0.0
     migrations: int = 0
@@ -243,7 +249,7 @@ async def run_request(stub, record: Record, prompt: list[int], timeout_s: float,
                 break
     except grpc.aio.AioRpcError as e:
         code = e.code().name
-        record.status = code
+        record.status, record.detail = code, (e.details() or "")[:300]
         if code == "DEADLINE_EXCEEDED" and clock() - record.sent_s >= timeout_s - 1:
             record.outcome = "hung"  # our own deadline: the server never ended the stream
         elif code == "RESOURCE_EXHAUSTED":
@@ -320,7 +326,7 @@ class Soak:
             at = self.clock()
             if self.overload[0] - 15 <= at < self.overload[1]:
                 continue  # the overload window is measured on its own
-            fault = Fault(FAULTS[len(self.faults) % len(FAULTS)], at)
+            fault = Fault(self.args.faults[len(self.faults) % len(self.args.faults)], at)
             try:
                 await asyncio.to_thread(self._inject, fault)
             except Exception as e:  # e.g. the victim died another way a moment ago: no fault this time
@@ -388,14 +394,27 @@ def drain_and_check(cluster: Cluster, timeout_s: float = 120.0) -> dict:
         time.sleep(0.2)
 
 
-def slope_mib_per_min(samples: list[tuple[float, float]], after_s: float) -> float | None:
-    points = [(t, v) for t, v in samples if t >= after_s]
+def slope_mib_per_min(samples: list[tuple[float, float]]) -> float | None:
+    """MiB/min by least squares over the second half of one process life, and never its first
+    WARM_UP_S (caches and the allocator fill while new batch shapes come); None for a life too
+    short to say."""
+    first, last = samples[0][0], samples[-1][0]
+    points = [(t, v) for t, v in samples if t >= first + max(WARM_UP_S, (last - first) / 2)]
     if len(points) < 5 or points[-1][0] - points[0][0] < 120:
         return None  # too short a life to say
     mean_t = statistics.fmean(t for t, _ in points)
     mean_v = statistics.fmean(v for _, v in points)
     var = sum((t - mean_t) ** 2 for t, _ in points)
     return 60 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+
+
+def fault_at(faults: list[Fault], t: float, slack_s: float = 5.0) -> str:
+    """The kind of the fault under way at ``t``, from its start until it healed, or "no fault"; plus
+    ``slack_s``, in which a gRPC client still waits out its reconnect backoff to a restarted replica."""
+    for f in faults:
+        if f.at_s <= t <= f.ended_s + (f.recovered_s if f.recovered_s is not None else math.inf) + slack_s:
+            return f.kind
+    return "no fault"
 
 
 def summarize(soak: Soak, idle: dict, keys: dict, args: argparse.Namespace) -> dict:
@@ -407,16 +426,19 @@ def summarize(soak: Soak, idle: dict, keys: dict, args: argparse.Namespace) -> d
     for r in records:
         if r.outcome in ("failed", "refused"):
             failed_by_status[r.status] = failed_by_status.get(r.status, 0) + 1
+    failed_during = {kind: 0 for kind in (*args.faults, "no fault")}
+    for r in records:
+        if r.outcome == "failed":
+            failed_during[fault_at(soak.faults, r.sent_s + r.seconds)] += 1
     disallowed = sum(n for status, n in failed_by_status.items() if status not in ALLOWED | {"RESOURCE_EXHAUSTED"})
     refusals = sorted(r.seconds for r in records if r.outcome == "refused")
     recovery: dict[str, dict] = {}
-    for kind in FAULTS:
+    for kind in args.faults:
         times = sorted(f.recovered_s for f in soak.faults if f.kind == kind and f.recovered_s is not None)
         recovery[kind] = {"faults": sum(f.kind == kind for f in soak.faults),
                           "not_recovered": sum(f.kind == kind and f.recovered_s is None for f in soak.faults),
                           "p50_s": _quantile(times, 0.5), "p99_s": _quantile(times, 0.99)}
-    warm_up = max(60.0, 0.2 * soak.duration_s)
-    slopes = {name: slope_mib_per_min(series, warm_up) for name, series in soak.samples.items()}
+    slopes = {name: slope_mib_per_min(series) for name, series in soak.samples.items()}
     in_window = [r for r in records if soak.overload[0] <= r.sent_s < soak.overload[1]]
     normal = [r for r in records if not soak.overload[0] <= r.sent_s < soak.overload[1]]
     phases = {name: {"requests": len(rs), "offered_per_s": len(rs) / span if span else 0.0,
@@ -430,18 +452,23 @@ def summarize(soak: Soak, idle: dict, keys: dict, args: argparse.Namespace) -> d
                "disallowed_statuses": disallowed, "leaked_blocks": idle["leaked_blocks"],
                "unfinished_at_end": idle["unfinished_requests"], "router_in_flight_at_end": idle["router_in_flight"]}
     return {
-        "benchmark": "chaos", "command": command_line(), "revision": git_revision(Path(__file__)),
+        "benchmark": "chaos", "command": command_line(), "revision": git_revision(ROOT),
         "machine": machine_info(),
-        "setup": {"minutes": args.minutes, "fault_every_s": args.fault_every, "rate_per_s": args.rate,
+        "setup": {"minutes": args.minutes, "faults": list(args.faults), "fault_every_s": args.fault_every,
+                  "rate_per_s": args.rate, "warm_up_s": WARM_UP_S,
                   "overload_rate_per_s": args.overload_rate,
                   "overload_window_s": list(soak.overload), "request_timeout_s": args.request_timeout,
                   "max_queued_requests_per_router": MAX_QUEUED, "workers": 2, "routers": 2, "seed": args.seed},
         "requests": len(records), "outcomes": outcomes, "failed_by_status": failed_by_status,
+        "failed_during": failed_during,
         "migrated": sum(r.migrations > 0 for r in records), "phases": phases,
         "refusal_latency_s": {"p50": _quantile(refusals, 0.5), "p99": _quantile(refusals, 0.99)},
         "faults": [asdict(f) for f in soak.faults], "recovery": recovery,
         "worker_restarts": soak.cluster.server.deployment.num_restarts,
-        "rss_slope_mib_per_min": slopes, "store_keys": keys, "idle_at_end": idle, "verdict": verdict,
+        "rss_slope_mib_per_min": slopes,
+        "rss_mib_first_last": {name: [round(series[0][1], 1), round(series[-1][1], 1)]
+                               for name, series in soak.samples.items()},
+        "store_keys": keys, "idle_at_end": idle, "verdict": verdict,
         "passed": not any(verdict.values()),
     }
 
@@ -453,6 +480,9 @@ def print_summary(summary: dict) -> None:
         str(summary["requests"]), *(str(outcomes[k]) for k in sorted(outcomes)), str(summary["migrated"]),
         f"{_seconds(summary['refusal_latency_s']['p50'])} / {_seconds(summary['refusal_latency_s']['p99'])}"]]))
     print()
+    print(markdown_table(["failed during", *summary["failed_during"]],
+                         [["requests", *(str(n) for n in summary["failed_during"].values())]]))
+    print()
     print(markdown_table(["phase", "requests", "offered/s", "ok/s", "offered / served", "refused"], [
         [name, str(p["requests"]), f"{p['offered_per_s']:.2f}", f"{p['ok_per_s']:.2f}",
          "-" if p["offered_over_served"] is None else f"{p['offered_over_served']:.1f}x", str(p["refused"])]
@@ -462,7 +492,7 @@ def print_summary(summary: dict) -> None:
         [kind, str(r["faults"]), str(r["not_recovered"]), _seconds(r["p50_s"]), _seconds(r["p99_s"])]
         for kind, r in summary["recovery"].items()]))
     print()
-    print(markdown_table(["process", "RSS slope after warm-up (MiB/min)"], [
+    print(markdown_table(["process", "RSS slope over the second half of its life (MiB/min)"], [
         [name, "too short" if slope is None else f"{slope:+.2f}"]
         for name, slope in sorted(summary["rss_slope_mib_per_min"].items())]))
     print()
@@ -471,6 +501,14 @@ def print_summary(summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------- helpers
+
+def _fault_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
+    unknown = [kind for kind in kinds if kind not in FAULTS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"fault kinds are {', '.join(FAULTS)}; got {text!r}")
+    return kinds
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -512,10 +550,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the load (default: %(default)s)")
     parser.add_argument("--fault-every", type=float, default=60.0, metavar="S",
                         help="seconds between faults (default: %(default)s)")
+    parser.add_argument("--faults", type=_fault_kinds, default=FAULTS, metavar="KINDS",
+                        help=f"comma-separated fault kinds injected in turn, from: {', '.join(FAULTS)} (default: "
+                        "all of them)")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second outside the overload window "
                         "(default: %(default)s)")
-    parser.add_argument("--overload-rate", type=float, default=9.0, metavar="RATE",
-                        help="requests per second in the overload window: several times what the cluster serves "
+    parser.add_argument("--overload-rate", type=float, default=12.0, metavar="RATE",
+                        help="requests per second in the overload window: about 3x what the cluster serves here "
                         "(default: %(default)s)")
     parser.add_argument("--overload-minutes", type=float, default=2.0, metavar="M",
                         help="minutes at --overload-rate in the middle of the run, with no fault (default: "

@@ -45,7 +45,7 @@ from splitserve.engine.loader import load_model
 from splitserve.engine.model import Model
 from splitserve.engine.output import OutputState, RequestOutput
 from splitserve.engine.request import FinishReason, Request
-from splitserve.engine.runner import BatchItem, ModelRunner
+from splitserve.engine.runner import BatchItem, ModelRunner, limit_onednn_cache
 from splitserve.engine.sampler import sample
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledRequest, Scheduler
@@ -67,6 +67,7 @@ class LoadedModel:
 
     @classmethod
     def load(cls, config: EngineConfig, model: str | None = None) -> LoadedModel:
+        limit_onednn_cache()  # before anything runs oneDNN
         model_config, weights, tokenizer = load_model(model or config.model)
         return cls(Model(model_config, weights, config.torch_dtype, config.device), tokenizer)
 

@@ -1,6 +1,6 @@
 """The chaos soak, short: ``python -m bench.chaos`` for 5 minutes, as its own process (its own
 Ray and redis-server), with a fault every 45 s -- worker SIGKILL, Redis frozen for 10 s,
-router replica SIGKILL -- and a minute of overload (9 req/s offered). Nothing may be lost, hang, fail with a
+router replica SIGKILL -- and a minute of overload (12 req/s offered, about 3x what it serves). Nothing may be lost, hang, fail with a
 status outside the allowed ones or leak a block, every fault must heal (the killed worker
 restarted, the replica back), and the run must have done what it says (requests served, each
 killed worker replaced). Timings are reported, never asserted."""

@@ -3,6 +3,8 @@ stop conditions, seeds, aborts and bad input. Every test ends with the KV pool b
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from splitserve import SamplingParams
@@ -290,3 +292,14 @@ def test_a_continuation_that_cannot_go_on_is_a_clear_error(llm, continuation, kw
         engine.add_request(PROMPTS[0], seeded, continuation=Continuation(**continuation), **kwargs)
     assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))[0].token_ids  # still serving
     _assert_idle(llm)
+
+
+def test_loading_caps_onednns_primitive_cache_unless_the_environment_sets_it(monkeypatch):
+    from splitserve.engine.runner import ONEDNN_PRIMITIVE_CACHE_CAPACITY, limit_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
