@@ -142,6 +142,15 @@ def test_a_killed_router_replica_leaves_no_request_decoding(ray_cluster, redis_u
     try:
         with GenerationClient(f"127.0.0.1:{port}") as client:
             client.wait_ready(600)
+        # Warm-up through the replica at the orphans' concurrency: each worker's channels back to a new
+        # caller (Ray's, per process, not per request) open now, not inside the measured window.
+        warm = [_Stream(f"127.0.0.1:{port}", PROMPTS[i], None, max_tokens=4) for i in range(4)]
+        for stream in warm:
+            stream.start()
+        for stream in warm:
+            stream.join(600)
+        assert [stream.error for stream in warm] == [None] * len(warm)
+        assert_idle(s)
         baseline = Footprint.of(s)
         long = {"max_tokens": 400}  # far longer than the test: only the lease can end them early
         orphans = [_Stream(f"127.0.0.1:{port}", PROMPTS[i], None, **long) for i in range(4)]
