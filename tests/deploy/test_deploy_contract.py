@@ -20,6 +20,7 @@ from tests.deploy.manifests import (
     CHART,
     DOCKERFILE,
     Pod,
+    case_values,
     documents,
     frontends,
     of_kind,
@@ -240,6 +241,25 @@ def test_gpu_pods_get_nccl_settings_and_shared_memory(docs):
         if pod.ray_start_params.get("num-gpus"):
             env = {e["name"] for e in pod.container.get("env", [])}
             assert {"NCCL_DEBUG", "NCCL_IB_DISABLE"} <= env, pod.group
+
+
+def test_every_ray_pod_mounts_an_external_redis_ca_where_one_is_named(docs, case):
+    """rediss:// with a private CA: the URL names /etc/splitserve/redis-ca/ca.crt, so every process
+    that reaches the store -- the head's serve, the routers, every worker -- must see that file."""
+    external = case_values(case).get("redis", {}).get("external", {})
+    for pod in pods(docs):
+        if "ray.io/cluster" not in pod.labels:
+            continue
+        volumes = {v["name"]: v for v in pod.spec["volumes"]}
+        mounts = {m["mountPath"]: m for m in pod.container.get("volumeMounts", [])}
+        if not external.get("caSecretName"):
+            assert "redis-ca" not in volumes, pod.group
+            continue
+        mount = mounts["/etc/splitserve/redis-ca"]
+        assert mount["readOnly"] is True, pod.group
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == external["caSecretName"], pod.group
+        assert secret["items"] == [{"key": external.get("caSecretKey", "ca.crt"), "path": "ca.crt"}], pod.group
 
 
 @pytest.mark.parametrize("pool", POOLS)

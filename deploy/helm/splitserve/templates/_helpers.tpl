@@ -133,7 +133,8 @@ securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end -}}
 
-{{/* Volumes of every Ray pod: /dev/shm in memory, and the model volume if one is set. */}}
+{{/* Volumes of every Ray pod: /dev/shm in memory, the model volume if one is set, and an
+external Redis's CA bundle if one is named (every process that reaches the store needs it). */}}
 {{- define "splitserve.volumes" -}}
 volumes:
   - name: dshm
@@ -144,6 +145,19 @@ volumes:
   - name: model
     {{- toYaml . | nindent 4 }}
 {{- end }}
+{{- if include "splitserve.redisCA" . }}
+  - name: redis-ca
+    secret:
+      secretName: {{ .Values.redis.external.caSecretName }}
+      items:
+        - key: {{ .Values.redis.external.caSecretKey }}
+          path: ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* "true" when an external Redis's CA bundle is mounted, else empty. */}}
+{{- define "splitserve.redisCA" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.caSecretName }}true{{ end }}
 {{- end -}}
 
 {{- define "splitserve.volumeMounts" -}}
@@ -153,6 +167,11 @@ volumeMounts:
 {{- if .Values.model.volume }}
   - name: model
     mountPath: {{ .Values.model.mountPath }}
+    readOnly: true
+{{- end }}
+{{- if include "splitserve.redisCA" . }}
+  - name: redis-ca
+    mountPath: /etc/splitserve/redis-ca
     readOnly: true
 {{- end }}
 {{- end -}}
