@@ -4,11 +4,12 @@
 (the shared state and membership), ``WorkerConfig`` (one worker: the three embedded),
 ``ClusterConfig`` (what ``splitserve serve`` runs: the mode, worker counts and the shared
 sub-configs), ``PlacementConfig`` and ``RoleConfig`` (how the router places prefills and moves
-workers between pools), ``ServeConfig`` (where the API listens) and ``SimConfig`` (the cluster
-``splitserve simulate`` models). Each value is stated and checked once, here; the
-command line reads its defaults from these classes. Components take the scalars they need
-(``BlockPool(num_blocks, block_size)``), never the root config; these classes exist so that a
-bad setting fails at start-up with a sentence.
+workers between pools), ``ServeConfig`` (where the API listens), ``SimConfig`` (the cluster
+``splitserve simulate`` models) and ``ProfileConfig`` (what ``splitserve profile``
+measures). Each value is stated and checked once, here; the command line reads its defaults
+from these classes. Components take the scalars they need (``BlockPool(num_blocks,
+block_size)``), never the root config; these classes exist so that a bad setting fails at
+start-up with a sentence.
 
 This module imports nothing heavy (no torch, no Ray), so a router process can read it.
 """
@@ -586,3 +587,43 @@ class SimConfig:
         if self.mode == "disaggregated":
             return f"disaggregated {self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
         return f"colocated {self.num_instances}x(TP{self.tp}) {self.colocated_scheduler}"
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What ``splitserve profile`` measures on this machine (splitserve.profiler).
+
+    engine: the engine measured, as a worker would build it (its KV cache size gives the
+    profile's capacity; its ``speculative`` proposer, if any, the draft-token shapes).
+    repeats: timed steps per shape (the budget: 1 is the smallest run). max_tokens: the largest
+    prefill batch and the longest decode context, in tokens (at most the engine's step budget
+    for prefills). max_batch: the largest decode batch. transfer_backends: the KV transfer
+    backends whose bandwidth is measured over loopback; transfer_backend: the one whose number
+    the simulator uses (``kv_transfer_bytes_per_s``). transfer_tokens: the prompt length whose KV
+    each measured transfer sends. num_threads: torch threads (None: torch's default).
+    """
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    repeats: int = 3
+    max_tokens: int = 1024
+    max_batch: int = 32
+    transfer_backends: tuple[str, ...] = TRANSFER_BACKENDS
+    transfer_backend: str = field_default(TransferConfig, "backend")
+    transfer_tokens: int = 512
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "max_tokens", "max_batch", "transfer_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.max_tokens < 16:
+            raise ValueError(f"max_tokens must be at least 16 (the smallest shape measured), got {self.max_tokens}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        object.__setattr__(self, "transfer_backends", tuple(self.transfer_backends))
+        for backend in self.transfer_backends:
+            _check_choice("transfer backend", backend, TRANSFER_BACKENDS)
+        if self.transfer_backends and self.transfer_backend not in self.transfer_backends:
+            raise ValueError(f"transfer_backend {self.transfer_backend!r} must be one of the measured backends "
+                             f"({', '.join(self.transfer_backends) or 'none'})")

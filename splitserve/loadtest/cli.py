@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from splitserve.loadtest.arguments import count, parsed, positive, rates
-from splitserve.loadtest.arrivals import parse_arrival
+from splitserve.loadtest.arrivals import Arrival, parse_arrival
 from splitserve.loadtest.clients import DEFAULT_CONNECT_TIMEOUT_S, Client, TargetError, make_client
 from splitserve.loadtest.metrics import SLO, meets_slo, scaled_slos
 from splitserve.loadtest.records import RequestSpec
@@ -43,7 +43,7 @@ from splitserve.loadtest.runner import (
     sweep,
 )
 from splitserve.loadtest.saved import load_results, replot, rescale
-from splitserve.loadtest.workloads import generate, load_tokenizer, parse_workload
+from splitserve.loadtest.workloads import generate, load_tokenizer, parse_workload, resolve_trace
 
 _PROG = "splitserve loadtest"
 LATE_WARNING_S = 0.1  # a send this far behind its schedule changes the load measured
@@ -57,10 +57,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                   help="one of:")
     run = _add_command(sub, "run", "one run at one request rate (or concurrency)")
     run.add_argument("--rate", type=positive(float), default=None, help="requests/s; needed by the open-loop "
-                     "arrivals (poisson, gamma, constant), refused with concurrency:N")
+                     "arrivals (poisson, gamma, constant), refused with concurrency:N; with trace, optional: the "
+                     "trace scaled in time to this mean rate (default: as recorded)")
     _add_run_options(run)
     sweep = _add_command(sub, "sweep", "a run per request rate, and the goodput")
-    sweep.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 0.5,1,2,4")
+    sweep.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 0.5,1,2,4 "
+                       "(with --arrival trace: the trace scaled in time to each mean rate)")
     _add_run_options(sweep)
     search = _add_command(sub, "search", "find the goodput: double the rate until attainment < 90%, then bisect")
     search.add_argument("--start-rate", type=positive(float), default=1.0, metavar="RATE",
@@ -103,7 +105,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=positive(float), default=None, help="stop sending after this many "
                         "seconds, or --num-requests, whichever comes first (default: no limit)")
     parser.add_argument("--arrival", type=parsed(parse_arrival), default="poisson",
-                        help="poisson, gamma:CV, constant or concurrency:N (default: %(default)s)")
+                        help="poisson, gamma:CV, constant, trace (the arrival_s of a file:PATH workload's lines) "
+                        "or concurrency:N (default: %(default)s)")
     _add_slo_options(parser)
     parser.add_argument("--send-slo", action="store_true", help="also send the SLO with every request "
                         "(splitserve schedules for it; other servers do not take it)")
@@ -159,7 +162,7 @@ def _handled(handler: Callable[[argparse.Namespace], int], prog: str) -> Callabl
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.arrival.is_open_loop and args.rate is None:
+    if args.arrival.is_open_loop and args.rate is None and args.arrival.kind != "trace":
         raise ValueError(f"--rate is required with {args.arrival} arrivals (requests/s)")
     if not args.arrival.is_open_loop and args.rate is not None:
         raise ValueError(f"--rate does not apply to {args.arrival}: a closed loop sends as its requests end")
@@ -205,18 +208,19 @@ def _measure(args: argparse.Namespace, body: Callable[[RunSetup], Awaitable[dict
     client = make_client(args.target, model=args.model, api_key=args.api_key,
                          timeout_s=min(args.timeout, DEFAULT_CONNECT_TIMEOUT_S),
                          slo_ttft_ms=sent.ttft_ms, slo_tpot_ms=sent.tpot_ms)
-    specs = generate(args.workload, args.num_requests, load_tokenizer(args.tokenizer), seed=args.seed,
+    arrival, num_requests = resolve_trace(args.arrival, args.workload, args.num_requests)
+    specs = generate(args.workload, num_requests, load_tokenizer(args.tokenizer), seed=args.seed,
                      scale=args.scale, max_prompt_tokens=args.max_prompt_tokens,
                      max_output_tokens=args.max_output_tokens)
-    return asyncio.run(_connected(args, client, specs, slo, body))
+    return asyncio.run(_connected(args, client, specs, arrival, slo, body))
 
 
-async def _connected(args: argparse.Namespace, client: Client, specs: list[RequestSpec], slo: SLO,
+async def _connected(args: argparse.Namespace, client: Client, specs: list[RequestSpec], arrival: Arrival, slo: SLO,
                      body: Callable[[RunSetup], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
     async with client:
         is_shown = sys.stdout.isatty() if args.progress is None else args.progress
         progress = RunProgress(lambda record: meets_slo(record, slo)) if is_shown else None
-        setup = RunSetup(client, specs, args.arrival, slo, _meta(args, client.model, slo), seed=args.seed,
+        setup = RunSetup(client, specs, arrival, slo, _meta(args, client.model, slo), seed=args.seed,
                          duration_s=args.duration, timeout_s=args.timeout, drain_s=args.drain, progress=progress)
         with progress or contextlib.nullcontext():
             return await body(setup)

@@ -102,17 +102,17 @@ async def run(client: Client, specs: Sequence[RequestSpec], arrival: Arrival, ra
     """Send specs through client on arrival's schedule at rate (requests/s; ignored by a closed
     loop) and record each request. Stops issuing after duration_s when given; see the module
     docstring for how a run ends. clock: the monotonic clock the records' times come from."""
-    if arrival.concurrency is None and not (rate is not None and rate > 0):
+    if arrival.concurrency is None and arrival.kind != "trace" and not (rate is not None and rate > 0):
         raise ValueError(f"an open-loop arrival needs a positive rate, got {rate!r}")
     start = clock()
     sender = _Sender(client, lambda: clock() - start, timeout_s, progress)
     stop_s = float("inf") if duration_s is None else duration_s
     if progress is not None:
-        label = f"{rate:g} req/s" if arrival.concurrency is None else f"concurrency {arrival.concurrency}"
+        label = (f"concurrency {arrival.concurrency}" if arrival.concurrency is not None
+                 else "trace as recorded" if rate is None else f"{rate:g} req/s")
         progress.begin(label, len(specs))
     started = time.time()
     if arrival.concurrency is None:
-        assert rate is not None
         tasks = await _open_loop(sender, specs, arrival.offsets(rate, len(specs), seed), stop_s)
     else:
         tasks = _closed_loop(sender, specs, arrival.concurrency, stop_s)

@@ -10,7 +10,9 @@ list of `RequestSpec` before the run (`generate`), so the clients only send. Kin
 - ``prefix:SHARED/IN/OUT``: every prompt starts with the same SHARED-token text, then IN tokens of
   its own (SHARED+IN in all), for prefix caching.
 - ``file:PATH``: JSONL lines ``{"prompt": str, "max_tokens": int}`` or
-  ``{"prompt_tokens": int, "max_tokens": int}`` (prose of that many tokens is written).
+  ``{"prompt_tokens": int, "max_tokens": int}`` (prose of that many tokens is written); a line
+  may also carry ``"arrival_s"``, its send time in seconds from the start (finite, >= 0, lines in
+  arrival order), which ``--arrival trace`` replays (``resolve_trace``).
 
 Prompt text is cut to an exact token count with the target's tokenizer (texts.py); a
 `RequestSpec`'s ``prompt_tokens`` is what the server's own ``tokenizer.encode(prompt)`` gives.
@@ -19,6 +21,7 @@ Prompt text is cut to an exact token count with the target's tokenizer (texts.py
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast, get_args
 
 import numpy as np
 
+from splitserve.loadtest.arrivals import Arrival
 from splitserve.loadtest.records import RequestSpec
 from splitserve.loadtest.texts import PromptWriter, TextTokenizer, code_corpus, prose_corpus
 
@@ -255,6 +259,7 @@ class FileEntry:
     prompt: str | None
     prompt_tokens: int | None
     max_tokens: int
+    arrival_s: float | None = None  # seconds from the start: a recorded trace's send time
 
     def num_prompt_tokens(self) -> int:
         assert self.prompt_tokens is not None, "an entry without text has a token count"
@@ -290,7 +295,40 @@ def _file_entry(line: str, where: str) -> FileEntry:
         raise ValueError(f"{where}: \"prompt\" must be non-empty text")
     if prompt_tokens is not None and not _is_count(prompt_tokens):
         raise ValueError(f"{where}: \"prompt_tokens\" must be a whole number >= 1")
-    return FileEntry(where, prompt, prompt_tokens, max_tokens)
+    arrival_s = data.get("arrival_s")
+    if arrival_s is not None and not (isinstance(arrival_s, int | float) and not isinstance(arrival_s, bool)
+                                      and 0 <= arrival_s < math.inf):
+        raise ValueError(f"{where}: \"arrival_s\" must be a finite number of seconds >= 0, got {arrival_s!r}")
+    return FileEntry(where, prompt, prompt_tokens, max_tokens, None if arrival_s is None else float(arrival_s))
+
+
+def trace_offsets(entries: list[FileEntry]) -> list[float]:
+    """The send times of a trace: every line's ``arrival_s``, in the file's order, which must be
+    arrival order (ValueError naming the first line without one or out of order: sorting it
+    quietly would change which request is which)."""
+    offsets: list[float] = []
+    for entry in entries:
+        if entry.arrival_s is None:
+            raise ValueError(f"{entry.where}: --arrival trace needs \"arrival_s\" (seconds from the start) on "
+                             "every line")
+        if offsets and entry.arrival_s < offsets[-1]:
+            raise ValueError(f"{entry.where}: arrival_s {entry.arrival_s:g} is before the line above's "
+                             f"{offsets[-1]:g}; a trace's lines must be in arrival order (sort it by arrival_s)")
+        offsets.append(entry.arrival_s)
+    return offsets
+
+
+def resolve_trace(arrival: Arrival, spec: WorkloadSpec, num_requests: int) -> tuple[Arrival, int]:
+    """For a trace arrival: the arrival with the workload file's offsets, and how many requests
+    run (the file's first num_requests lines, all of them if it has fewer: a trace is replayed
+    once, not cycled). Any other arrival comes back as it is, with num_requests."""
+    if arrival.kind != "trace":
+        return arrival, num_requests
+    if spec.kind != "file" or spec.path is None:
+        raise ValueError(f"--arrival trace replays the arrival_s of a file:PATH workload's lines; workload {spec} "
+                         "has none")
+    offsets = trace_offsets(read_workload_file(spec.path))
+    return arrival.with_trace(offsets), min(num_requests, len(offsets))
 
 
 def _is_count(value: Any) -> TypeGuard[int]:

@@ -85,7 +85,8 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 1,2,4,8")
     parser.add_argument("--arrival", type=parsed(parse_arrival), default="poisson",
-                        help="poisson, gamma:CV or constant (default: %(default)s)")
+                        help="poisson, gamma:CV, constant or trace (a file:PATH workload's arrival_s, scaled in "
+                        "time to each rate) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths and arrival times, as the "
                         "load tester's (default: %(default)s)")
     parser.add_argument("--slo-ttft-ms", type=positive(float), default=None, metavar="MS",

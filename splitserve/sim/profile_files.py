@@ -13,7 +13,9 @@ or field at fault. The formats are documented in docs/simulator.md.
 - splitserve: per TP degree, the coefficients our workers fit and publish
   (``StepModels.refit()``: ``prefill``, ``decode_step``, optionally ``mixed_step``, in seconds,
   splitserve.latency's features) and the instance's KV capacity in tokens; optionally the KV
-  bytes per token and the link's bandwidth, which make the prefill-to-decode transfer cost time.
+  bytes per token and the link's bandwidth, which make the prefill-to-decode transfer cost time,
+  and the bandwidth of every backend measured with the name of the one used
+  (``splitserve profile`` writes these files; splitserve.profiler).
 """
 
 from __future__ import annotations
@@ -140,8 +142,25 @@ def _splitserve_profile(path: Path, data: dict[str, Any]) -> LatencyProfile:
                 for name in ("kv_bytes_per_token", "kv_transfer_bytes_per_s")}
     if (optional["kv_bytes_per_token"] is None) != (optional["kv_transfer_bytes_per_s"] is None):
         raise ValueError(f"{path}: give both kv_bytes_per_token and kv_transfer_bytes_per_s, or neither")
+    _check_backends(path, data, optional["kv_transfer_bytes_per_s"])
     return LatencyProfile(data["model"], data["device"], str(path), tuple(sorted(instances, key=lambda i: i.tp)),
                           **optional)
+
+
+def _check_backends(path: Path, data: dict[str, Any], used: float | None) -> None:
+    """The optional per-backend bandwidths (``splitserve profile`` measures each) and the name of
+    the one ``kv_transfer_bytes_per_s`` copies: both or neither, consistent with it."""
+    backend, by_backend = data.get("kv_transfer_backend"), data.get("kv_transfer_bytes_per_s_by_backend")
+    if backend is None and by_backend is None:
+        return
+    if not (isinstance(backend, str) and isinstance(by_backend, dict) and backend in by_backend):
+        raise ValueError(f"{path}: kv_transfer_backend must name an entry of kv_transfer_bytes_per_s_by_backend "
+                         f"(an object of bytes/s by backend); got {backend!r} and {by_backend!r}")
+    for name, value in by_backend.items():
+        _positive_or_none(value, f"{path}: kv_transfer_bytes_per_s_by_backend.{name}")
+    if used != float(by_backend[backend]):
+        raise ValueError(f"{path}: kv_transfer_bytes_per_s ({used!r}) must be the {backend} entry of "
+                         f"kv_transfer_bytes_per_s_by_backend ({by_backend[backend]!r})")
 
 
 def _splitserve_instance(path: Path, tp: int, entry: Any) -> InstanceProfile:

@@ -4,7 +4,9 @@ run with the same workload, arrival, rate and seed see the same lengths at the s
 
 Only lengths matter here, so no prompt text is written (``workloads.sample_lengths``); a
 ``file:`` workload must give ``prompt_tokens`` counts, since text has no token count without
-the target's tokenizer. Only open-loop arrivals have a schedule to simulate.
+the target's tokenizer. Only open-loop arrivals have a schedule to simulate; a ``trace``
+replays a file's ``arrival_s``, scaled in time to each rate (``Arrival.offsets``), as the load
+tester does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitserve.loadtest.arrivals import Arrival
-from splitserve.loadtest.workloads import LengthLimits, WorkloadSpec, read_workload_file, sample_lengths
+from splitserve.loadtest.workloads import LengthLimits, WorkloadSpec, read_workload_file, resolve_trace, sample_lengths
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +39,9 @@ def make_requests(spec: WorkloadSpec, arrival: Arrival, rate: float, num_request
     """``num_requests`` requests of ``spec`` arriving by ``arrival`` at ``rate`` per second,
     seeded as the load tester seeds them (one seed for lengths and arrival times)."""
     if not arrival.is_open_loop:
-        raise ValueError(f"the simulator needs an open-loop arrival (poisson, gamma:CV, constant), got {arrival}")
+        raise ValueError(f"the simulator needs an open-loop arrival (poisson, gamma:CV, constant, trace), "
+                         f"got {arrival}")
+    arrival, num_requests = resolve_trace(arrival, spec, num_requests)  # a trace: its file's first lines
     lengths = _lengths(spec, num_requests, seed, scale, limits)
     offsets = arrival.offsets(rate, num_requests, seed)
     return [SimRequest(i, t, p, o) for i, (t, (p, o)) in enumerate(zip(offsets, lengths, strict=True))]

@@ -5,7 +5,8 @@ so no two components depend on each other; and no module imports itself back thr
 Bottom to top: the configuration and errors; the engine; the messages and latency models that
 workers and routers share; transfer and the cluster's store and deployment; the worker (every
 phase, from parts); the router and its front ends, and the actor shell the workers run in; the
-serving assembly and the load tester; the command line.
+serving assembly and the load tester; the simulator; the profiler (it measures the engine into
+the simulator's profile format); the command line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("router", "worker_actor"),  # worker_actor: the Ray actor shell over the worker
     ("server", "loadtest"),
     ("sim",),  # the simulator: the router's decisions over simulated instances, loadtest's workloads and metrics
+    ("profiler",),  # `splitserve profile`: runs the engine, fits the worker's models, writes the simulator's format
     ("serve_cli",),
     ("cli",),
 ]
