@@ -539,7 +539,7 @@ def field_default(cls: type, name: str) -> Any:
     return spec.default
 
 
-SimMode = Literal["disaggregated", "colocated"]
+SimMode = Literal["disaggregated", "colocated", "elastic"]
 ColocatedScheduler = Literal["prefill-first", "chunked"]
 
 
@@ -548,7 +548,9 @@ class SimConfig:
     """The simulated cluster.
 
     disaggregated: ``num_prefill`` instances of TP ``prefill_tp`` and ``num_decode`` of TP
-    ``decode_tp``. colocated: ``num_instances`` of TP ``tp``, each doing both phases with
+    ``decode_tp``. elastic: the same instances as the starting split, each able to run either
+    phase; ``placement`` (the router's PlacementConfig) places each request, ``roles`` moves
+    instances between the pools. colocated: ``num_instances`` of TP ``tp``, each doing both phases with
     ``colocated_scheduler``: ``prefill-first`` (an iteration is a batch of whole prompts when
     prompts wait, else a decode step: vLLM v0) or ``chunked`` (every iteration decodes the
     running requests and fills the rest of ``max_batched_tokens`` with prompt chunks: Sarathi).
@@ -564,6 +566,8 @@ class SimConfig:
     colocated_scheduler: ColocatedScheduler = "prefill-first"
     # the engine's per-step token budget, which chunks its prefills: the same budget here
     max_batched_tokens: int = field_default(EngineConfig, "max_num_batched_tokens")
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    roles: RoleConfig = field(default_factory=RoleConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(SimMode):
@@ -578,14 +582,16 @@ class SimConfig:
 
     @property
     def num_gpus(self) -> int:
-        if self.mode == "disaggregated":
+        if self.mode in ("disaggregated", "elastic"):
             return self.num_prefill * self.prefill_tp + self.num_decode * self.decode_tp
         return self.num_instances * self.tp
 
     def describe(self) -> str:
         """E.g. 'disaggregated 2P(TP1)+1D(TP2)' or 'colocated 4x(TP1) chunked'."""
-        if self.mode == "disaggregated":
-            return f"disaggregated {self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
+        if self.mode in ("disaggregated", "elastic"):
+            split = f"{self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
+            fixed = " fixed roles" if self.mode == "elastic" and not self.roles.enabled else ""
+            return f"{self.mode} {split}{fixed}"
         return f"colocated {self.num_instances}x(TP{self.tp}) {self.colocated_scheduler}"
 
 

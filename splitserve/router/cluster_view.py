@@ -31,6 +31,7 @@ from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
 from splitserve.errors import CapacityError, ServingError, WorkerGone
 from splitserve.latency import DecodeStepModel, MixedStepModel, PrefillModel
 from splitserve.protocol import SpeculationLimits
+from splitserve.router.placement import load_key
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,4 @@ class ClusterView:
         return sorted(worker_ids, key=self._load_key)
 
     def _load_key(self, worker_id: str) -> tuple:
-        load = self.loads.get(worker_id)
-        reported = (load.num_queued_prompt_tokens, load.num_running_requests, -load.num_free_blocks) if load else ()
-        return (self.inflight[worker_id], reported, worker_id)
+        return load_key(worker_id, self.inflight[worker_id], self.loads.get(worker_id))

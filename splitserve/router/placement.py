@@ -48,6 +48,13 @@ def blocks_for(num_prompt_tokens: int, block_size: int) -> int:
     return -(-(num_prompt_tokens + 1) // block_size)
 
 
+def load_key(worker_id: str, inflight: int, load: WorkerLoad | None) -> tuple:
+    """How loaded a worker is, least first: this router's requests in flight there, then what it
+    reported (queued prompt tokens, running requests, free blocks: most first), then its id."""
+    reported = (load.num_queued_prompt_tokens, load.num_running_requests, -load.num_free_blocks) if load else ()
+    return (inflight, reported, worker_id)
+
+
 def rank_prefill(
     worker_ids: Sequence[str],
     num_prompt_tokens: int,

@@ -11,8 +11,9 @@ the current split and the last move is at least ``min_dwell_s`` old, and always 
 decode worker. An empty prefill pool is a valid state: every prefill then runs locally on the
 decode workers (the placement does that by itself).
 
-``RoleBalancer`` runs ``decide`` every ``interval_s`` on what the router saw (``RoleStats``,
-fed by the Router on every finished request) and the cluster's view, and moves the chosen
+``RoleBalancer`` runs ``decide`` (through ``balanced_move``, which the simulator calls too)
+every ``interval_s`` on what the router saw (``RoleStats``, fed by the Router on every
+finished request) and the cluster's view, and moves the chosen
 worker with its ``set_role``: the worker keeps serving what it holds, and the store lists it
 under its new role from then on. Moves are logged and counted in the metrics.
 """
@@ -87,6 +88,19 @@ def decode_seconds_per_request(output_tokens: float, models: list[DecodeStepMode
     return output_tokens * step / b
 
 
+def balanced_move(prefill_pool: list[str], decode_pool: list[str], stats: RoleStats,
+                  decode_models: list[DecodeStepModel], running: list[int], config: RoleConfig,
+                  since_last_move_s: float, least_loaded: Callable[[list[str]], str]) -> Move | None:
+    """``decide`` on what a router saw: ``stats`` of its finished requests, the decode pool's
+    models and its workers' reported running requests (their mean is the batch B); None
+    before the first finished request or without a decode pool."""
+    if stats.prefill_s is None or stats.output_tokens is None or not decode_pool:
+        return None
+    batch = sum(running) / len(running) if running else 1.0
+    decode_s = decode_seconds_per_request(stats.output_tokens, decode_models, batch)
+    return decide(prefill_pool, decode_pool, stats.prefill_s, decode_s, config, since_last_move_s, least_loaded)
+
+
 class RoleBalancer:
     """The loop: read the view, ``decide``, carry out the move (Ray calls ``set_role``)."""
 
@@ -98,14 +112,10 @@ class RoleBalancer:
 
     def next_move(self) -> Move | None:
         prefill_pool, decode_pool = self.view.members("prefill"), self.view.members("decode")
-        if self.stats.prefill_s is None or self.stats.output_tokens is None or not decode_pool:
-            return None
         models = [m for w in decode_pool if (m := self.view.models_of(w).decode_step) is not None]
         running = [load.num_running_requests for w in decode_pool if (load := self.view.loads.get(w))]
-        batch = sum(running) / len(running) if running else 1.0
-        decode_s = decode_seconds_per_request(self.stats.output_tokens, models, batch)
-        return decide(prefill_pool, decode_pool, self.stats.prefill_s, decode_s, self.config,
-                      self.clock() - self._moved_at, lambda pool: self.view.least_loaded_of(pool))
+        return balanced_move(prefill_pool, decode_pool, self.stats, models, running, self.config,
+                             self.clock() - self._moved_at, lambda pool: self.view.least_loaded_of(pool))
 
     async def step(self) -> Move | None:
         move = self.next_move()

@@ -9,6 +9,7 @@ prints them. Bad flags or profiles end with a one-line message and exit status 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import shlex
 import sys
@@ -17,11 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from splitserve.config import SimConfig, field_default
+from splitserve.config import RoleConfig, SimConfig, field_default
 from splitserve.loadtest.arguments import count, parsed, positive, rates
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.metrics import SLO
 from splitserve.loadtest.workloads import LengthLimits, parse_workload
+from splitserve.protocol import SLO as RequestSLO
 from splitserve.sim.outcome import SimResult
 from splitserve.sim.profile import LatencyProfile
 from splitserve.sim.profile_files import load_profile
@@ -33,6 +35,10 @@ _PROG = "splitserve simulate"
 _DISAGGREGATED_FLAGS = {"prefill_instances": "--prefill-instances", "prefill_tp": "--prefill-tp",
                         "decode_instances": "--decode-instances", "decode_tp": "--decode-tp"}
 _COLOCATED_FLAGS = {"instances": "--instances", "tp": "--tp", "colocated_scheduler": "--colocated-scheduler"}
+_ELASTIC_FLAGS = {"role_interval_s": "--role-interval-s", "role_dwell_s": "--role-dwell-s",
+                  "role_hysteresis": "--role-hysteresis", "fixed_roles": "--fixed-roles"}
+_MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS, "colocated": _COLOCATED_FLAGS,
+               "elastic": _DISAGGREGATED_FLAGS | _ELASTIC_FLAGS}
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,9 +53,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="the model in a profile of several, e.g. facebook/opt-13b (default: its only one)")
     parser.add_argument("--kv-capacity-csv", type=Path, default=None, metavar="FILE",
                         help="DistServe profiles: the KV capacity CSV (default: max_num_tokens.csv beside --profile)")
-    parser.add_argument("--mode", choices=("disaggregated", "colocated"), default=field_default(SimConfig, "mode"),
-                        help="prefill and decode on separate instances, or both on each (default: %(default)s)")
-    group = parser.add_argument_group("disaggregated mode")
+    parser.add_argument("--mode", choices=("disaggregated", "colocated", "elastic"),
+                        default=field_default(SimConfig, "mode"),
+                        help="prefill and decode on separate instances, both on each, or elastic: the router "
+                        "places each request (remote prefill, or end to end on one instance; refused when no "
+                        "placement meets --slo-*) and moves instances between the pools (default: %(default)s)")
+    group = parser.add_argument_group("disaggregated and elastic modes (elastic: the starting split)")
     group.add_argument("--prefill-instances", type=count(1), default=None, metavar="P",
                        help=f"prefill instances (default: {field_default(SimConfig, 'num_prefill')})")
     group.add_argument("--prefill-tp", type=count(1), default=None, metavar="T",
@@ -58,6 +67,16 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help=f"decode instances (default: {field_default(SimConfig, 'num_decode')})")
     group.add_argument("--decode-tp", type=count(1), default=None, metavar="T",
                        help=f"TP degree of each decode instance (default: {field_default(SimConfig, 'decode_tp')})")
+    group = parser.add_argument_group("elastic mode: role changes (splitserve.router.roles)")
+    group.add_argument("--role-interval-s", type=positive(float), default=None, metavar="S",
+                       help=f"seconds between role decisions (default: {field_default(RoleConfig, 'interval_s')})")
+    group.add_argument("--role-dwell-s", type=non_negative, default=None, metavar="S",
+                       help=f"least seconds between two moves (default: {field_default(RoleConfig, 'min_dwell_s')})")
+    group.add_argument("--role-hysteresis", type=non_negative, default=None, metavar="X",
+                       help="workers beyond 0.5 the split must be off balance before one moves (default: "
+                       f"{field_default(RoleConfig, 'hysteresis')})")
+    group.add_argument("--fixed-roles", action="store_const", const=True, default=None,
+                       help="keep the starting split (default: roles follow the load)")
     group = parser.add_argument_group("colocated mode")
     group.add_argument("--instances", type=count(1), default=None, metavar="N",
                        help=f"instances (default: {field_default(SimConfig, 'num_instances')})")
@@ -67,8 +86,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="prefill-first: whole-prompt batches before decode steps (vLLM v0); chunked: decodes "
                        "plus prompt chunks in every iteration (Sarathi) (default: "
                        f"{field_default(SimConfig, 'colocated_scheduler')})")
-    group.add_argument("--max-batched-tokens", type=count(1), default=field_default(SimConfig, "max_batched_tokens"),
-                       metavar="N", help="chunked: tokens per iteration, decodes first (default: %(default)s)")
+    parser.add_argument("--max-batched-tokens", type=count(1), default=field_default(SimConfig, "max_batched_tokens"),
+                        metavar="N", help="colocated chunked and elastic: tokens per iteration, decodes first "
+                        "(default: %(default)s)")
     _add_load_options(parser)
     parser.set_defaults(run=_handled)
 
@@ -101,6 +121,16 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="results folder, as loadtest sweep's (default: simulate-<date-time>)")
 
 
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _handled(args: argparse.Namespace) -> int:
     try:
         return _simulate(args)
@@ -115,16 +145,18 @@ def _simulate(args: argparse.Namespace) -> int:
     config = sim_config(args)
     out = _out_dir(args.out)
     profile = load_profile(args.profile, args.profile_model, args.kv_capacity_csv)
-    for tp in {config.prefill_tp, config.decode_tp} if config.mode == "disaggregated" else {config.tp}:
+    for tp in {config.tp} if config.mode == "colocated" else {config.prefill_tp, config.decode_tp}:
         profile.at_tp(tp)  # a missing degree fails before anything runs
     limits = LengthLimits(max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+
+    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    request_slo = RequestSLO(*(None if ms is None else ms / 1000 for ms in (args.slo_ttft_ms, args.slo_tpot_ms)))
 
     def run_at(rate: float) -> SimResult:
         requests = make_requests(args.workload, args.arrival, rate, args.num_requests, seed=args.seed,
                                  scale=args.scale, limits=limits)
-        return simulate(profile, config, requests)
+        return simulate(profile, config, requests, request_slo)
 
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     sweep = simulate_sweep(args.rates, run_at, slo, _meta(args, profile, config, slo), out)
     from rich.console import Console
 
@@ -134,15 +166,19 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def sim_config(args: argparse.Namespace) -> SimConfig:
-    """The SimConfig of the flags; ValueError for flags of the other mode."""
-    other = _COLOCATED_FLAGS if args.mode == "disaggregated" else _DISAGGREGATED_FLAGS
-    given = [flag for name, flag in other.items() if getattr(args, name) is not None]
+    """The SimConfig of the flags; ValueError for flags of another mode."""
+    other = {name: flag for flags in _MODE_FLAGS.values() for name, flag in flags.items()
+             if name not in _MODE_FLAGS[args.mode]}
+    given = [flag for name, flag in other.items() if getattr(args, name, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --mode {args.mode}")
     values = {"num_prefill": args.prefill_instances, "prefill_tp": args.prefill_tp,
               "num_decode": args.decode_instances, "decode_tp": args.decode_tp, "num_instances": args.instances,
               "tp": args.tp, "colocated_scheduler": args.colocated_scheduler}
+    roles = {"interval_s": args.role_interval_s, "min_dwell_s": args.role_dwell_s,
+             "hysteresis": args.role_hysteresis, "enabled": None if args.fixed_roles is None else False}
     return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens,
+                     roles=RoleConfig(**{name: value for name, value in roles.items() if value is not None}),
                      **{name: value for name, value in values.items() if value is not None})
 
 
@@ -156,6 +192,8 @@ def _meta(args: argparse.Namespace, profile: LatencyProfile, config: SimConfig, 
     simulator = {"mode": config.mode, "cluster": config.describe(), "num_gpus": config.num_gpus,
                  "profile": profile.source, "profile_model": profile.model, "device": profile.device,
                  "kv_transfer": transfer, "max_batched_tokens": config.max_batched_tokens}
+    if config.mode == "elastic":
+        simulator["roles"] = dataclasses.asdict(config.roles)
     return {
         "command": shlex.join(["splitserve", *getattr(args, "argv", [])]),
         "target": f"simulated {config.describe()}, {profile.model}", "model": profile.model,

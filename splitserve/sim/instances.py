@@ -32,7 +32,9 @@ class Job:
     prefill_end_s: float | None = None  # = its first token
     transfer_s: float = 0.0
     first_step: int = 0  # index of its first decode step in its decode instance's DecodeBatch.step_ends
-    finish_s: float | None = None
+    finish_s: float | None = None  # its last token, or (refused) its refusal
+    refusal: str | None = None  # elastic: the router's CapacityError, when it refused the request
+    retry_after_s: float | None = None  # that refusal's retry hint
 
     @property
     def kv_tokens(self) -> int:

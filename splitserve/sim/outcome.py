@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitserve.sim.instances import DecodeBatch, Job
 
@@ -11,7 +11,7 @@ from splitserve.sim.instances import DecodeBatch, Job
 class InstanceStats:
     """What one instance did: its role, TP, KV capacity and the most KV an iteration touched."""
 
-    role: str  # "prefill", "decode" or "colocated"
+    role: str  # "prefill", "decode", "colocated", or elastic's "elastic-<role at the end>"
     index: int
     tp: int
     kv_capacity_tokens: int
@@ -26,6 +26,7 @@ class SimResult:
     jobs: list[Job]
     instances: list[InstanceStats]
     step_ends: dict[int, list[float]]  # decode (or colocated) instance -> its DecodeBatch.step_ends
+    role_moves: list[tuple[float, str, str]] = field(default_factory=list)  # elastic: (time, worker, new role)
 
     def token_times(self, job: Job) -> list[float]:
         """When each of the request's output tokens came out: the prefill's, then one per step."""

@@ -4,7 +4,9 @@
 A simulated request becomes a ``RequestRecord`` sent at its arrival, with a chunk of one token
 per output token at the time the simulator produced it (TTFT, TPOT and ITL are then
 ``loadtest.metrics``' own definitions: TPOT = (last - first token) / (output tokens - 1)), and
-``server`` holding where it ran. A sweep is a run per rate, each in ``OUT/rate-<r>/``
+``server`` holding where it ran; a request the elastic router refused becomes a
+``refused`` record with the router's sentence, as the load tester records a
+RESOURCE_EXHAUSTED. A sweep is a run per rate, each in ``OUT/rate-<r>/``
 (``requests.jsonl``, ``summary.json``, plots) beside ``OUT/sweep.json``: the layout and schema of
 ``splitserve loadtest sweep``.
 """
@@ -25,6 +27,11 @@ def to_records(result: SimResult) -> list[RequestRecord]:
     records = []
     for job in sorted(result.jobs, key=lambda j: j.request.index):
         r = job.request
+        if job.refusal is not None:  # as the load tester records a RESOURCE_EXHAUSTED
+            records.append(RequestRecord(r.index, r.arrival_s, r.arrival_s, r.prompt_tokens, r.output_tokens,
+                                         status="refused", error=job.refusal, retry_after_s=job.retry_after_s,
+                                         finished_s=job.finish_s))
+            continue
         server: dict[str, Any] = {"prefill_instance": job.prefill_instance, "decode_instance": job.decode_instance,
                                   "prefill_end_s": job.prefill_end_s}
         if job.transfer_s:
@@ -39,7 +46,9 @@ def summarize_result(result: SimResult, slo: SLO, rate: float, meta: dict[str, A
     """The run's summary (loadtest.metrics' schema), with each instance's KV peak in the meta."""
     instances = [{"role": s.role, "index": s.index, "tp": s.tp, "kv_capacity_tokens": s.kv_capacity_tokens,
                   "peak_kv_tokens": s.peak_kv_tokens, "decode_steps": s.num_decode_steps} for s in result.instances]
-    return summarize(to_records(result), slo, target_rate=rate, meta=meta | {"instances": instances})
+    moves = [{"t": t, "worker": worker, "to_role": role} for t, worker, role in result.role_moves]
+    extra = {"instances": instances} | ({"role_moves": moves} if moves else {})
+    return summarize(to_records(result), slo, target_rate=rate, meta=meta | extra)
 
 
 def simulate_sweep(rates: Sequence[float], run_at: Callable[[float], SimResult], slo: SLO, meta: dict[str, Any],

@@ -16,6 +16,10 @@ time.
   the KV transfer time of the profile (0 without a bandwidth), waits there for KV and decodes.
 - ``colocated``: ``Colocated`` (colocated.py) -- one instance per request for both phases, by
   its scheduler (``prefill-first`` or ``chunked``; config.py).
+- ``elastic``: ``Elastic`` (elastic.py) -- every instance prefills for others, decodes what is
+  handed to it, or runs a request end to end with its prompt chunked into its decode batch, as
+  the router's own placement code decides per request (or refuses it: counted refused, with
+  ``slo`` the requests' SLO); the pools' roles follow the load (router.roles).
 
 Where requests go is policy.py's decision (the router's own ranking functions); what the
 instances hold is instances.py's. Not modelled: speculation, prefix caching, preemption,
@@ -27,8 +31,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from splitserve.config import SimConfig
+from splitserve.protocol import SLO
 from splitserve.sim.colocated import Colocated
 from splitserve.sim.disaggregated import Disaggregated
+from splitserve.sim.elastic import Elastic, Observer
 from splitserve.sim.events import EventLoop
 from splitserve.sim.instances import Job
 from splitserve.sim.outcome import SimResult
@@ -36,20 +42,26 @@ from splitserve.sim.profile import LatencyProfile
 from splitserve.sim.trace import SimRequest
 
 
-def simulate(profile: LatencyProfile, config: SimConfig, requests: Sequence[SimRequest]) -> SimResult:
-    """Serve ``requests`` (ascending arrival times) on the cluster ``config`` describes.
-    ValueError before anything runs when a request can never fit an instance's KV."""
+def simulate(profile: LatencyProfile, config: SimConfig, requests: Sequence[SimRequest], slo: SLO = SLO(),
+             observer: Observer | None = None) -> SimResult:
+    """Serve ``requests`` (ascending arrival times) on the cluster ``config`` describes; elastic
+    mode places them against ``slo`` (``observer``: told of each request's moments). ValueError
+    before anything runs when a request can never fit an instance's KV."""
     if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
         raise ValueError("requests must come in order of arrival")
     loop = EventLoop()
-    cluster = Disaggregated(profile, config, loop) if config.mode == "disaggregated" else \
-        Colocated(profile, config, loop)
+    cluster: Disaggregated | Colocated | Elastic
+    if config.mode == "elastic":
+        cluster = Elastic(profile, config, loop, slo, observer)
+    else:
+        cluster = Disaggregated(profile, config, loop) if config.mode == "disaggregated" else \
+            Colocated(profile, config, loop)
     jobs = [Job(request) for request in requests]
     cluster.check(jobs)
     _Arrivals(jobs, cluster.arrive, loop).start()
     loop.run()
     unfinished = [job.request.index for job in jobs if job.finish_s is None]
-    assert not unfinished, f"requests {unfinished[:5]} never finished"
+    assert not unfinished, f"requests {unfinished[:5]} never finished nor were refused"
     return cluster.result(jobs)
 
 

@@ -77,7 +77,7 @@ def test_bad_flags_are_one_sentence_and_status_2(tmp_path, profile_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags", [["--rates", "0"], ["--instances", "0"], ["--mode", "elastic"]])
+@pytest.mark.parametrize("flags", [["--rates", "0"], ["--instances", "0"], ["--mode", "hybrid"]])
 def test_malformed_flags_are_refused_by_the_parser(profile_path, flags):
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--profile", str(profile_path), "--rates", "1", *flags])

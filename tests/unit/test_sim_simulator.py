@@ -207,7 +207,7 @@ def test_missing_tp_degree_is_named():
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"mode": "elastic"}, "mode must be one of"),
+    ({"mode": "hybrid"}, "mode must be one of"),
     ({"colocated_scheduler": "fifo"}, "colocated_scheduler must be one of"),
     ({"num_decode": 0}, "num_decode must be >= 1, got 0"),
     ({"max_batched_tokens": 0}, "max_batched_tokens must be >= 1"),
