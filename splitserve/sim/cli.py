@@ -96,6 +96,10 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="cap on a prompt's tokens (default: none)")
     parser.add_argument("--max-output-tokens", type=count(1), default=None, metavar="N",
                         help="cap on a request's output tokens (default: none)")
+    parser.add_argument("--max-context-tokens", type=count(2), default=None, metavar="N",
+                        help="a model's context window, e.g. 2048 for OPT: chat/code lengths are cut so that "
+                        "prompt + output fit (the output to N-1, then the prompt); fixed/prefix/file lengths "
+                        "that do not fit are an error (default: none)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder, as loadtest sweep's (default: simulate-<date-time>)")
 
@@ -120,7 +124,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     def run_at(rate: float) -> SimResult:
         requests = make_requests(args.workload, args.arrival, rate, args.num_requests, seed=args.seed,
-                                 scale=args.scale, limits=limits)
+                                 scale=args.scale, limits=limits, max_context_tokens=args.max_context_tokens)
         return simulate(profile, config, requests)
 
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
@@ -160,7 +164,8 @@ def _meta(args: argparse.Namespace, profile: LatencyProfile, config: SimConfig, 
         "target": f"simulated {config.describe()}, {profile.model}", "model": profile.model,
         "workload": str(args.workload), "scale": args.scale, "arrival": str(args.arrival), "seed": args.seed,
         "num_requests": args.num_requests, "slo": slo.to_dict(), "max_prompt_tokens": args.max_prompt_tokens,
-        "max_output_tokens": args.max_output_tokens, "simulator": simulator,
+        "max_output_tokens": args.max_output_tokens, "max_context_tokens": args.max_context_tokens,
+        "simulator": simulator,
         "versions": {"splitserve": _version(), "python": platform.python_version()},
     }
 
