@@ -4,7 +4,8 @@
 workers on Ray and serves gRPC (and the OpenAI-compatible HTTP API with --http-port) until
 interrupted; `splitserve client "PROMPT"` asks a running server; `splitserve loadtest` measures
 a server under load (splitserve.loadtest.cli); `splitserve simulate` runs a simulated cluster
-over a latency profile (splitserve.sim.cli). Each subcommand is an `_add_*` parser function
+over a latency profile (splitserve.sim.cli); `splitserve plan` searches the best layout of N
+GPUs with that simulator (splitserve.sim.plan_cli). Each subcommand is an `_add_*` parser function
 plus the function it runs; `serve` lives in splitserve.serve_cli. Flag defaults are read from
 the configuration dataclasses with `config.field_default`, so a default changed there is the
 command line's too; where a flag deliberately differs, its default is written out with a
@@ -37,6 +38,7 @@ examples:
   splitserve client --chat "What is the capital of France?"
   splitserve loadtest run --target grpc://localhost:50051 --rate 2 --slo-ttft-ms 1000
   splitserve simulate --profile PROFILE.json --prefill-instances 2 --decode-instances 2 --rates 1,2,4
+  splitserve plan --profile PROFILE.json --gpus 8 --slo-ttft-ms 250 --slo-tpot-ms 100
 
 `splitserve COMMAND --help` lists a command's options."""
 
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_loadtest(commands)
     _add_simulate(commands)
+    _add_plan(commands)
     return parser
 
 
@@ -235,6 +238,12 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
 
 def _add_simulate(commands: argparse._SubParsersAction) -> None:
     from splitserve.sim.cli import add_parser
+
+    add_parser(commands)
+
+
+def _add_plan(commands: argparse._SubParsersAction) -> None:
+    from splitserve.sim.plan_cli import add_parser
 
     add_parser(commands)
 

@@ -27,7 +27,7 @@ from splitserve.sim.profile import LatencyProfile
 from splitserve.sim.profile_files import load_profile
 from splitserve.sim.results import simulate_sweep
 from splitserve.sim.simulator import simulate
-from splitserve.sim.trace import make_requests
+from splitserve.sim.trace import SimRequest, make_requests
 
 _PROG = "splitserve simulate"
 _DISAGGREGATED_FLAGS = {"prefill_instances": "--prefill-instances", "prefill_tp": "--prefill-tp",
@@ -75,15 +75,22 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     """The load: the options of `splitserve loadtest sweep` that shape the requests."""
+    parser.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 1,2,4,8")
+    add_workload_options(parser, num_requests=1000)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder, as loadtest sweep's (default: simulate-<date-time>)")
+
+
+def add_workload_options(parser: argparse.ArgumentParser, *, num_requests: int) -> None:
+    """The requests at each rate and the SLOs (`simulate` and `plan`)."""
     parser.add_argument("--workload", type=parsed(parse_workload), default="chat",
                         help="chat, code, fixed:IN/OUT, prefix:SHARED/IN/OUT or file:PATH (JSONL with "
                         "prompt_tokens counts) (default: %(default)s)")
     parser.add_argument("--scale", type=positive(float), default=1.0,
                         help="chat/code: multiply the trace's lengths by this (default: %(default)g)")
-    parser.add_argument("--num-requests", type=count(1), default=1000, metavar="N",
+    parser.add_argument("--num-requests", type=count(1), default=num_requests, metavar="N",
                         help="requests per rate; a simulation is cheap, so more than a real run's 100 "
                         "(default: %(default)s)")
-    parser.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 1,2,4,8")
     parser.add_argument("--arrival", type=parsed(parse_arrival), default="poisson",
                         help="poisson, gamma:CV or constant (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths and arrival times, as the "
@@ -100,8 +107,6 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="a model's context window, e.g. 2048 for OPT: chat/code lengths are cut so that "
                         "prompt + output fit (the output to N-1, then the prompt); fixed/prefix/file lengths "
                         "that do not fit are an error (default: none)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder, as loadtest sweep's (default: simulate-<date-time>)")
 
 
 def _handled(args: argparse.Namespace) -> int:
@@ -120,12 +125,9 @@ def _simulate(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.profile_model, args.kv_capacity_csv)
     for tp in {config.prefill_tp, config.decode_tp} if config.mode == "disaggregated" else {config.tp}:
         profile.at_tp(tp)  # a missing degree fails before anything runs
-    limits = LengthLimits(max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
 
     def run_at(rate: float) -> SimResult:
-        requests = make_requests(args.workload, args.arrival, rate, args.num_requests, seed=args.seed,
-                                 scale=args.scale, limits=limits, max_context_tokens=args.max_context_tokens)
-        return simulate(profile, config, requests)
+        return simulate(profile, config, requests_at(args, rate))
 
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     sweep = simulate_sweep(args.rates, run_at, slo, _meta(args, profile, config, slo), out)
@@ -134,6 +136,13 @@ def _simulate(args: argparse.Namespace) -> int:
     Console().print(sweep_table(sweep))
     print(f"KV transfer: {sweep['meta']['simulator']['kv_transfer']}; results in {out}/")
     return 0
+
+
+def requests_at(args: argparse.Namespace, rate: float) -> list[SimRequest]:
+    """The requests of ``add_workload_options``' flags at ``rate``."""
+    limits = LengthLimits(max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+    return make_requests(args.workload, args.arrival, rate, args.num_requests, seed=args.seed, scale=args.scale,
+                         limits=limits, max_context_tokens=args.max_context_tokens)
 
 
 def sim_config(args: argparse.Namespace) -> SimConfig:
