@@ -5,7 +5,8 @@ workers on Ray and serves gRPC (and the OpenAI-compatible HTTP API with --http-p
 interrupted; `splitserve client "PROMPT"` asks a running server; `splitserve loadtest` measures
 a server under load (splitserve.loadtest.cli); `splitserve simulate` runs a simulated cluster
 over a latency profile (splitserve.sim.cli); `splitserve profile` measures such a profile of this
-engine on this machine (splitserve.profiler.cli). Each subcommand is an `_add_*` parser function
+engine on this machine (splitserve.profiler.cli); `splitserve plan` searches the best layout of
+N GPUs with that simulator (splitserve.sim.plan_cli). Each subcommand is an `_add_*` parser function
 plus the function it runs; `serve` lives in splitserve.serve_cli. Flag defaults are read from
 the configuration dataclasses with `config.field_default`, so a default changed there is the
 command line's too; where a flag deliberately differs, its default is written out with a
@@ -39,6 +40,7 @@ examples:
   splitserve loadtest run --target grpc://localhost:50051 --rate 2 --slo-ttft-ms 1000
   splitserve simulate --profile PROFILE.json --prefill-instances 2 --decode-instances 2 --rates 1,2,4
   splitserve profile --out PROFILE.json   # this engine's latency models on this machine
+  splitserve plan --profile PROFILE.json --gpus 8 --slo-ttft-ms 250 --slo-tpot-ms 100
 
 `splitserve COMMAND --help` lists a command's options."""
 
@@ -219,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loadtest(commands)
     _add_simulate(commands)
     _add_profile(commands)
+    _add_plan(commands)
     return parser
 
 
@@ -244,6 +247,12 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
 
 def _add_profile(commands: argparse._SubParsersAction) -> None:
     from splitserve.profiler.cli import add_parser
+
+    add_parser(commands)
+
+
+def _add_plan(commands: argparse._SubParsersAction) -> None:
+    from splitserve.sim.plan_cli import add_parser
 
     add_parser(commands)
 

@@ -633,3 +633,48 @@ class ProfileConfig:
         if self.transfer_backends and self.transfer_backend not in self.transfer_backends:
             raise ValueError(f"transfer_backend {self.transfer_backend!r} must be one of the measured backends "
                              f"({', '.join(self.transfer_backends) or 'none'})")
+
+
+PLAN_MODES: tuple[str, ...] = ("disaggregated", "colocated", "elastic")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What ``splitserve plan`` searches (splitserve/sim/planner.py).
+
+    num_gpus: the GPUs a layout may use (at most). modes: of PLAN_MODES; colocated is searched
+    once per scheduler in ``colocated_schedulers``. attainment: the share of requests that must
+    meet both SLOs (DistServe's 90%). num_requests: requests simulated per probed rate (the same
+    lengths at every rate, arrival gaps scaled: common random numbers). min_rate: the lowest rate
+    worth finding (req/s); a layout that fails it has goodput 0. rate_tolerance: a binary search
+    stops when its bracket is within this fraction of its upper end. top: layouts kept per mode
+    (pruning keeps exactly these right). max_batched_tokens: the chunked scheduler's budget.
+    """
+
+    num_gpus: int
+    modes: tuple[str, ...] = ("disaggregated", "colocated")
+    colocated_schedulers: tuple[ColocatedScheduler, ...] = ("prefill-first", "chunked")
+    attainment: float = 0.9
+    num_requests: int = 2000
+    min_rate: float = 0.05
+    rate_tolerance: float = 0.02
+    top: int = 3
+    seed: int = 0
+    max_batched_tokens: int = field_default(SimConfig, "max_batched_tokens")
+
+    def __post_init__(self) -> None:
+        for name in ("num_gpus", "num_requests", "top", "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.modes or any(mode not in PLAN_MODES for mode in self.modes):
+            raise ValueError(f"modes must be some of {PLAN_MODES}, got {self.modes}")
+        if "colocated" in self.modes and (not self.colocated_schedulers or any(
+                s not in get_args(ColocatedScheduler) for s in self.colocated_schedulers)):
+            raise ValueError(f"colocated_schedulers must be some of {get_args(ColocatedScheduler)}, "
+                             f"got {self.colocated_schedulers}")
+        if not 0 < self.attainment <= 1:
+            raise ValueError(f"attainment must be in (0, 1], got {self.attainment}")
+        if not 0 < self.min_rate < math.inf:
+            raise ValueError(f"min_rate must be a positive number of requests/s, got {self.min_rate}")
+        if not 0 < self.rate_tolerance < 1:
+            raise ValueError(f"rate_tolerance must be in (0, 1), got {self.rate_tolerance}")

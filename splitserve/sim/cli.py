@@ -29,7 +29,7 @@ from splitserve.sim.profile import LatencyProfile
 from splitserve.sim.profile_files import load_profile
 from splitserve.sim.results import simulate_sweep
 from splitserve.sim.simulator import simulate
-from splitserve.sim.trace import make_requests
+from splitserve.sim.trace import SimRequest, make_requests
 
 _PROG = "splitserve simulate"
 _DISAGGREGATED_FLAGS = {"prefill_instances": "--prefill-instances", "prefill_tp": "--prefill-tp",
@@ -95,15 +95,22 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     """The load: the options of `splitserve loadtest sweep` that shape the requests."""
+    parser.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 1,2,4,8")
+    add_workload_options(parser, num_requests=1000)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder, as loadtest sweep's (default: simulate-<date-time>)")
+
+
+def add_workload_options(parser: argparse.ArgumentParser, *, num_requests: int) -> None:
+    """The requests at each rate and the SLOs (`simulate` and `plan`)."""
     parser.add_argument("--workload", type=parsed(parse_workload), default="chat",
                         help="chat, code, fixed:IN/OUT, prefix:SHARED/IN/OUT or file:PATH (JSONL with "
                         "prompt_tokens counts) (default: %(default)s)")
     parser.add_argument("--scale", type=positive(float), default=1.0,
                         help="chat/code: multiply the trace's lengths by this (default: %(default)g)")
-    parser.add_argument("--num-requests", type=count(1), default=1000, metavar="N",
+    parser.add_argument("--num-requests", type=count(1), default=num_requests, metavar="N",
                         help="requests per rate; a simulation is cheap, so more than a real run's 100 "
                         "(default: %(default)s)")
-    parser.add_argument("--rates", type=rates, required=True, help="comma-separated requests/s, e.g. 1,2,4,8")
     parser.add_argument("--arrival", type=parsed(parse_arrival), default="poisson",
                         help="poisson, gamma:CV, constant or trace (a file:PATH workload's arrival_s, scaled in "
                         "time to each rate) (default: %(default)s)")
@@ -117,8 +124,10 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="cap on a prompt's tokens (default: none)")
     parser.add_argument("--max-output-tokens", type=count(1), default=None, metavar="N",
                         help="cap on a request's output tokens (default: none)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder, as loadtest sweep's (default: simulate-<date-time>)")
+    parser.add_argument("--max-context-tokens", type=count(2), default=None, metavar="N",
+                        help="a model's context window, e.g. 2048 for OPT: chat/code lengths are cut so that "
+                        "prompt + output fit (the output to N-1, then the prompt); fixed/prefix/file lengths "
+                        "that do not fit are an error (default: none)")
 
 
 def non_negative(text: str) -> float:
@@ -147,15 +156,12 @@ def _simulate(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.profile_model, args.kv_capacity_csv)
     for tp in {config.tp} if config.mode == "colocated" else {config.prefill_tp, config.decode_tp}:
         profile.at_tp(tp)  # a missing degree fails before anything runs
-    limits = LengthLimits(max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
 
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     request_slo = RequestSLO(*(None if ms is None else ms / 1000 for ms in (args.slo_ttft_ms, args.slo_tpot_ms)))
 
     def run_at(rate: float) -> SimResult:
-        requests = make_requests(args.workload, args.arrival, rate, args.num_requests, seed=args.seed,
-                                 scale=args.scale, limits=limits)
-        return simulate(profile, config, requests, request_slo)
+        return simulate(profile, config, requests_at(args, rate), request_slo)
 
     sweep = simulate_sweep(args.rates, run_at, slo, _meta(args, profile, config, slo), out)
     from rich.console import Console
@@ -163,6 +169,13 @@ def _simulate(args: argparse.Namespace) -> int:
     Console().print(sweep_table(sweep))
     print(f"KV transfer: {sweep['meta']['simulator']['kv_transfer']}; results in {out}/")
     return 0
+
+
+def requests_at(args: argparse.Namespace, rate: float) -> list[SimRequest]:
+    """The requests of ``add_workload_options``' flags at ``rate``."""
+    limits = LengthLimits(max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+    return make_requests(args.workload, args.arrival, rate, args.num_requests, seed=args.seed, scale=args.scale,
+                         limits=limits, max_context_tokens=args.max_context_tokens)
 
 
 def sim_config(args: argparse.Namespace) -> SimConfig:
@@ -199,7 +212,8 @@ def _meta(args: argparse.Namespace, profile: LatencyProfile, config: SimConfig, 
         "target": f"simulated {config.describe()}, {profile.model}", "model": profile.model,
         "workload": str(args.workload), "scale": args.scale, "arrival": str(args.arrival), "seed": args.seed,
         "num_requests": args.num_requests, "slo": slo.to_dict(), "max_prompt_tokens": args.max_prompt_tokens,
-        "max_output_tokens": args.max_output_tokens, "simulator": simulator,
+        "max_output_tokens": args.max_output_tokens, "max_context_tokens": args.max_context_tokens,
+        "simulator": simulator,
         "versions": {"splitserve": _version(), "python": platform.python_version()},
     }
 

@@ -96,5 +96,5 @@ def test_every_flag_has_help(capsys):
     for flag in ("--profile ", "--profile-model", "--mode", "--prefill-instances", "--prefill-tp",
                  "--decode-instances", "--decode-tp", "--instances", "--tp ", "--colocated-scheduler",
                  "--max-batched-tokens", "--workload", "--num-requests", "--rates", "--arrival", "--seed",
-                 "--slo-ttft-ms", "--slo-tpot-ms", "--out"):
+                 "--slo-ttft-ms", "--slo-tpot-ms", "--max-context-tokens", "--out"):
         assert flag in text

@@ -235,3 +235,21 @@ def test_file_workloads_need_token_counts(tmp_path):
     path.write_text('{"prompt": "hello there", "max_tokens": 4}\n')
     with pytest.raises(ValueError, match=r"w.jsonl:1: the simulator needs \"prompt_tokens\""):
         make_requests(parse_workload(f"file:{path}"), parse_arrival("constant"), 2.0, 3)
+
+
+def test_a_context_cap_cuts_sampled_lengths_and_refuses_written_ones():
+    """Chat lengths fit in 2048 tokens (output first to 2047, then the prompt); nothing else changes."""
+    free = make_requests(parse_workload("chat"), parse_arrival("poisson"), 1.0, 2000, seed=4)
+    capped = make_requests(parse_workload("chat"), parse_arrival("poisson"), 1.0, 2000, seed=4,
+                           max_context_tokens=2048)
+    assert max(r.prompt_tokens + r.output_tokens for r in free) > 2048
+    for a, b in zip(free, capped, strict=True):
+        assert b.arrival_s == a.arrival_s and b.prompt_tokens + b.output_tokens <= 2048
+        assert b.output_tokens == min(a.output_tokens, 2047)
+        assert b.prompt_tokens == min(a.prompt_tokens, 2048 - b.output_tokens)
+    fixed = make_requests(parse_workload("fixed:2000/48"), parse_arrival("constant"), 1.0, 3, max_context_tokens=2048)
+    assert {(r.prompt_tokens, r.output_tokens) for r in fixed} == {(2000, 48)}
+    with pytest.raises(ValueError, match=r"request 0's 2000 prompt \+ 49 output tokens exceed max_context_tokens 2048"):
+        make_requests(parse_workload("fixed:2000/49"), parse_arrival("constant"), 1.0, 3, max_context_tokens=2048)
+    with pytest.raises(ValueError, match="max_context_tokens must be >= 2"):
+        make_requests(parse_workload("chat"), parse_arrival("constant"), 1.0, 3, max_context_tokens=1)
