@@ -65,7 +65,8 @@ def layouts(profile: LatencyProfile, config: PlanConfig) -> list[SimConfig]:
     out: list[SimConfig] = []
     for mode in config.modes:
         if mode not in get_args(SimMode):
-            raise ValueError(f"--modes {mode}: the simulator has no {mode} mode (it has {', '.join(get_args(SimMode))})")
+            raise ValueError(f"--modes {mode}: the simulator has no {mode} mode "
+                             f"(it has {', '.join(get_args(SimMode))})")
         if mode == "elastic":
             out += [SimConfig(mode="elastic", num_prefill=k // 2, prefill_tp=t, num_decode=k - k // 2, decode_tp=t,
                               max_batched_tokens=config.max_batched_tokens)

@@ -170,4 +170,5 @@ def test_an_unknown_mode_is_an_argparse_error(profile_path, capsys):  # noqa: F8
     with pytest.raises(SystemExit) as exit_:
         main(["plan", "--profile", str(profile_path), "--gpus", "2", "--slo-ttft-ms", "100", "--modes", "hybrid"])
     assert exit_.value.code == 2
-    assert "expected a comma-separated list of disaggregated, colocated, elastic, got 'hybrid'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expected a comma-separated list of disaggregated, colocated, elastic, got 'hybrid'" in err
