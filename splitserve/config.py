@@ -648,7 +648,8 @@ class PlanConfig:
     lengths at every rate, arrival gaps scaled: common random numbers). min_rate: the lowest rate
     worth finding (req/s); a layout that fails it has goodput 0. rate_tolerance: a binary search
     stops when its bracket is within this fraction of its upper end. top: layouts kept per mode
-    (pruning keeps exactly these right). max_batched_tokens: the chunked scheduler's budget.
+    (pruning keeps exactly these right). max_batched_tokens: the chunked scheduler's budget, and
+    elastic instances'. prefill_chunk_tokens: elastic placement's chunk sizes (PlacementConfig).
     """
 
     num_gpus: int
@@ -661,8 +662,10 @@ class PlanConfig:
     top: int = 3
     seed: int = 0
     max_batched_tokens: int = field_default(SimConfig, "max_batched_tokens")
+    prefill_chunk_tokens: tuple[int, ...] = field_default(PlacementConfig, "chunk_tokens")
 
     def __post_init__(self) -> None:
+        PlacementConfig(chunk_tokens=self.prefill_chunk_tokens)  # checks them
         for name in ("num_gpus", "num_requests", "top", "max_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -27,6 +27,7 @@ from splitserve.config import (
     TransferConfig,
     field_default,
 )
+from splitserve.loadtest.arguments import sizes
 
 API_KEY_ENV = "SPLITSERVE_API_KEY"
 KV_AUTH_KEY_ENV = "SPLITSERVE_KV_AUTH_KEY"
@@ -73,7 +74,7 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
                         access=AccessConfig(api_keys=api_keys(args.api_key), ssl_certfile=args.ssl_certfile,
                                             ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs),
                         roles=RoleConfig(enabled=args.balance_roles, min_dwell_s=args.role_dwell),
-                        placement=PlacementConfig(admission=args.admission))
+                        placement=PlacementConfig(admission=args.admission, chunk_tokens=args.prefill_chunk_tokens))
     return cluster, serve
 
 
@@ -243,6 +244,11 @@ def _add_front_end_options(group: argparse._ArgumentGroup) -> None:
                        help="refuse (RESOURCE_EXHAUSTED / 429) a request no placement is predicted to serve within its "
                        "SLO; --no-admission places it as well as it can, the SLOs still steering placement "
                        f"(default: {'on' if is_on else 'off'})")
+    chunks = field_default(PlacementConfig, "chunk_tokens")
+    group.add_argument("--prefill-chunk-tokens", type=sizes, default=chunks, metavar="SIZES",
+                       help="elastic: the prefill chunk sizes a placement may use; of those whose steps keep the "
+                       "running requests within their TPOT SLO, the one with the soonest first token wins (each "
+                       f"step still holds at most --max-num-batched-tokens) (default: {','.join(map(str, chunks))})")
     _option(group, ServeConfig, "--grace", "grace_s",
             "seconds in-flight requests get to finish at shutdown (default: %(default)g)", type=float,
             metavar="SECONDS")

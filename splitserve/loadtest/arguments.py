@@ -1,6 +1,6 @@
 """argparse types for the load tester's commands (and the simulator's, which take the same
-flags): numbers > 0, whole numbers from a minimum, comma-separated rates, and any parser that
-raises ValueError with a sentence."""
+flags, and serve's chunk sizes): numbers > 0, whole numbers from a minimum, comma-separated
+rates and sizes, and any parser that raises ValueError with a sentence."""
 
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def count(minimum: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def sizes(text: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= 1 (e.g. prefill chunk sizes), in the order given."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return tuple(int(part) for part in parts)
 
 
 def rates(text: str) -> list[float]:

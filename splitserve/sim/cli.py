@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from splitserve.config import RoleConfig, SimConfig, field_default
-from splitserve.loadtest.arguments import count, parsed, positive, rates
+from splitserve.config import PlacementConfig, RoleConfig, SimConfig, field_default
+from splitserve.loadtest.arguments import count, parsed, positive, rates, sizes
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.metrics import SLO
 from splitserve.loadtest.workloads import LengthLimits, parse_workload
@@ -36,7 +36,8 @@ _DISAGGREGATED_FLAGS = {"prefill_instances": "--prefill-instances", "prefill_tp"
                         "decode_instances": "--decode-instances", "decode_tp": "--decode-tp"}
 _COLOCATED_FLAGS = {"instances": "--instances", "tp": "--tp", "colocated_scheduler": "--colocated-scheduler"}
 _ELASTIC_FLAGS = {"role_interval_s": "--role-interval-s", "role_dwell_s": "--role-dwell-s",
-                  "role_hysteresis": "--role-hysteresis", "fixed_roles": "--fixed-roles"}
+                  "role_hysteresis": "--role-hysteresis", "fixed_roles": "--fixed-roles",
+                  "prefill_chunk_tokens": "--prefill-chunk-tokens"}
 _MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS, "colocated": _COLOCATED_FLAGS,
                "elastic": _DISAGGREGATED_FLAGS | _ELASTIC_FLAGS}
 
@@ -77,6 +78,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        f"{field_default(RoleConfig, 'hysteresis')})")
     group.add_argument("--fixed-roles", action="store_const", const=True, default=None,
                        help="keep the starting split (default: roles follow the load)")
+    group.add_argument("--prefill-chunk-tokens", type=sizes, default=None, metavar="SIZES",
+                       help="the prefill chunk sizes a placement may use, as serve's flag (each iteration still "
+                       "holds at most --max-batched-tokens) (default: "
+                       f"{','.join(map(str, field_default(PlacementConfig, 'chunk_tokens')))})")
     group = parser.add_argument_group("colocated mode")
     group.add_argument("--instances", type=count(1), default=None, metavar="N",
                        help=f"instances (default: {field_default(SimConfig, 'num_instances')})")
@@ -190,7 +195,9 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
               "tp": args.tp, "colocated_scheduler": args.colocated_scheduler}
     roles = {"interval_s": args.role_interval_s, "min_dwell_s": args.role_dwell_s,
              "hysteresis": args.role_hysteresis, "enabled": None if args.fixed_roles is None else False}
-    return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens,
+    placement = PlacementConfig() if args.prefill_chunk_tokens is None else \
+        PlacementConfig(chunk_tokens=args.prefill_chunk_tokens)
+    return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens, placement=placement,
                      roles=RoleConfig(**{name: value for name, value in roles.items() if value is not None}),
                      **{name: value for name, value in values.items() if value is not None})
 
@@ -207,6 +214,7 @@ def _meta(args: argparse.Namespace, profile: LatencyProfile, config: SimConfig, 
                  "kv_transfer": transfer, "max_batched_tokens": config.max_batched_tokens}
     if config.mode == "elastic":
         simulator["roles"] = dataclasses.asdict(config.roles)
+        simulator["placement"] = dataclasses.asdict(config.placement)
     return {
         "command": shlex.join(["splitserve", *getattr(args, "argv", [])]),
         "target": f"simulated {config.describe()}, {profile.model}", "model": profile.model,

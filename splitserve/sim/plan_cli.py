@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from splitserve.config import PLAN_MODES, PlanConfig, SimConfig, field_default
-from splitserve.loadtest.arguments import count, positive
+from splitserve.config import PLAN_MODES, PlacementConfig, PlanConfig, SimConfig, field_default
+from splitserve.loadtest.arguments import count, positive, sizes
 from splitserve.loadtest.metrics import SLO
 from splitserve.sim.cli import add_workload_options, requests_at
 from splitserve.sim.planner import Planner, Search, kind
@@ -48,7 +48,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="colocated mode: the schedulers to search, each a mode of its own (default: "
                         "%(default)s)")
     parser.add_argument("--max-batched-tokens", type=count(1), default=field_default(PlanConfig, "max_batched_tokens"),
-                        metavar="N", help="chunked: tokens per iteration, decodes first (default: %(default)s)")
+                        metavar="N", help="chunked and elastic: tokens per iteration, decodes first (default: "
+                        "%(default)s)")
+    chunks = field_default(PlanConfig, "prefill_chunk_tokens")
+    parser.add_argument("--prefill-chunk-tokens", type=sizes, default=chunks, metavar="SIZES",
+                        help="elastic: the prefill chunk sizes a placement may use, as serve's flag (default: "
+                        f"{','.join(map(str, chunks))})")
     add_workload_options(parser, num_requests=field_default(PlanConfig, "num_requests"))
     group = parser.add_argument_group("search")
     group.add_argument("--attainment", type=positive(float), default=field_default(PlanConfig, "attainment"),
@@ -95,7 +100,7 @@ def plan_config(args: argparse.Namespace) -> PlanConfig:
     return PlanConfig(num_gpus=args.gpus, modes=args.modes, colocated_schedulers=args.colocated_schedulers,
                       attainment=args.attainment, num_requests=args.num_requests, min_rate=args.min_rate,
                       rate_tolerance=args.rate_tolerance, top=args.top, seed=args.seed,
-                      max_batched_tokens=args.max_batched_tokens)
+                      max_batched_tokens=args.max_batched_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -157,6 +162,10 @@ def deployment(config: SimConfig, slo: SLO) -> dict[str, Any]:
                      "parallelism yet), so this layout has no exact deployment; the counts below are instances")
     if split:
         flags += ["--prefill-workers", str(config.num_prefill), "--decode-workers", str(config.num_decode)]
+    if config.mode == "elastic":
+        flags += ["--max-num-batched-tokens", str(config.max_batched_tokens)]
+        if config.placement.chunk_tokens != field_default(PlacementConfig, "chunk_tokens"):
+            flags += ["--prefill-chunk-tokens", ",".join(map(str, config.placement.chunk_tokens))]
         prefill, decode = config.num_prefill, config.num_decode
     else:
         flags += ["--workers", str(config.num_instances)]

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-from splitserve.config import PlanConfig, SimConfig, SimMode
+from splitserve.config import PlacementConfig, PlanConfig, SimConfig, SimMode
 from splitserve.loadtest.metrics import SLO
 from splitserve.sim.bounds import Work, lone_attainment
 from splitserve.sim.outcome import SimResult
@@ -69,7 +69,8 @@ def layouts(profile: LatencyProfile, config: PlanConfig) -> list[SimConfig]:
                              f"(it has {', '.join(get_args(SimMode))})")
         if mode == "elastic":
             out += [SimConfig(mode="elastic", num_prefill=k // 2, prefill_tp=t, num_decode=k - k // 2, decode_tp=t,
-                              max_batched_tokens=config.max_batched_tokens)
+                              max_batched_tokens=config.max_batched_tokens,
+                              placement=PlacementConfig(chunk_tokens=config.prefill_chunk_tokens))
                     for t in degrees for k in range(2, n // t + 1)]
             continue
         if mode == "disaggregated":

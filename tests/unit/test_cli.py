@@ -113,6 +113,7 @@ def test_serve_defaults_are_the_configs() -> None:
         "http_host": options.http_host, "http_port": options.http_port, "grace": options.grace_s,
         "router_only": options.router_only, "balance_roles": options.roles.enabled,
         "role_dwell": options.roles.min_dwell_s, "admission": options.placement.admission,
+        "prefill_chunk_tokens": options.placement.chunk_tokens,
         "model": engine.model, "dtype": engine.dtype, "num_kv_blocks": engine.num_kv_blocks,
         "max_num_batched_tokens": engine.max_num_batched_tokens,
         "enable_prefix_caching": engine.enable_prefix_caching,
@@ -154,8 +155,9 @@ def test_serve_flags_build_the_configs() -> None:
         "--store-prefix", "p", "--speculative", "ngram", "--num-speculative-tokens", "2", "--slo-ttft-ms", "250",
         "--http-port", "0", "--stream-interval", "4", "--host", "auto", "--resource-wait", "30",
         "--prefill-resources", '{"splitserve_prefill": 1}', "--decode-resources", '{"splitserve_decode": 0.5}',
-        "--no-restart-workers"])
+        "--no-restart-workers", "--prefill-chunk-tokens", "1024,256"])
     cluster, serve = configs(args)
+    assert serve.placement.chunk_tokens == (1024, 256)
     assert not cluster.restart_workers and configs(cli.build_parser().parse_args(["serve"]))[0].restart_workers
     assert [(w.kind, w.resources) for w in cluster.worker_configs(2, 0)] == [
         ("prefill", {"splitserve_prefill": 1}), ("decode", {"splitserve_decode": 0.5})]

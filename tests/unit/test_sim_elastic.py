@@ -242,6 +242,8 @@ def test_roles_follow_a_load_shift_and_a_moving_instance_keeps_what_it_holds():
     (["--mode", "elastic", "--instances", "2"], "--instances does not apply to --mode elastic"),
     (["--mode", "disaggregated", "--role-dwell-s", "3"], "--role-dwell-s does not apply to --mode disaggregated"),
     (["--mode", "colocated", "--fixed-roles"], "--fixed-roles does not apply to --mode colocated"),
+    (["--mode", "colocated", "--prefill-chunk-tokens", "256"], "--prefill-chunk-tokens does not apply to --mode "
+     "colocated"),
 ])
 def test_flags_of_another_mode_are_named(flags, message, tmp_path, capsys):
     from splitserve.cli import main
@@ -257,3 +259,17 @@ def test_bad_role_values_are_refused_by_the_parser(capsys):
         main(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "elastic", "--role-hysteresis", "-1"])
     assert exit_info.value.code == 2
     assert "--role-hysteresis: expected a number >= 0" in capsys.readouterr().err
+
+
+def test_prefill_chunk_sizes_reach_the_placement_and_bad_ones_the_parser(capsys):
+    from splitserve.cli import build_parser, main
+    from splitserve.sim.cli import sim_config
+
+    args = build_parser().parse_args(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "elastic",
+                                      "--prefill-chunk-tokens", "2048,512"])
+    assert sim_config(args).placement.chunk_tokens == (2048, 512)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "elastic", "--prefill-chunk-tokens", "0"])
+    assert exit_info.value.code == 2
+    assert "--prefill-chunk-tokens: expected comma-separated whole numbers >= 1, got '0'" in capsys.readouterr().err
+

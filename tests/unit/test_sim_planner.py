@@ -53,6 +53,11 @@ def test_elastic_is_planned_and_deployed_with_its_starting_split():
     assert search.config.mode == "elastic" and search.goodput > 0
     serve = deployment(search.config, SLO_)["serve"]
     assert "--mode elastic --prefill-workers 1 --decode-workers 1" in serve
+    assert "--prefill-chunk-tokens" not in serve  # the default sizes
+    wider = PlanConfig(2, modes=("elastic",), prefill_chunk_tokens=(2048, 512))
+    (config,) = [c for c in layouts(profile(), wider) if c.num_prefill == 1 and c.num_decode == 1]
+    assert config.placement.chunk_tokens == (2048, 512)
+    assert "--prefill-chunk-tokens 2048,512" in deployment(config, SLO_)["serve"]
 
 
 def test_attainment_is_the_load_testers():
