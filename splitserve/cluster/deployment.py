@@ -13,6 +13,13 @@ whose actor died (its process killed, its node gone) is replaced by a new actor 
 name and configuration, started like the first; routers see the new start in the store and
 take it back. It knows the workers' lifecycle calls (``start``, ``status``, ``stop``), not
 what they serve.
+
+Every worker process starts with ``MALLOC_ARENA_MAX=1`` (``worker_env``; the deploying
+process's own value, where it sets one, wins). glibc gives each thread that allocates an arena
+of its own, up to eight per core, and a worker's engine steps on a thread of its own: under
+continuous batching, whose tensors change size nearly every step, that arena grew a worker by
+0.5-0.9 GiB before it levelled, where the one main arena stays flat (docs/reliability.md). It
+must be in the environment when the process starts, so it travels in the actor's runtime_env.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -36,6 +44,12 @@ from splitserve.protocol import WorkerStatus
 logger = logging.getLogger(__name__)
 _WAIT_LOG_S = 10.0  # how often a deployment waiting for resources says so
 _SUPERVISE_S = 1.0  # how often a supervising deployment asks every worker whether it lives
+WORKER_MALLOC_ARENA_MAX = "1"  # glibc malloc arenas per worker process (module docstring)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment variables every worker process starts with (module docstring)."""
+    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENA_MAX)}
 
 
 class Deployment:
@@ -87,6 +101,7 @@ class Deployment:
             num_cpus=0 if self._on_gpus else wc.ray_cpus,
             num_gpus=1 if self._on_gpus else 0,
             resources=dict(wc.resources),
+            runtime_env={"env_vars": worker_env()},
             max_concurrency=1000,  # async methods: concurrency is requests in flight, not threads
         )
         return actor.remote(wc)

@@ -216,8 +216,10 @@ def test_a_worker_whose_process_died_is_replaced_and_routed_to_again(ray_cluster
         old_pid = ray.get(s.deployment.handles[victim].__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
         _kill(s.deployment.handles[victim], "sigkill")
         _wait_for(lambda: s.deployment.num_restarts == 1, timeout_s=300)
-        new_pid = ray.get(s.deployment.handles[victim].__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+        new_pid, arenas = ray.get(s.deployment.handles[victim].__ray_call__.remote(
+            lambda actor: (os.getpid(), os.environ.get("MALLOC_ARENA_MAX"))), timeout=60)
         assert new_pid != old_pid
+        assert arenas == os.environ.get("MALLOC_ARENA_MAX", "1")  # a replacement starts as the first did
         _wait_for(lambda: victim in {w.worker_id for w in s.call(_refreshed(s.router)).workers})
         streams = [_Stream(s.address, PROMPTS[i], None, max_tokens=8) for i in range(4)]
         for stream in streams:
