@@ -20,6 +20,9 @@ request continues on the least loaded live worker: it prefills the prompt and th
 client got into its batch and decodes on, a seeded request's sampler state restored (every
 delta carries it), so the client sees one stream with no token repeated or missing. At most
 ``migration_limit`` moves per request; before its first token a request is simply placed anew.
+A worker that ends a stream the router did not end -- it gave the request up ("abort": it is
+stopping, or it stopped hearing this router's lease) or its stream stopped short -- is treated
+the same way (``_stream_ended``): the request moves on rather than end short of its tokens.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from splitserve.router.speculation import Speculation
 from splitserve.router.worker_calls import OwnerLease, Visit, no_worker
 
 logger = logging.getLogger(__name__)
+_ABORTED = "abort"  # the finish_reason of a request its worker gave up
 _TTFT_WEIGHT = 0.1  # how fast the mean time to first token (a full queue's retry hint) follows new requests
 
 
@@ -362,6 +366,10 @@ class Router:
             async for ref in stream:
                 delta = await self.view.call(ref, worker_id)
                 visit.finished = delta.finished
+                if delta.finish_reason == _ABORTED:
+                    if delta.token_ids:
+                        yield dataclasses.replace(delta, finished=False, finish_reason=None)
+                    raise self._stream_ended(worker_id, req.request_id)
                 if first_at is None:
                     first_at = time.monotonic()
                     self._prefilled(req, worker_id)
@@ -375,6 +383,8 @@ class Router:
                         prefill_worker=worker_id if placement is not None else "", prefill_s=first_at - req.arrival,
                         decode_s=time.monotonic() - first_at))
                 yield delta
+            if not visit.finished:
+                raise self._stream_ended(worker_id, req.request_id)
         finally:
             if first_at is None:
                 self._prefilled(req, worker_id)
@@ -421,13 +431,26 @@ class Router:
             async for ref in stream:
                 delta = await self.view.call(ref, decode.worker_id)
                 decode.finished = delta.finished
+                if delta.finish_reason == _ABORTED:
+                    if delta.token_ids:
+                        yield dataclasses.replace(delta, finished=False, finish_reason=None)
+                    raise self._stream_ended(decode.worker_id, req.request_id)
                 self.placer.streamed(decode.worker_id, req.request_id, delta.num_output_tokens)
                 self.speculation.observe(decode.worker_id, decode.handle, delta)
                 yield finished(delta) if delta.finished else delta
+            if not decode.finished:
+                raise self._stream_ended(decode.worker_id, req.request_id)
         finally:
             self.placer.done(decode.worker_id, req.request_id)
             self.speculation.untrack(decode.worker_id, req.request_id)
             await decode.leave()
+
+    def _stream_ended(self, worker_id: str, request_id: str) -> WorkerGone:
+        """A worker ended ``request_id``'s stream unfinished, unasked: it is stopping (or lost
+        this router's lease), so it leaves the pools as an unreachable worker does and the
+        request moves (the module docstring)."""
+        self.view.gone(worker_id, dead=False)
+        return WorkerGone(worker_id, f"worker {worker_id} ended request {request_id}'s stream before it finished")
 
     def _prefilled(self, req: RoutedRequest, worker_id: str) -> None:
         """The prompt is no longer queued for prefill at the worker."""

@@ -132,6 +132,27 @@ def test_streams_continue_on_another_worker_when_theirs_dies(ray_cluster, uninte
         s.stop()
 
 
+def test_a_stream_its_worker_gives_up_continues_elsewhere_whole(ray_cluster, llm):
+    """A worker that ends a request unasked (stopping, or it lost the router's lease) says
+    "abort"; the request moves on like one whose worker died, never ending short of its tokens."""
+    s = start_server(mode="elastic")
+    try:
+        stream = _Stream(s.address, PROMPTS[4], None)
+        stream.start()
+        assert stream.started.wait(300), "the stream produced no tokens"
+        holders = {w: ids for w, ids in zip(s.deployment.handles, ray.get(
+            [h.__ray_call__.remote(lambda actor: list(actor.worker.loop._streams)) for h in
+             s.deployment.handles.values()], timeout=60), strict=True) if ids}
+        (worker_id, (request_id,)), = holders.items()
+        ray.get(s.deployment.handles[worker_id].abort.remote(request_id), timeout=60)
+        stream.join(600)
+        assert stream.error is None and stream.tokens == uninterrupted_tokens(llm, PROMPTS[4])
+        assert stream.last.report.migrations == 1 and stream.last.report.decode_worker != worker_id
+        assert_idle(s)
+    finally:
+        s.stop()
+
+
 def test_a_killed_router_replica_leaves_no_request_decoding(ray_cluster, redis_url, llm):
     s = start_server(mode="elastic", redis_url=redis_url)
     port, lease_s = free_port(), 2.0
