@@ -4,9 +4,12 @@
 DistServe's A100-80GB profile of OPT-13B (../shared/data/distserve), its chatbot SLO (TTFT
 250 ms, TPOT 100 ms, OSDI'24 Table 1), the chat workload unscaled with prompt + output capped
 at OPT's 2048-token context, Poisson arrivals, 2000 requests per probed rate, seed 0. Modes:
-colocated prefill-first, colocated chunked, disaggregated (elastic: after the simulator's
-elastic mode lands, add it to MODES). The whole search of each GPU count goes to bench/runs/plan/
-(ignored); the summary to bench/results/plan/opt13b.json; a table is printed.
+colocated prefill-first, colocated chunked, disaggregated and elastic. The chunked and elastic
+instances take up to 2048 tokens a step and elastic prefills in chunks of up to 2048 (a whole
+prompt of OPT's context fits one step, as prefill-first's batches do; with the CPU defaults,
+1024 and 512, every prompt over ~1700 tokens misses the 250 ms TTFT in chunks). The whole search
+of each GPU count goes to bench/runs/plan/ (ignored); the summary to
+bench/results/plan/opt13b.json; a table is printed.
 
     python -m bench.plan_opt13b [--gpus 4,8,16]
 """
@@ -21,7 +24,8 @@ from bench.common import RESULTS_DIR, RUNS_DIR, command_line, git_revision, mach
 from splitserve.cli import main as splitserve
 
 PROFILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "distserve" / "profiler-a100-80g.distserve.json"
-MODES = "disaggregated,colocated"
+MODES = "disaggregated,colocated,elastic"
+BUDGET = ["--max-batched-tokens", "2048", "--prefill-chunk-tokens", "2048,1024,512,256,128"]
 
 
 def main() -> None:
@@ -37,7 +41,7 @@ def main() -> None:
         code = splitserve(["plan", "--profile", str(PROFILE), "--profile-model", "facebook/opt-13b", "--gpus",
                            str(gpus), "--modes", MODES, "--workload", "chat", "--max-context-tokens", "2048",
                            "--num-requests", str(args.num_requests), "--slo-ttft-ms", "250", "--slo-tpot-ms", "100",
-                           "--quiet", "--out", str(search)])
+                           *BUDGET, "--quiet", "--out", str(search)])
         assert code == 0, f"splitserve plan failed for {gpus} GPUs"
         report = json.loads(search.read_text())
         summaries.append({"num_gpus": gpus, "seconds": report["seconds"], "num_layouts": report["num_layouts"],
@@ -48,7 +52,7 @@ def main() -> None:
     out = {"command": command_line(), "revision": git_revision(Path(__file__).parent), "machine": machine_info(),
            "profile": PROFILE.name, "model": "facebook/opt-13b", "slo": {"ttft_ms": 250, "tpot_ms": 100},
            "workload": "chat, unscaled, prompt + output <= 2048", "num_requests": args.num_requests,
-           "elastic": "after the simulator's elastic mode lands", "plans": summaries}
+           "budget": " ".join(BUDGET), "plans": summaries}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print("\n| GPUs | mode | best layout | goodput req/s | req/s per GPU | search |\n|---|---|---|---|---|---|")
