@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS_DIR, command_line, git_revision, machine_info
-from splitserve.config import SimConfig
+from splitserve.config import PlacementConfig, SimConfig
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.metrics import SLO
 from splitserve.loadtest.workloads import parse_workload
+from splitserve.protocol import SLO as RequestSLO
 from splitserve.sim.planner import attainment
 from splitserve.sim.profile_files import load_profile
 from splitserve.sim.simulator import simulate
@@ -31,7 +32,10 @@ PROFILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "distserve" 
 MODEL = "facebook/opt-13b"
 LAYOUTS = {"disaggregated 32P+32D": SimConfig(num_prefill=32, num_decode=32),
            "colocated 64x prefill-first": SimConfig(mode="colocated", num_instances=64),
-           "colocated 64x chunked": SimConfig(mode="colocated", num_instances=64, colocated_scheduler="chunked")}
+           "colocated 64x chunked": SimConfig(mode="colocated", num_instances=64, colocated_scheduler="chunked"),
+           # elastic places every request with the router's own code against the SLO (bench.plan_opt13b's budget)
+           "elastic 32P+32D": SimConfig(mode="elastic", num_prefill=32, num_decode=32, max_batched_tokens=2048,
+                                        placement=PlacementConfig(chunk_tokens=(2048, 1024, 512, 256, 128)))}
 
 
 def main() -> None:
@@ -47,7 +51,7 @@ def main() -> None:
     runs = []
     for name, config in LAYOUTS.items():
         start = time.perf_counter()
-        result = simulate(profile, config, requests)
+        result = simulate(profile, config, requests, RequestSLO(0.25, 0.1))
         seconds = time.perf_counter() - start
         both, _ = attainment(result, SLO(250.0, 100.0))
         runs.append({"layout": name, "seconds": round(seconds, 2), "requests_per_s_simulated": round(
