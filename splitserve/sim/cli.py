@@ -47,13 +47,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     summary = "simulate a load test sweep on a cluster described by a latency profile (no GPUs, no server)"
     parser = commands.add_parser("simulate", help=summary, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", type=Path, required=True, metavar="FILE",
-                        help="a latency profile: DistServe's JSON (max_num_tokens.csv beside it) or a splitserve "
-                        "profile (docs/simulator.md)")
-    parser.add_argument("--profile-model", default=None, metavar="NAME",
-                        help="the model in a profile of several, e.g. facebook/opt-13b (default: its only one)")
-    parser.add_argument("--kv-capacity-csv", type=Path, default=None, metavar="FILE",
-                        help="DistServe profiles: the KV capacity CSV (default: max_num_tokens.csv beside --profile)")
+    add_profile_options(parser)
     parser.add_argument("--mode", choices=("disaggregated", "colocated", "elastic"),
                         default=field_default(SimConfig, "mode"),
                         help="prefill and decode on separate instances, both on each, or elastic: the router "
@@ -104,6 +98,17 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     add_workload_options(parser, num_requests=1000)
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder, as loadtest sweep's (default: simulate-<date-time>)")
+
+
+def add_profile_options(parser: argparse.ArgumentParser) -> None:
+    """--profile, --profile-model, --kv-capacity-csv: the latency profile (simulate and plan)."""
+    parser.add_argument("--profile", type=Path, required=True, metavar="FILE",
+                        help="a latency profile: DistServe's JSON (max_num_tokens.csv beside it) or a splitserve "
+                        "profile (docs/simulator.md)")
+    parser.add_argument("--profile-model", default=None, metavar="NAME",
+                        help="the model in a profile of several, e.g. facebook/opt-13b (default: its only one)")
+    parser.add_argument("--kv-capacity-csv", type=Path, default=None, metavar="FILE",
+                        help="DistServe profiles: the KV capacity CSV (default: max_num_tokens.csv beside --profile)")
 
 
 def add_workload_options(parser: argparse.ArgumentParser, *, num_requests: int) -> None:

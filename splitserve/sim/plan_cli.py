@@ -20,7 +20,7 @@ from typing import Any
 from splitserve.config import PLAN_MODES, PlacementConfig, PlanConfig, SimConfig, field_default
 from splitserve.loadtest.arguments import count, positive, sizes
 from splitserve.loadtest.metrics import SLO
-from splitserve.sim.cli import add_workload_options, requests_at
+from splitserve.sim.cli import add_profile_options, add_workload_options, requests_at
 from splitserve.sim.planner import Planner, Search, kind
 from splitserve.sim.profile_files import load_profile
 
@@ -33,13 +33,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     summary = "search the best prefill/decode layout of N GPUs for a workload and SLOs, by simulation"
     parser = commands.add_parser("plan", help=summary, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", type=Path, required=True, metavar="FILE",
-                        help="a latency profile: DistServe's JSON (max_num_tokens.csv beside it) or a splitserve "
-                        "profile (docs/simulator.md)")
-    parser.add_argument("--profile-model", default=None, metavar="NAME",
-                        help="the model in a profile of several, e.g. facebook/opt-13b (default: its only one)")
-    parser.add_argument("--kv-capacity-csv", type=Path, default=None, metavar="FILE",
-                        help="DistServe profiles: the KV capacity CSV (default: max_num_tokens.csv beside --profile)")
+    add_profile_options(parser)
     parser.add_argument("--gpus", type=count(1), required=True, metavar="N", help="GPUs a layout may use (at most)")
     parser.add_argument("--modes", type=_names(PLAN_MODES), default=",".join(field_default(PlanConfig, "modes")),
                         help=f"comma-separated modes to search, of {', '.join(PLAN_MODES)} (default: %(default)s)")
