@@ -58,6 +58,11 @@ def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_release_interval(value: float | None) -> None:
+    if value is not None and not 0 < value < math.inf:
+        raise ValueError(f"release_memory_every_s must be a positive number of seconds (or None: never), got {value}")
+
+
 def _check_stream_interval(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"stream_interval must be an integer >= 1 (tokens per message), got {value!r}")
@@ -247,7 +252,9 @@ class WorkerConfig:
     request's tokens go to its router in messages of at least this many (its first token and its
     last go at once), so fewer messages cost the worker and the router CPU. num_cpus: the Ray
     CPUs its actor requests on a CPU cluster (None: ``num_threads``, or 1). resources: the Ray
-    custom resources its actor requests (which node group it may run on)."""
+    custom resources its actor requests (which node group it may run on).
+    release_memory_every_s: at most this often, if it stepped since, the engine thread hands the
+    heap memory its steps freed back to the OS (``EngineLoop``; None: never)."""
 
     worker_id: str
     kind: str
@@ -259,6 +266,7 @@ class WorkerConfig:
     profile_at_start: bool = True
     stream_interval: int = 1
     resources: Mapping[str, float] = field(default_factory=dict)
+    release_memory_every_s: float | None = 10.0
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)
@@ -268,12 +276,13 @@ class WorkerConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.num_cpus is not None and not 0 < self.num_cpus < math.inf:
             raise ValueError(f"num_cpus must be a positive number of CPUs, got {self.num_cpus}")
+        _check_stream_interval(self.stream_interval)
+        _check_release_interval(self.release_memory_every_s)
 
     @property
     def ray_cpus(self) -> float:
         """The CPUs its actor asks Ray for on a CPU cluster."""
         return self.num_cpus or self.num_threads or 1
-        _check_stream_interval(self.stream_interval)
 
 
 @dataclass(frozen=True)
@@ -294,7 +303,8 @@ class ClusterConfig:
     ``cpus_per_worker`` rounded down, at least 1). cpus_per_worker: the Ray CPUs each worker
     asks for (None: its thread count); a fraction lets more workers than cores share a small
     machine (demos, tests), each still running its threads.
-    stream_interval: tokens per message from a worker to its router (``WorkerConfig``).
+    stream_interval: tokens per message from a worker to its router; release_memory_every_s: how
+    often a busy worker hands freed heap memory back (both ``WorkerConfig``).
     prefill_resources / decode_resources: the Ray custom resources each worker starting in that
     pool requests, which pins the pool to the nodes that offer them (colocated workers take the
     decode pool's); resource_wait_s: how long the deployment waits for the resources its
@@ -314,6 +324,7 @@ class ClusterConfig:
     num_threads: int | None = None
     cpus_per_worker: float | None = None
     stream_interval: int = 1
+    release_memory_every_s: float | None = 10.0
     prefill_resources: Mapping[str, float] = field(default_factory=dict)
     decode_resources: Mapping[str, float] = field(default_factory=dict)
     resource_wait_s: float = 600.0
@@ -331,6 +342,7 @@ class ClusterConfig:
         if self.cpus_per_worker is not None and not 0 < self.cpus_per_worker < math.inf:
             raise ValueError(f"cpus_per_worker must be a positive number of CPUs, got {self.cpus_per_worker}")
         _check_stream_interval(self.stream_interval)
+        _check_release_interval(self.release_memory_every_s)
 
     def worker_counts(self) -> dict[str, int]:
         """Workers per starting role; ValueError (a sentence) for counts the mode cannot run."""
@@ -379,7 +391,8 @@ class ClusterConfig:
                 resources = self.prefill_resources if kind == "prefill" else self.decode_resources
                 configs.append(WorkerConfig(f"{self.store.prefix}.{name}", kind, engine, self.transfer, self.store,
                                             num_threads=threads, num_cpus=self.cpus_per_worker or threads,
-                                            stream_interval=self.stream_interval, resources=dict(resources)))
+                                            stream_interval=self.stream_interval, resources=dict(resources),
+                                            release_memory_every_s=self.release_memory_every_s))
         return configs
 
 

@@ -62,6 +62,7 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
                             engine=engine, decode_engine=decode_engine, transfer=transfer, store=store,
                             num_threads=args.threads_per_worker, cpus_per_worker=args.cpus_per_worker,
                             stream_interval=args.stream_interval,
+                            release_memory_every_s=args.release_memory_every or None,
                             prefill_resources=args.prefill_resources, decode_resources=args.decode_resources,
                             resource_wait_s=args.resource_wait, restart_workers=args.restart_workers)
     serve = ServeConfig(grpc_host=args.grpc_host, grpc_port=args.grpc_port, http_host=args.http_host,
@@ -175,6 +176,10 @@ def _add_worker_options(group: argparse._ArgumentGroup) -> None:
     _option(group, ClusterConfig, "--stream-interval", "stream_interval", "send a request's tokens from its "
             "worker in messages of at least N (the first and the last at once): fewer messages, less CPU taken from "
             "the engines, burstier streams (default: %(default)s)", type=int, metavar="N")
+    _option(group, ClusterConfig, "--release-memory-every", "release_memory_every_s", "a worker that stepped "
+            "since hands the heap memory its steps freed back to the OS at most every SECONDS (malloc_trim; a few ms "
+            "on the engine thread), so its RSS falls after a burst; 0 never does (default: %(default)g)",
+            type=float, metavar="SECONDS")
     _option(group, TransferConfig, "--host", "host", "the address workers reach each other at for KV transfer; "
             f"{AUTO_HOST!r}: each worker's own node address, for a cluster spanning hosts (default: %(default)s)")
     group.add_argument("--prefill-resources", type=_resources, default=field_default(ClusterConfig,

@@ -6,6 +6,11 @@ exceptions carried back to the caller) and engine steps while any request is unf
 step's outputs go to the asyncio queue of the request's stream, if one is open. When idle the
 thread blocks on the call queue, so an idle worker costs no CPU; ``cpu_s`` is the CPU time the
 thread has used (what serving overhead is measured against).
+
+Once per ``release_memory_every_s``, if the engine stepped since the last time, the thread
+hands the heap memory the steps freed back to the OS (``worker.memory``), between steps or
+after it went idle: otherwise a worker's RSS stays at the peak of its heaviest burst. An idle
+worker that already released does not wake for it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, TypeVar
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.output import RequestOutput
 from splitserve.errors import ServingError
+from splitserve.worker.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,9 +54,10 @@ class StreamEnd:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "engine"):
+    def __init__(self, engine: LLMEngine, name: str = "engine", release_memory_every_s: float | None = None):
         self.engine = engine
         self.name = name
+        self.release_memory_every_s = release_memory_every_s  # None: never hand free memory back
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict, concurrent.futures.Future] | None]
         self._calls = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -62,6 +69,10 @@ class EngineLoop:
         self.cpu_s = 0.0  # CPU seconds of the engine thread (steps and calls), as of its last step or call
         self.on_step: Callable[[Any], None] | None = None  # gets each step's StepStats (engine thread)
         self.load = self._snapshot()
+        self.num_memory_releases = 0
+        self.release_s = 0.0  # seconds the engine thread spent handing memory back
+        self._last_release = time.monotonic()
+        self._stepped_since_release = False
 
     def start(self, aio_loop: asyncio.AbstractEventLoop) -> None:
         """Start the engine thread; stream items are delivered on ``aio_loop``."""
@@ -108,8 +119,9 @@ class EngineLoop:
     def _run(self) -> None:
         engine = self.engine
         while not self._stopping:
-            if not self._run_calls(block=not engine.has_unfinished_requests()):
+            if not self._run_calls(block=not engine.has_unfinished_requests(), timeout_s=self._release_wait_s()):
                 break
+            self._release_memory_if_due()
             if not engine.has_unfinished_requests():
                 continue
             try:
@@ -120,6 +132,7 @@ class EngineLoop:
                 self._fail_streams(ServingError(f"{self.name} failed: {type(e).__name__}: {e}"))
                 return
             self._num_steps += 1
+            self._stepped_since_release = True
             self.load = self._snapshot()
             self.cpu_s = time.thread_time()
             if self.on_step is not None and engine.step_stats:
@@ -127,11 +140,12 @@ class EngineLoop:
             for output in outputs:
                 self._deliver(output)
 
-    def _run_calls(self, block: bool) -> bool:
-        """Run queued calls (waiting for one if ``block``); False when asked to stop."""
+    def _run_calls(self, block: bool, timeout_s: float | None = None) -> bool:
+        """Run queued calls (waiting for one if ``block``, up to ``timeout_s``); False when asked
+        to stop."""
         while True:
             try:
-                item = self._calls.get(block=block)
+                item = self._calls.get(block=block, timeout=timeout_s)
             except queue.Empty:
                 return True
             if item is None:
@@ -145,6 +159,23 @@ class EngineLoop:
             self.load = self._snapshot()
             self.cpu_s = time.thread_time()
             block = False
+
+    def _release_wait_s(self) -> float | None:
+        """How long an idle thread may wait for a call before its memory release is due (None:
+        none is due: releases are off, or it has not stepped since the last)."""
+        if self.release_memory_every_s is None or not self._stepped_since_release:
+            return None
+        return max(self._last_release + self.release_memory_every_s - time.monotonic(), 0.0)
+
+    def _release_memory_if_due(self) -> None:
+        wait_s = self._release_wait_s()
+        if wait_s is None or wait_s > 0:
+            return
+        start = time.perf_counter()
+        release_free_memory()
+        self.release_s += time.perf_counter() - start
+        self.num_memory_releases += 1
+        self._last_release, self._stepped_since_release = time.monotonic(), False
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)

@@ -63,7 +63,8 @@ class Worker:
         self.worker_id = config.worker_id
         self.role = config.kind
         self.engine = LLMEngine(config.engine, loaded=loaded or LoadedModel.load(config.engine))
-        self.loop = EngineLoop(self.engine, name=f"engine-{config.worker_id}")
+        self.loop = EngineLoop(self.engine, name=f"engine-{config.worker_id}",
+                               release_memory_every_s=config.release_memory_every_s)
         self.models = StepModels(fits_prefill=True, fits_decode=True, fits_mixed=True)
         self.loop.on_step = self.models.record
         self.prefixes = PrefixMirror(self.engine.block_pool)  # routers place prompts by cached prefixes

@@ -155,7 +155,7 @@ def test_serve_flags_build_the_configs() -> None:
         "--store-prefix", "p", "--speculative", "ngram", "--num-speculative-tokens", "2", "--slo-ttft-ms", "250",
         "--http-port", "0", "--stream-interval", "4", "--host", "auto", "--resource-wait", "30",
         "--prefill-resources", '{"splitserve_prefill": 1}', "--decode-resources", '{"splitserve_decode": 0.5}',
-        "--no-restart-workers", "--prefill-chunk-tokens", "1024,256"])
+        "--no-restart-workers", "--prefill-chunk-tokens", "1024,256", "--release-memory-every", "30"])
     cluster, serve = configs(args)
     assert serve.placement.chunk_tokens == (1024, 256)
     assert not cluster.restart_workers and configs(cli.build_parser().parse_args(["serve"]))[0].restart_workers
@@ -163,6 +163,9 @@ def test_serve_flags_build_the_configs() -> None:
         ("prefill", {"splitserve_prefill": 1}), ("decode", {"splitserve_decode": 0.5})]
     assert cluster.resource_wait_s == 30 and cluster.transfer.host == "auto"
     assert cluster.stream_interval == 4 and all(w.stream_interval == 4 for w in cluster.worker_configs(2, 0))
+    assert all(w.release_memory_every_s == 30 for w in cluster.worker_configs(2, 0))
+    never = configs(cli.build_parser().parse_args(["serve", "--release-memory-every", "0"]))[0]
+    assert never.release_memory_every_s is None and never.worker_configs(2, 0)[0].release_memory_every_s is None
     assert cluster.transfer == TransferConfig(backend="grpc", kv_codec="int8", host="auto")
     assert cluster.store == StoreConfig(redis_url="redis://127.0.0.1:1/0", prefix="p")
     assert cluster.decode_engine is not None and cluster.decode_engine.speculative == SpeculativeConfig(
@@ -199,6 +202,7 @@ def test_a_resources_flag_takes_a_json_object(value: str, message: str, capsys: 
     (["--grace", "-1"], "grace_s >= 0"),
     (["--role-dwell", "-1"], "min_dwell_s >= 0"),
     (["--stream-interval", "0"], "stream_interval must be an integer >= 1"),
+    (["--release-memory-every", "-1"], "release_memory_every_s must be a positive number of seconds"),
     (["--prefill-resources", '{"GPU": 1}'], "prefill_resources takes custom resources; 'GPU' is Ray's own"),
     (["--decode-resources", '{"pool": 0}'], "decode_resources['pool'] must be a positive number"),
     (["--resource-wait", "-1"], "resource_wait_s must be >= 0"),

@@ -288,3 +288,60 @@ def test_a_renewal_moves_the_owner_s_deadline_and_counts_what_it_holds():
 def test_a_stream_lease_needs_a_positive_finite_length(lease_s):
     with pytest.raises(ValueError, match="lease_s"):
         StreamLease("router-a", lease_s)
+
+
+class StepsOnly:
+    """The engine as EngineLoop sees it: ``steps`` steps of work, queued by ``add``."""
+
+    def __init__(self) -> None:
+        self.steps_left = 0
+        self.step_stats: list[StepStats] = []
+        self.scheduler = type("Scheduler", (), {"waiting": (), "num_unfinished": 0})()
+        self.block_pool = BlockPool(4, 16)
+        self.num_reserved = 0
+
+    def add(self, steps: int) -> None:
+        self.steps_left += steps
+
+    def has_unfinished_requests(self) -> bool:
+        return self.steps_left > 0
+
+    def step(self) -> list[RequestOutput]:
+        self.steps_left -= 1
+        return []
+
+
+@pytest.mark.parametrize("every_s", [0.01, None])
+def test_a_worker_hands_freed_memory_back_after_it_stepped_and_not_again_while_idle(
+        every_s: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import splitserve.worker.engine_loop as engine_loop
+
+    releases: list[int] = []
+    monkeypatch.setattr(engine_loop, "release_free_memory", lambda: releases.append(1) or True)
+    engine = StepsOnly()
+
+    async def run() -> int:
+        loop = engine_loop.EngineLoop(engine, release_memory_every_s=every_s)  # type: ignore[arg-type]
+        loop.start(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        assert releases == []  # it has not stepped yet: nothing to hand back, and it stays asleep
+        await loop.call(engine.add, 3)
+        for _ in range(500):  # up to 5 s for the steps, and the idle thread's release after them
+            if engine.steps_left == 0 and loop._release_wait_s() is None:
+                break
+            await asyncio.sleep(0.01)
+        released = len(releases)
+        await asyncio.sleep(0.1)  # idle since: nothing more to hand back
+        assert engine.steps_left == 0 and loop.num_memory_releases == released == len(releases)
+        loop.stop()
+        return released
+
+    released = asyncio.run(run())
+    assert released >= 1 if every_s else released == 0
+
+
+def test_the_c_library_can_hand_free_memory_back() -> None:
+    from splitserve.worker.memory import can_release, release_free_memory
+
+    assert can_release()  # glibc (the image and CI run on it)
+    assert isinstance(release_free_memory(), bool)
