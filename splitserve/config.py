@@ -541,6 +541,7 @@ def field_default(cls: type, name: str) -> Any:
 
 SimMode = Literal["disaggregated", "colocated", "elastic"]
 ColocatedScheduler = Literal["prefill-first", "chunked"]
+DecodeChoice = Literal["prefill-end", "arrival"]
 
 
 @dataclass(frozen=True)
@@ -554,6 +555,9 @@ class SimConfig:
     ``colocated_scheduler``: ``prefill-first`` (an iteration is a batch of whole prompts when
     prompts wait, else a decode step: vLLM v0) or ``chunked`` (every iteration decodes the
     running requests and fills the rest of ``max_batched_tokens`` with prompt chunks: Sarathi).
+    ``decode_choice`` (disaggregated): when a request's decode instance is chosen -- when its
+    prefill ends (DistServe's order) or at its arrival, with the prefill instance (splitserve's
+    router, which reserves the decode worker's blocks before the prefill).
     """
 
     mode: SimMode = "disaggregated"
@@ -564,6 +568,7 @@ class SimConfig:
     num_instances: int = 1
     tp: int = 1
     colocated_scheduler: ColocatedScheduler = "prefill-first"
+    decode_choice: DecodeChoice = "prefill-end"
     # the engine's per-step token budget, which chunks its prefills: the same budget here
     max_batched_tokens: int = field_default(EngineConfig, "max_num_batched_tokens")
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -575,6 +580,8 @@ class SimConfig:
         if self.colocated_scheduler not in get_args(ColocatedScheduler):
             raise ValueError(f"colocated_scheduler must be one of {get_args(ColocatedScheduler)}, "
                              f"got {self.colocated_scheduler!r}")
+        if self.decode_choice not in get_args(DecodeChoice):
+            raise ValueError(f"decode_choice must be one of {get_args(DecodeChoice)}, got {self.decode_choice!r}")
         for name in ("num_prefill", "prefill_tp", "num_decode", "decode_tp", "num_instances", "tp",
                      "max_batched_tokens"):
             if getattr(self, name) < 1:
@@ -591,7 +598,9 @@ class SimConfig:
         if self.mode in ("disaggregated", "elastic"):
             split = f"{self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
             fixed = " fixed roles" if self.mode == "elastic" and not self.roles.enabled else ""
-            return f"{self.mode} {split}{fixed}"
+            at_arrival = " decode chosen at arrival" if self.mode == "disaggregated" and \
+                self.decode_choice == "arrival" else ""
+            return f"{self.mode} {split}{fixed}{at_arrival}"
         return f"colocated {self.num_instances}x(TP{self.tp}) {self.colocated_scheduler}"
 
 

@@ -38,7 +38,8 @@ _COLOCATED_FLAGS = {"instances": "--instances", "tp": "--tp", "colocated_schedul
 _ELASTIC_FLAGS = {"role_interval_s": "--role-interval-s", "role_dwell_s": "--role-dwell-s",
                   "role_hysteresis": "--role-hysteresis", "fixed_roles": "--fixed-roles",
                   "prefill_chunk_tokens": "--prefill-chunk-tokens"}
-_MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS, "colocated": _COLOCATED_FLAGS,
+_MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS | {"decode_choice": "--decode-choice"},
+               "colocated": _COLOCATED_FLAGS,
                "elastic": _DISAGGREGATED_FLAGS | _ELASTIC_FLAGS}
 
 
@@ -62,6 +63,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help=f"decode instances (default: {field_default(SimConfig, 'num_decode')})")
     group.add_argument("--decode-tp", type=count(1), default=None, metavar="T",
                        help=f"TP degree of each decode instance (default: {field_default(SimConfig, 'decode_tp')})")
+    parser.add_argument("--decode-choice", choices=("prefill-end", "arrival"), default=None,
+                        help="disaggregated: choose a request's decode instance when its prefill ends (DistServe's "
+                        "order) or at its arrival, with its prefill instance (splitserve's router) (default: "
+                        f"{field_default(SimConfig, 'decode_choice')})")
     group = parser.add_argument_group("elastic mode: role changes (splitserve.router.roles)")
     group.add_argument("--role-interval-s", type=positive(float), default=None, metavar="S",
                        help=f"seconds between role decisions (default: {field_default(RoleConfig, 'interval_s')})")
@@ -197,7 +202,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --mode {args.mode}")
     values = {"num_prefill": args.prefill_instances, "prefill_tp": args.prefill_tp,
               "num_decode": args.decode_instances, "decode_tp": args.decode_tp, "num_instances": args.instances,
-              "tp": args.tp, "colocated_scheduler": args.colocated_scheduler}
+              "tp": args.tp, "colocated_scheduler": args.colocated_scheduler, "decode_choice": args.decode_choice}
     roles = {"interval_s": args.role_interval_s, "min_dwell_s": args.role_dwell_s,
              "hysteresis": args.role_hysteresis, "enabled": None if args.fixed_roles is None else False}
     placement = PlacementConfig() if args.prefill_chunk_tokens is None else \

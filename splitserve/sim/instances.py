@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from splitserve.cluster.store import WorkerLoad
 from splitserve.sim.profile import InstanceProfile
 from splitserve.sim.trace import SimRequest
 
@@ -166,13 +167,13 @@ class ColocatedInstance:
     """An instance that prefills and decodes its own requests. ``prefilling``: admitted (KV
     reserved), prompt not done; with the chunked scheduler a request may stay there for several
     iterations. ``step`` is the iteration now running: the decodes it advances and its prompt
-    work as (job, tokens) pairs."""
+    work as (job, tokens) pairs. ``load()`` is what its worker would report to the router."""
 
     profile: InstanceProfile
     decode: DecodeBatch = field(init=False)
     waiting: deque[Job] = field(default_factory=deque)
     prefilling: list[Job] = field(default_factory=list)
-    queued_tokens: int = 0  # prompt tokens not prefilled yet, of waiting and admitted requests
+    queued_tokens: int = 0  # prompt tokens of the waiting requests (not admitted yet), as its worker reports them
     num_unfinished: int = 0
     step: tuple[bool, list[tuple[Job, int]]] | None = None
     is_busy: bool = False  # an iteration runs, or is about to start
@@ -185,6 +186,14 @@ class ColocatedInstance:
         if not self.waiting or not self.decode.can_reserve(self.waiting[0].kv_tokens):
             return None
         job = self.waiting.popleft()
+        self.queued_tokens -= job.request.prompt_tokens
         self.decode.reserve(job.kv_tokens)
         self.prefilling.append(job)
         return job
+
+    def load(self) -> WorkerLoad:
+        """As its worker reports it (worker/engine_loop.py: the engine's waiting prompts' tokens,
+        its unfinished requests, free KV; block size 1)."""
+        capacity = self.profile.kv_capacity_tokens
+        return WorkerLoad(self.queued_tokens, self.num_unfinished, capacity - self.decode.reserved_kv, capacity,
+                          updated_at=0.0)
