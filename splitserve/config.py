@@ -542,6 +542,7 @@ def field_default(cls: type, name: str) -> Any:
 SimMode = Literal["disaggregated", "colocated", "elastic"]
 ColocatedScheduler = Literal["prefill-first", "chunked"]
 DecodeChoice = Literal["prefill-end", "arrival"]
+PrefillBatching = Literal["whole-prompts", "chunked"]
 
 
 @dataclass(frozen=True)
@@ -557,7 +558,9 @@ class SimConfig:
     running requests and fills the rest of ``max_batched_tokens`` with prompt chunks: Sarathi).
     ``decode_choice`` (disaggregated): when a request's decode instance is chosen -- when its
     prefill ends (DistServe's order) or at its arrival, with the prefill instance (splitserve's
-    router, which reserves the decode worker's blocks before the prefill).
+    router, which reserves the decode worker's blocks before the prefill). ``prefill_batching``
+    (disaggregated): a prefill instance's batch is whole prompts within its KV capacity
+    (DistServe's) or the engine's step, prompt chunks of at most ``max_batched_tokens``.
     """
 
     mode: SimMode = "disaggregated"
@@ -569,6 +572,7 @@ class SimConfig:
     tp: int = 1
     colocated_scheduler: ColocatedScheduler = "prefill-first"
     decode_choice: DecodeChoice = "prefill-end"
+    prefill_batching: PrefillBatching = "whole-prompts"
     # the engine's per-step token budget, which chunks its prefills: the same budget here
     max_batched_tokens: int = field_default(EngineConfig, "max_num_batched_tokens")
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -582,6 +586,9 @@ class SimConfig:
                              f"got {self.colocated_scheduler!r}")
         if self.decode_choice not in get_args(DecodeChoice):
             raise ValueError(f"decode_choice must be one of {get_args(DecodeChoice)}, got {self.decode_choice!r}")
+        if self.prefill_batching not in get_args(PrefillBatching):
+            raise ValueError(f"prefill_batching must be one of {get_args(PrefillBatching)}, "
+                             f"got {self.prefill_batching!r}")
         for name in ("num_prefill", "prefill_tp", "num_decode", "decode_tp", "num_instances", "tp",
                      "max_batched_tokens"):
             if getattr(self, name) < 1:
@@ -598,9 +605,12 @@ class SimConfig:
         if self.mode in ("disaggregated", "elastic"):
             split = f"{self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
             fixed = " fixed roles" if self.mode == "elastic" and not self.roles.enabled else ""
-            at_arrival = " decode chosen at arrival" if self.mode == "disaggregated" and \
-                self.decode_choice == "arrival" else ""
-            return f"{self.mode} {split}{fixed}{at_arrival}"
+            options = []
+            if self.mode == "disaggregated" and self.prefill_batching == "chunked":
+                options.append(f"prefill chunks of {self.max_batched_tokens}")
+            if self.mode == "disaggregated" and self.decode_choice == "arrival":
+                options.append("decode chosen at arrival")
+            return f"{self.mode} {split}{fixed}" + "".join(f", {o}" for o in options)
         return f"colocated {self.num_instances}x(TP{self.tp}) {self.colocated_scheduler}"
 
 

@@ -38,7 +38,8 @@ _COLOCATED_FLAGS = {"instances": "--instances", "tp": "--tp", "colocated_schedul
 _ELASTIC_FLAGS = {"role_interval_s": "--role-interval-s", "role_dwell_s": "--role-dwell-s",
                   "role_hysteresis": "--role-hysteresis", "fixed_roles": "--fixed-roles",
                   "prefill_chunk_tokens": "--prefill-chunk-tokens"}
-_MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS | {"decode_choice": "--decode-choice"},
+_MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS | {"decode_choice": "--decode-choice",
+                                                         "prefill_batching": "--prefill-batching"},
                "colocated": _COLOCATED_FLAGS,
                "elastic": _DISAGGREGATED_FLAGS | _ELASTIC_FLAGS}
 
@@ -67,6 +68,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="disaggregated: choose a request's decode instance when its prefill ends (DistServe's "
                         "order) or at its arrival, with its prefill instance (splitserve's router) (default: "
                         f"{field_default(SimConfig, 'decode_choice')})")
+    parser.add_argument("--prefill-batching", choices=("whole-prompts", "chunked"), default=None,
+                        help="disaggregated: a prefill instance's batch is whole prompts within its KV capacity "
+                        "(DistServe's) or an engine step of prompt chunks, --max-batched-tokens at most (default: "
+                        f"{field_default(SimConfig, 'prefill_batching')})")
     group = parser.add_argument_group("elastic mode: role changes (splitserve.router.roles)")
     group.add_argument("--role-interval-s", type=positive(float), default=None, metavar="S",
                        help=f"seconds between role decisions (default: {field_default(RoleConfig, 'interval_s')})")
@@ -91,8 +96,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        "plus prompt chunks in every iteration (Sarathi) (default: "
                        f"{field_default(SimConfig, 'colocated_scheduler')})")
     parser.add_argument("--max-batched-tokens", type=count(1), default=field_default(SimConfig, "max_batched_tokens"),
-                        metavar="N", help="colocated chunked and elastic: tokens per iteration, decodes first "
-                        "(default: %(default)s)")
+                        metavar="N", help="colocated chunked, elastic and chunked prefill batching: tokens per "
+                        "iteration, decodes first (default: %(default)s)")
     _add_load_options(parser)
     parser.set_defaults(run=_handled)
 
@@ -202,7 +207,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --mode {args.mode}")
     values = {"num_prefill": args.prefill_instances, "prefill_tp": args.prefill_tp,
               "num_decode": args.decode_instances, "decode_tp": args.decode_tp, "num_instances": args.instances,
-              "tp": args.tp, "colocated_scheduler": args.colocated_scheduler, "decode_choice": args.decode_choice}
+              "tp": args.tp, "colocated_scheduler": args.colocated_scheduler, "decode_choice": args.decode_choice,
+              "prefill_batching": args.prefill_batching}
     roles = {"interval_s": args.role_interval_s, "min_dwell_s": args.role_dwell_s,
              "hysteresis": args.role_hysteresis, "enabled": None if args.fixed_roles is None else False}
     placement = PlacementConfig() if args.prefill_chunk_tokens is None else \

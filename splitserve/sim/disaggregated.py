@@ -1,4 +1,5 @@
-"""Disaggregated mode: prefill instances run batches of whole prompts; each prefilled request
+"""Disaggregated mode: prefill instances run batches of whole prompts (or, with
+``SimConfig.prefill_batching == "chunked"``, the engine's steps of prompt chunks); each prefilled request
 (its first token out) goes to a decode instance, after the KV transfer time of the profile (0
 without a bandwidth), waits there for KV and decodes. Placement is policy.py's; the state,
 instances.py's; this module only moves requests between them on the event loop's clock.
@@ -26,7 +27,8 @@ class Disaggregated:
 
     def __init__(self, profile: LatencyProfile, config: SimConfig, loop: EventLoop):
         self.profile, self.loop = profile, loop
-        self.prefill = [PrefillInstance(profile.at_tp(config.prefill_tp)) for _ in range(config.num_prefill)]
+        budget = config.max_batched_tokens if config.prefill_batching == "chunked" else None
+        self.prefill = [PrefillInstance(profile.at_tp(config.prefill_tp), budget) for _ in range(config.num_prefill)]
         self.decode = [DecodeInstance(profile.at_tp(config.decode_tp)) for _ in range(config.num_decode)]
         self.placement = RouterRankings(self.prefill, self.decode)
         self.is_decode_at_arrival = config.decode_choice == "arrival"

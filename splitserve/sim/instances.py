@@ -101,32 +101,56 @@ class DecodeBatch:
 
 @dataclass(eq=False)
 class PrefillInstance:
-    """A prefill instance (disaggregated): FCFS queue, one batch of whole prompts at a time,
-    as many from the head as fit in its KV capacity together (DistServe's rule)."""
+    """A prefill instance (disaggregated): FCFS queue, one batch at a time -- as many whole
+    prompts from the head as fit in its KV capacity together (DistServe's rule), or, with a
+    ``budget``, an engine step's worth: prompt chunks from the head, in order, at most
+    ``budget`` tokens (a prompt's first token comes with its last chunk; a prompt cut short goes
+    back to the head of the queue). ``batch``: (job, prompt tokens this batch computes)."""
 
     profile: InstanceProfile
+    budget: int | None = None
     waiting: deque[Job] = field(default_factory=deque)
-    batch: list[Job] = field(default_factory=list)
-    queued_tokens: int = 0  # prompt tokens waiting or in the running batch
+    batch: list[tuple[Job, int]] = field(default_factory=list)
+    # the prompt tokens of its requests before their first token (whole prompts, chunks done or
+    # not: the router counts them so, and ranks with the larger of that and the worker's report)
+    queued_tokens: int = 0
     peak_kv_tokens: int = 0
     is_busy: bool = False  # a batch runs, or is about to start
 
-    def take_batch(self) -> list[Job]:
-        capacity, total = self.profile.kv_capacity_tokens, 0
-        while self.waiting and total + self.waiting[0].request.prompt_tokens <= capacity:
-            job = self.waiting.popleft()
-            total += job.request.prompt_tokens
-            self.batch.append(job)
-        self.peak_kv_tokens = max(self.peak_kv_tokens, total)
+    def take_batch(self) -> list[tuple[Job, int]]:
+        capacity, taken, kv = self.profile.kv_capacity_tokens, 0, 0
+        while self.waiting:
+            job = self.waiting[0]
+            left = job.request.prompt_tokens - job.num_prefilled
+            if self.budget is None:
+                n = left if kv + left <= capacity else 0
+            else:
+                n = min(left, self.budget - taken, capacity - kv - job.num_prefilled)
+            if n <= 0:
+                break
+            self.waiting.popleft()
+            self.batch.append((job, n))
+            taken += n
+            kv += job.num_prefilled + n
+        self.peak_kv_tokens = max(self.peak_kv_tokens, kv)
         return self.batch
 
     def batch_ms(self) -> float:
-        return self.profile.prefill_ms(job.request.prompt_tokens for job in self.batch)
+        """The prefill formula over the batch's chunks (a whole prompt: its L^2 attention term)."""
+        return self.profile.prefill_batch_ms(sum(n for _, n in self.batch),
+                                             sum(n * (job.num_prefilled + n) for job, n in self.batch))
 
     def finish_batch(self) -> list[Job]:
-        done, self.batch = self.batch, []
-        self.queued_tokens -= sum(job.request.prompt_tokens for job in done)
-        return done
+        """The batch ended: the requests whose prompts it finished."""
+        batch, self.batch, done = self.batch, [], []
+        for job, n in reversed(batch):  # only the last can be cut short: it goes back first
+            job.num_prefilled += n
+            if job.num_prefilled < job.request.prompt_tokens:
+                self.waiting.appendleft(job)
+            else:
+                self.queued_tokens -= job.request.prompt_tokens
+                done.append(job)
+        return done[::-1]
 
 
 @dataclass(eq=False)

@@ -126,7 +126,7 @@ class ShadowDisaggregated(ShadowCluster):
         for worker_id, instance in zip(p_ids, sim.prefill):
             capacity = instance.profile.kv_capacity_tokens
             waiting = sum(j.request.prompt_tokens for j in instance.waiting)
-            running = sum(j.request.prompt_tokens for j in instance.batch)
+            running = sum(j.num_prefilled + n for j, n in instance.batch)
             load = WorkerLoad(waiting, len(instance.waiting) + len(instance.batch), capacity - running, capacity)
             self.report(worker_id, "prefill", load, [prefill_model(instance.profile)])
         for worker_id, instance in zip(d_ids, sim.decode):
@@ -160,11 +160,15 @@ def _shadowed(monkeypatch: pytest.MonkeyPatch, cls: type, shadow) -> None:
     monkeypatch.setattr(cls, "arrive", arrive_shadowed)
 
 
-@pytest.mark.parametrize("decode_choice", ["arrival", "prefill-end"])
-def test_disaggregated_choices_are_the_real_placers_over_the_same_state(decode_choice, monkeypatch):
+@pytest.mark.parametrize(("decode_choice", "prefill_batching"), [("arrival", "whole-prompts"),
+                                                                  ("arrival", "chunked"),
+                                                                  ("prefill-end", "whole-prompts")])
+def test_disaggregated_choices_are_the_real_placers_over_the_same_state(decode_choice, prefill_batching,
+                                                                         monkeypatch):
     shadow = ShadowDisaggregated()
     _shadowed(monkeypatch, Disaggregated, shadow)
-    config = SimConfig(num_prefill=2, num_decode=3, decode_choice=decode_choice)
+    config = SimConfig(num_prefill=2, num_decode=3, decode_choice=decode_choice, prefill_batching=prefill_batching,
+                       max_batched_tokens=256)
     result = simulate(PROFILE, config, trace())
     assert len(shadow.jobs) == len(result.jobs)
     p_ids, d_ids = worker_ids("p", 2, 3), worker_ids("d", 3)

@@ -22,7 +22,11 @@ from splitserve.sim.trace import SimRequest, make_requests
 DISAGGREGATED = SimConfig(num_prefill=2, num_decode=2)
 PREFILL_FIRST = SimConfig(mode="colocated", num_instances=2)
 CHUNKED = SimConfig(mode="colocated", num_instances=2, colocated_scheduler="chunked", max_batched_tokens=256)
-CONFIGS = {"disaggregated": DISAGGREGATED, "prefill-first": PREFILL_FIRST, "chunked": CHUNKED}
+# The router's order and the engine's prefill steps (bench.sim_validation's disaggregated).
+AS_SERVED = SimConfig(num_prefill=2, num_decode=2, decode_choice="arrival", prefill_batching="chunked",
+                      max_batched_tokens=256)
+CONFIGS = {"disaggregated": DISAGGREGATED, "prefill-first": PREFILL_FIRST, "chunked": CHUNKED,
+           "disaggregated as served": AS_SERVED}
 
 
 def instance(kv_capacity: int = 100_000, tp: int = 1) -> InstanceProfile:
@@ -127,6 +131,18 @@ def test_prefill_batches_whole_prompts_within_capacity():
     assert ends[0] == pytest.approx(p.prefill_ms([400]) / 1e3)
     assert ends[1] == ends[2] == pytest.approx(ends[0] + p.prefill_ms([400, 500]) / 1e3)
     assert ends[3] == pytest.approx(ends[1] + p.prefill_ms([300]) / 1e3)
+
+
+def test_chunked_prefill_batches_are_engine_steps_of_prompt_chunks():
+    """A 600-token prompt and a 100-token one together, 256 tokens a step: 256, 256, then the
+    first's last 88 tokens with the second whole prompt; both first tokens at that step's end."""
+    requests = [SimRequest(0, 0.0, 600, 2), SimRequest(1, 0.0, 100, 2)]
+    result = simulate(profile(), replace(AS_SERVED, num_prefill=1), requests)
+    p = instance()
+    steps = [[(256, 0)], [(256, 256)], [(88, 512), (100, 0)]]
+    ends = [sum(p.prefill_batch_ms(sum(n for n, _ in step), sum(n * (s + n) for n, s in step))
+                for step in steps[:k + 1]) / 1e3 for k in range(len(steps))]
+    assert [job.prefill_end_s for job in result.jobs] == pytest.approx([ends[2], ends[2]], rel=1e-12)
 
 
 def test_new_requests_go_to_the_least_loaded_prefill_instance():
