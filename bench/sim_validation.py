@@ -19,8 +19,9 @@ number of requests and --duration cut (the requests the load tester sent: an arr
   running the engine's steps (``prefill_batching="chunked"``); a system that sent its SLO (SLO
   admission) is skipped: the simulator's disaggregated mode admits everything;
 - ``--mode colocated``: N instances with the engine's chunked scheduler;
-- every mode: the engine's --max-num-batched-tokens, and --num-kv-blocks (times the block size)
-  as the KV capacity where given (else the profile's: the same 1 GiB default).
+- every mode: the engine's --max-num-batched-tokens and max_num_seqs, and --num-kv-blocks
+  (times the block size) as the KV capacity where given (else the profile's: the same 1 GiB
+  default).
 
 A profile serves the systems whose --threads-per-worker equals the threads it was measured with
 (``measured.threads``; a profile without it serves every system); a system no profile serves is
@@ -114,7 +115,7 @@ def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_sl
     if engine.num_kv_blocks is not None:
         profile = with_kv_capacity(profile, engine.num_kv_blocks * engine.block_size)
     counts = cluster.worker_counts()
-    common = {"max_batched_tokens": engine.max_num_batched_tokens}
+    common = {"max_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs}
     if cluster.mode == "colocated":
         config = SimConfig(mode="colocated", num_instances=counts["colocated"], colocated_scheduler="chunked",
                            **common)

@@ -561,6 +561,8 @@ class SimConfig:
     router, which reserves the decode worker's blocks before the prefill). ``prefill_batching``
     (disaggregated): a prefill instance's batch is whole prompts within its KV capacity
     (DistServe's) or the engine's step, prompt chunks of at most ``max_batched_tokens``.
+    ``max_num_seqs``: the requests an instance admits at once (the engine's ``max_num_seqs``;
+    a prefill batch's prompts, too); None: no bound but KV (DistServe's).
     """
 
     mode: SimMode = "disaggregated"
@@ -575,6 +577,7 @@ class SimConfig:
     prefill_batching: PrefillBatching = "whole-prompts"
     # the engine's per-step token budget, which chunks its prefills: the same budget here
     max_batched_tokens: int = field_default(EngineConfig, "max_num_batched_tokens")
+    max_num_seqs: int | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     roles: RoleConfig = field(default_factory=RoleConfig)
 
@@ -590,8 +593,8 @@ class SimConfig:
             raise ValueError(f"prefill_batching must be one of {get_args(PrefillBatching)}, "
                              f"got {self.prefill_batching!r}")
         for name in ("num_prefill", "prefill_tp", "num_decode", "decode_tp", "num_instances", "tp",
-                     "max_batched_tokens"):
-            if getattr(self, name) < 1:
+                     "max_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property

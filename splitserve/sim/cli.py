@@ -98,6 +98,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--max-batched-tokens", type=count(1), default=field_default(SimConfig, "max_batched_tokens"),
                         metavar="N", help="colocated chunked, elastic and chunked prefill batching: tokens per "
                         "iteration, decodes first (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=count(1), default=None, metavar="N",
+                        help="requests an instance admits at once, as the engine's max_num_seqs (a prefill batch's "
+                        "prompts too) (default: no bound but KV, DistServe's)")
     _add_load_options(parser)
     parser.set_defaults(run=_handled)
 
@@ -213,7 +216,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
              "hysteresis": args.role_hysteresis, "enabled": None if args.fixed_roles is None else False}
     placement = PlacementConfig() if args.prefill_chunk_tokens is None else \
         PlacementConfig(chunk_tokens=args.prefill_chunk_tokens)
-    return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens, placement=placement,
+    return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
+                     placement=placement,
                      roles=RoleConfig(**{name: value for name, value in roles.items() if value is not None}),
                      **{name: value for name, value in values.items() if value is not None})
 

@@ -27,7 +27,8 @@ class Colocated:
         self.loop = loop
         self.is_chunked = config.colocated_scheduler == "chunked"
         self.budget = config.max_batched_tokens
-        self.instances = [ColocatedInstance(profile.at_tp(config.tp)) for _ in range(config.num_instances)]
+        self.instances = [ColocatedInstance(profile.at_tp(config.tp), config.max_num_seqs)
+                          for _ in range(config.num_instances)]
         self.worker_ids = worker_ids("c", config.num_instances)
 
     def check(self, jobs: list[Job]) -> None:

@@ -28,8 +28,10 @@ class Disaggregated:
     def __init__(self, profile: LatencyProfile, config: SimConfig, loop: EventLoop):
         self.profile, self.loop = profile, loop
         budget = config.max_batched_tokens if config.prefill_batching == "chunked" else None
-        self.prefill = [PrefillInstance(profile.at_tp(config.prefill_tp), budget) for _ in range(config.num_prefill)]
-        self.decode = [DecodeInstance(profile.at_tp(config.decode_tp)) for _ in range(config.num_decode)]
+        seqs = config.max_num_seqs
+        self.prefill = [PrefillInstance(profile.at_tp(config.prefill_tp), budget, seqs)
+                        for _ in range(config.num_prefill)]
+        self.decode = [DecodeInstance(profile.at_tp(config.decode_tp), seqs) for _ in range(config.num_decode)]
         self.placement = RouterRankings(self.prefill, self.decode)
         self.is_decode_at_arrival = config.decode_choice == "arrival"
 

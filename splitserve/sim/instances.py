@@ -51,6 +51,8 @@ class DecodeBatch:
     token). ``step_ends``: when each decode step ended -- the token times of every request."""
 
     capacity: int
+    max_seqs: int | None = None  # requests admitted at once (the engine's max_num_seqs); None: no bound
+    num_reserved: int = 0  # requests admitted: a reservation each, until its release
     size: int = 0
     base: int = 0
     reserved_kv: int = 0
@@ -59,15 +61,21 @@ class DecodeBatch:
     leaving: defaultdict[int, list[Job]] = field(default_factory=lambda: defaultdict(list))
 
     def can_reserve(self, num_tokens: int) -> bool:
-        return self.reserved_kv + num_tokens <= self.capacity
+        """Whether one more request holding ``num_tokens`` of KV can be admitted."""
+        has_seat = self.max_seqs is None or self.num_reserved < self.max_seqs
+        return has_seat and self.reserved_kv + num_tokens <= self.capacity
 
     def reserve(self, num_tokens: int) -> None:
-        assert self.can_reserve(num_tokens), f"KV over capacity: {self.reserved_kv} + {num_tokens} > {self.capacity}"
+        """Admit one request holding ``num_tokens`` of KV (each is released once: ``release``)."""
+        assert self.can_reserve(num_tokens), f"KV over capacity: {self.reserved_kv} + {num_tokens} > " \
+            f"{self.capacity}, or {self.num_reserved} requests of at most {self.max_seqs}"
         self.reserved_kv += num_tokens
+        self.num_reserved += 1
 
     def release(self, num_tokens: int) -> None:
         self.reserved_kv -= num_tokens
-        assert self.reserved_kv >= 0, "released more KV than was reserved"
+        self.num_reserved -= 1
+        assert self.reserved_kv >= 0 and self.num_reserved >= 0, "released more than was reserved"
 
     def join(self, job: Job) -> None:
         """Add a prefilled request whose KV is reserved; it decodes from the next step on."""
@@ -109,6 +117,7 @@ class PrefillInstance:
 
     profile: InstanceProfile
     budget: int | None = None
+    max_seqs: int | None = None  # prompts in one batch at most (the engine's max_num_seqs)
     waiting: deque[Job] = field(default_factory=deque)
     batch: list[tuple[Job, int]] = field(default_factory=list)
     # the prompt tokens of its requests before their first token (whole prompts, chunks done or
@@ -119,7 +128,7 @@ class PrefillInstance:
 
     def take_batch(self) -> list[tuple[Job, int]]:
         capacity, taken, kv = self.profile.kv_capacity_tokens, 0, 0
-        while self.waiting:
+        while self.waiting and (self.max_seqs is None or len(self.batch) < self.max_seqs):
             job = self.waiting[0]
             left = job.request.prompt_tokens - job.num_prefilled
             if self.budget is None:
@@ -159,6 +168,7 @@ class DecodeInstance:
     placed here, KV still in transfer), then decode together, one token a step."""
 
     profile: InstanceProfile
+    max_seqs: int | None = None  # requests admitted at once (the engine's max_num_seqs)
     decode: DecodeBatch = field(init=False)
     waiting: deque[Job] = field(default_factory=deque)
     num_incoming: int = 0
@@ -166,7 +176,7 @@ class DecodeInstance:
     is_busy: bool = False  # a step runs, or is about to start
 
     def __post_init__(self) -> None:
-        self.decode = DecodeBatch(self.profile.kv_capacity_tokens)
+        self.decode = DecodeBatch(self.profile.kv_capacity_tokens, self.max_seqs)
 
     def admit(self) -> None:
         """Move waiting requests into the batch, in order, while their KV fits."""
@@ -194,6 +204,7 @@ class ColocatedInstance:
     work as (job, tokens) pairs. ``load()`` is what its worker would report to the router."""
 
     profile: InstanceProfile
+    max_seqs: int | None = None  # requests admitted at once (the engine's max_num_seqs)
     decode: DecodeBatch = field(init=False)
     waiting: deque[Job] = field(default_factory=deque)
     prefilling: list[Job] = field(default_factory=list)
@@ -203,7 +214,7 @@ class ColocatedInstance:
     is_busy: bool = False  # an iteration runs, or is about to start
 
     def __post_init__(self) -> None:
-        self.decode = DecodeBatch(self.profile.kv_capacity_tokens)
+        self.decode = DecodeBatch(self.profile.kv_capacity_tokens, self.max_seqs)
 
     def admit_next(self) -> Job | None:
         """The head of the queue, admitted (its KV reserved), if its KV fits; else None."""

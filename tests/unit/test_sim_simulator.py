@@ -145,6 +145,23 @@ def test_chunked_prefill_batches_are_engine_steps_of_prompt_chunks():
     assert [job.prefill_end_s for job in result.jobs] == pytest.approx([ends[2], ends[2]], rel=1e-12)
 
 
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_an_instance_admits_at_most_max_num_seqs_requests(config):
+    """With room in KV for all, at most 3 requests decode (or are admitted) at once per instance:
+    counted from the requests' own decode steps; without the bound, more do."""
+    requests = make_requests(parse_workload("fixed:50/40"), parse_arrival("poisson"), 40.0, 60, seed=2)
+
+    def most_at_a_step(max_num_seqs: int | None) -> int:
+        result = simulate(profile(), replace(config, max_num_seqs=max_num_seqs), requests)
+        at_step: dict[tuple[int | None, int], int] = defaultdict(int)
+        for job in result.jobs:
+            for i in range(job.request.output_tokens - 1):
+                at_step[(job.decode_instance, job.first_step + i)] += 1
+        return max(at_step.values())
+
+    assert most_at_a_step(3) <= 3 < most_at_a_step(None)
+
+
 def test_new_requests_go_to_the_least_loaded_prefill_instance():
     requests = [SimRequest(0, 0.0, 2000, 1), SimRequest(1, 0.0, 100, 1), SimRequest(2, 0.001, 100, 1)]
     result = simulate(profile(), SimConfig(num_prefill=2), requests)
