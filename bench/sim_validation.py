@@ -50,7 +50,7 @@ from bench.common import ROOT, command_line, git_revision, markdown_table
 from bench.goodput_report import dumps
 from bench.goodput_scores import request_rows, score_workload
 from bench.sim_validation_scores import compare, format_goodput
-from splitserve.config import EngineConfig, SimConfig
+from splitserve.config import ClusterConfig, EngineConfig, SimConfig
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.workloads import LengthLimits, parse_workload
 from splitserve.protocol import SLO
@@ -96,8 +96,10 @@ def profiles_by_threads(paths: list[Path]) -> dict[int | None, LatencyProfile]:
     return out
 
 
-def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_slo: SLO) -> Replay | str:
-    """How the simulator runs a system of the run (its recorded command line), or why it cannot."""
+def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_slo: SLO,
+              num_cpus: int | None = None) -> Replay | str:
+    """How the simulator runs a system of the run (its recorded command line), or why it cannot
+    (``num_cpus``: the machine's, which a server without --threads-per-worker splits)."""
     from splitserve.cli import build_parser
     from splitserve.serve_cli import configs
 
@@ -107,7 +109,7 @@ def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_sl
     cluster, serve = configs(build_parser().parse_args(command[1:]))
     if cluster.mode == "disaggregated" and system.get("send_slo"):
         return "SLO admission in disaggregated mode is not simulated (every request is served)"
-    threads = cluster.num_threads
+    threads = cluster.num_threads or _threads_per_worker(cluster, num_cpus)
     profile = profiles.get(threads, profiles.get(None))
     if profile is None:
         return f"no profile measured with {threads} threads per worker"
@@ -127,6 +129,13 @@ def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_sl
                            placement=serve.placement, roles=serve.roles, **common)
     default = SLO(serve.slo_ttft_s, serve.slo_tpot_s)
     return Replay(config, profile, sweep_slo if system.get("send_slo") else default)
+
+
+def _threads_per_worker(cluster: ClusterConfig, num_cpus: int | None) -> int | None:
+    """As ClusterConfig.worker_configs gives them when --threads-per-worker is not set."""
+    if cluster.cpus_per_worker is not None:
+        return max(int(cluster.cpus_per_worker), 1)
+    return None if num_cpus is None else max(num_cpus // sum(cluster.worker_counts().values()), 1)
 
 
 def with_kv_capacity(profile: LatencyProfile, tokens: int) -> LatencyProfile:
@@ -187,7 +196,7 @@ def validate(result: dict, profiles: dict[int | None, LatencyProfile]) -> dict:
         slo = SLO(workload["slo"]["ttft_ms"] / 1e3, workload["slo"]["tpot_ms"] / 1e3)
         replays, skipped = {}, {}
         for system, described in result["systems"].items():
-            replay = replay_of(described, profiles, slo)
+            replay = replay_of(described, profiles, slo, result.get("machine", {}).get("nproc"))
             if isinstance(replay, str):
                 skipped[system] = replay
             else:

@@ -99,6 +99,10 @@ def test_systems_it_cannot_simulate_are_named_with_a_reason(profiles):
     assert "SLO admission" in replay_of(admission, profiles, SLO_)
     two_threads = {"command": serve("--mode", "colocated", "--workers", "1", threads=2)}
     assert replay_of(two_threads, profiles, SLO_) == "no profile measured with 2 threads per worker"
+    # No --threads-per-worker: the machine's CPUs split among the workers, as the server splits them.
+    unset = {"command": ["/v/bin/splitserve", "serve", "--mode", "colocated", "--workers", "2"]}
+    assert not isinstance(replay_of(unset, profiles, SLO_, num_cpus=2), str)
+    assert replay_of(unset, profiles, SLO_, num_cpus=4) == "no profile measured with 2 threads per worker"
 
 
 # ------------------------------------------------------------------------------ replay
