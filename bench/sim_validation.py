@@ -70,6 +70,7 @@ class Replay:
     config: SimConfig
     profile: LatencyProfile
     request_slo: SLO
+    notes: tuple[str, ...] = ()  # what of the server the simulation leaves out
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,6 +110,8 @@ def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_sl
     cluster, serve = configs(build_parser().parse_args(command[1:]))
     if cluster.mode == "disaggregated" and system.get("send_slo"):
         return "SLO admission in disaggregated mode is not simulated (every request is served)"
+    if cluster.decode_engine is not None:
+        return "speculative decoding is not simulated"
     threads = cluster.num_threads or _threads_per_worker(cluster, num_cpus)
     profile = profiles.get(threads, profiles.get(None))
     if profile is None:
@@ -128,7 +131,8 @@ def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_sl
         config = SimConfig(mode="elastic", num_prefill=counts["prefill"], num_decode=counts["decode"],
                            placement=serve.placement, roles=serve.roles, **common)
     default = SLO(serve.slo_ttft_s, serve.slo_tpot_s)
-    return Replay(config, profile, sweep_slo if system.get("send_slo") else default)
+    notes = ("prefix caching is on in the server, not in the simulation",) if engine.enable_prefix_caching else ()
+    return Replay(config, profile, sweep_slo if system.get("send_slo") else default, notes)
 
 
 def _threads_per_worker(cluster: ClusterConfig, num_cpus: int | None) -> int | None:
@@ -205,7 +209,8 @@ def validate(result: dict, profiles: dict[int | None, LatencyProfile]) -> dict:
         measured_scores = {s: score_workload(workload, [s], RESAMPLES)["systems"][s] for s in replays}
         simulated_scores = {s: score_workload(simulated, [s], RESAMPLES)["systems"][s] for s in replays}
         out[name] = compare(measured_scores, simulated_scores) | {
-            "skipped": skipped, "clusters": {s: r.config.describe() for s, r in replays.items()}}
+            "skipped": skipped, "clusters": {s: r.config.describe() for s, r in replays.items()},
+            "notes": {s: list(r.notes) for s, r in replays.items() if r.notes}}
         for system, entry in out[name]["systems"].items():
             entry["median_ms"] = {"measured": median_latencies(workload, system),
                                   "simulated": median_latencies(simulated, system)}
@@ -249,6 +254,8 @@ def tables(validation: dict) -> str:
         parts.append(f"order measured: {' > '.join(order['measured'])}; simulated: {' > '.join(order['simulated'])}"
                      f" ({'same' if order['matches'] else 'differs'}; {order['pairs_agreeing']} of {order['pairs']}"
                      " pairs agree)")
+        parts += [f"simulated {system} as {cluster}" for system, cluster in w["clusters"].items()]
+        parts += [f"note on {system}: {note}" for system, notes in w["notes"].items() for note in notes]
         parts += [f"skipped {system}: {why}" for system, why in w["skipped"].items()]
     return "\n\n".join(parts)
 

@@ -91,12 +91,15 @@ def test_a_recorded_serve_command_becomes_its_simulated_cluster(profiles):
                           profiles, SLO_)
     assert colocated.config.describe() == "colocated 2x(TP1) chunked"
     assert colocated.profile.at_tp(1).kv_capacity_tokens == 100 * 16  # --num-kv-blocks x the block size
+    assert colocated.notes == ("prefix caching is on in the server, not in the simulation",)
 
 
 def test_systems_it_cannot_simulate_are_named_with_a_reason(profiles):
     assert "not a splitserve server" in replay_of({"command": ["/v/bin/vllm", "serve", "model"]}, profiles, SLO_)
     admission = {"command": serve("--mode", "disaggregated"), "send_slo": True}
     assert "SLO admission" in replay_of(admission, profiles, SLO_)
+    speculating = {"command": serve("--mode", "disaggregated", "--speculative", "ngram")}
+    assert replay_of(speculating, profiles, SLO_) == "speculative decoding is not simulated"
     two_threads = {"command": serve("--mode", "colocated", "--workers", "1", threads=2)}
     assert replay_of(two_threads, profiles, SLO_) == "no profile measured with 2 threads per worker"
     # No --threads-per-worker: the machine's CPUs split among the workers, as the server splits them.
