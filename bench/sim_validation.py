@@ -254,9 +254,10 @@ def tables(validation: dict) -> str:
         parts.append(f"order measured: {' > '.join(order['measured'])}; simulated: {' > '.join(order['simulated'])}"
                      f" ({'same' if order['matches'] else 'differs'}; {order['pairs_agreeing']} of {order['pairs']}"
                      " pairs agree)")
-        parts += [f"simulated {system} as {cluster}" for system, cluster in w["clusters"].items()]
-        parts += [f"note on {system}: {note}" for system, notes in w["notes"].items() for note in notes]
-        parts += [f"skipped {system}: {why}" for system, why in w["skipped"].items()]
+        lines = [f"simulated {system} as {cluster}" for system, cluster in w["clusters"].items()]
+        lines += [f"note on {system}: {note}" for system, notes in w["notes"].items() for note in notes]
+        lines += [f"skipped {system}: {why}" for system, why in w["skipped"].items()]
+        parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
