@@ -212,6 +212,8 @@ class ColocatedInstance:
     num_unfinished: int = 0
     step: tuple[bool, list[tuple[Job, int]]] | None = None
     is_busy: bool = False  # an iteration runs, or is about to start
+    _load: WorkerLoad | None = field(default=None, init=False, repr=False)
+    _load_state: tuple[int, int, int] = field(default=(0, 0, 0), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.decode = DecodeBatch(self.profile.kv_capacity_tokens, self.max_seqs)
@@ -228,7 +230,10 @@ class ColocatedInstance:
 
     def load(self) -> WorkerLoad:
         """As its worker reports it (worker/engine_loop.py: the engine's waiting prompts' tokens,
-        its unfinished requests, free KV; block size 1)."""
-        capacity = self.profile.kv_capacity_tokens
-        return WorkerLoad(self.queued_tokens, self.num_unfinished, capacity - self.decode.reserved_kv, capacity,
-                          updated_at=0.0)
+        its unfinished requests, free KV; block size 1); built anew only when one changed."""
+        state = (self.queued_tokens, self.num_unfinished, self.decode.reserved_kv)
+        if self._load is None or state != self._load_state:
+            capacity = self.profile.kv_capacity_tokens
+            self._load = WorkerLoad(state[0], state[1], capacity - state[2], capacity, updated_at=0.0)
+            self._load_state = state
+        return self._load

@@ -112,6 +112,10 @@ def worker_ids(prefix: str, count: int, width_of: int | None = None) -> list[str
 
 def choose_colocated(ids: Sequence[str], instances: Sequence[ColocatedInstance]) -> int:
     """The least loaded instance, in ClusterView.least_loaded's order (``load_key``; the lowest
-    id, so index, on a tie)."""
-    keys = [load_key(id_, c.num_unfinished, c.load()) for id_, c in zip(ids, instances)]
-    return keys.index(min(keys))
+    id, so index, on a tie). Speed (exact): ``load_key`` orders by the router's requests in
+    flight first, so only the instances with the fewest are keyed."""
+    fewest = min(c.num_unfinished for c in instances)
+    candidates = [i for i, c in enumerate(instances) if c.num_unfinished == fewest]
+    if len(candidates) == 1:
+        return candidates[0]
+    return min(candidates, key=lambda i: load_key(ids[i], instances[i].num_unfinished, instances[i].load()))
