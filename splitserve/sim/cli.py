@@ -231,7 +231,8 @@ def _meta(args: argparse.Namespace, profile: LatencyProfile, config: SimConfig, 
         transfer = "free (the profile gives no bandwidth: DistServe's assumption)"
     simulator = {"mode": config.mode, "cluster": config.describe(), "num_gpus": config.num_gpus,
                  "profile": profile.source, "profile_model": profile.model, "device": profile.device,
-                 "kv_transfer": transfer, "max_batched_tokens": config.max_batched_tokens}
+                 "kv_transfer": transfer, "max_batched_tokens": config.max_batched_tokens,
+                 "max_num_seqs": config.max_num_seqs}
     if config.mode == "elastic":
         simulator["roles"] = dataclasses.asdict(config.roles)
         simulator["placement"] = dataclasses.asdict(config.placement)
