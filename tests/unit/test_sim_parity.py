@@ -62,7 +62,7 @@ class ShadowCluster:
         self.store = MemoryStore()
         self.view = ClusterView(self.store, get_actor=lambda name: None)
 
-    def report(self, worker_id: str, kind: str, load: WorkerLoad, models: dict) -> None:
+    def report(self, worker_id: str, kind: str, load: WorkerLoad, models: list) -> None:
         self.store.register_worker(WorkerInfo(worker_id, kind, worker_id, "", "node"), 1e6)
         self.store.report(worker_id, 1e6, load, {m.NAME: m.to_coefficients() for m in models})
 
@@ -87,6 +87,7 @@ class ShadowDisaggregated(ShadowCluster):
         self.first_tokens: set[int] = set()
         self.done: set[int] = set()
         self.num_with_a_full_worker = 0  # decisions where some decode worker had no room for the prompt
+        self.sim: Disaggregated | None = None
 
     def decide(self, job: Job, sim: Disaggregated) -> None:
         self._sync(sim)
@@ -182,18 +183,21 @@ def test_disaggregated_choices_are_the_real_placers_over_the_same_state(decode_c
     assert {job.decode_instance for job in shadow.jobs if job.request.output_tokens > 1} == {0, 1, 2}
     assert shadow.num_with_a_full_worker > 0
     # What was committed at the decode instances came back (one-token requests' too).
+    assert shadow.sim is not None
     assert all(d.committed_kv == 0 and d.num_incoming == 0 for d in shadow.sim.decode)
 
 
-def test_decode_choice_is_a_disaggregated_flag(capsys):
+def test_the_router_order_flags_are_disaggregated_ones(capsys):
     from splitserve.cli import build_parser, main
     from splitserve.sim.cli import sim_config
 
-    args = build_parser().parse_args(["simulate", "--profile", "p.json", "--rates", "1", "--decode-choice", "arrival"])
-    assert sim_config(args).decode_choice == "arrival"
-    assert main(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "colocated", "--decode-choice",
-                 "arrival"]) == 2
-    assert "--decode-choice does not apply to --mode colocated" in capsys.readouterr().err
+    args = build_parser().parse_args(["simulate", "--profile", "p.json", "--rates", "1", "--decode-choice", "arrival",
+                                      "--prefill-batching", "chunked", "--max-num-seqs", "64"])
+    config = sim_config(args)
+    assert (config.decode_choice, config.prefill_batching, config.max_num_seqs) == ("arrival", "chunked", 64)
+    for flag, value in (("--decode-choice", "arrival"), ("--prefill-batching", "chunked")):
+        assert main(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "colocated", flag, value]) == 2
+        assert f"{flag} does not apply to --mode colocated" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ colocated
