@@ -12,8 +12,8 @@ number of requests and --duration cut (the requests the load tester sent: an arr
 ``splitserve serve`` command line with serve's parser (``serve_cli.configs``):
 
 - ``--mode elastic``: elastic, the starting split of its workers, its PlacementConfig (--admission,
-  --prefill-chunk-tokens) and RoleConfig; requests carry the sweep's SLO where the system sent
-  it (--send-slo), else the server's default SLO;
+  --prefill-chunk-tokens) and RoleConfig; requests carry the SLO the sweep sent (its summary's
+  ``slo_sent``), else the server's default SLO;
 - ``--mode disaggregated``: P prefill + D decode instances, the decode instance chosen at arrival
   with the prefill one (``decode_choice="arrival"``: the router's order), prefill instances
   running the engine's steps (``prefill_batching="chunked"``); a system that sent its SLO (SLO
@@ -32,9 +32,9 @@ the engine alone), a real decode worker's refusal of a reservation.
 
 Writes ``--out`` (default ``<goodput-dir>/sim-validation``): ``sim_validation.json`` (per
 workload: each system's measured and simulated attainment per rate, RMSE, goodput, median TTFT
-and TPOT; the order)
-and ``sim_validation.png`` (attainment against rate, measured solid, simulated dashed); prints
-the tables. Scoring and comparison: bench/goodput_scores.py and bench/sim_validation_scores.py.
+and TPOT; the order) and ``sim_validation.png`` (attainment against rate, measured solid,
+simulated dashed); prints the tables. Scoring and comparison: bench/goodput_scores.py and
+bench/sim_validation_scores.py.
 """
 
 from __future__ import annotations
@@ -65,11 +65,12 @@ RESAMPLES = 10  # score_workload's bootstrap is not used here; a few resamples k
 
 @dataclasses.dataclass(frozen=True)
 class Replay:
-    """One system as the simulator runs it: its cluster, the profile, and the SLO its requests carry."""
+    """One system as the simulator runs it: its cluster, the profile, and the SLO of requests that
+    carry none (the server's default)."""
 
     config: SimConfig
     profile: LatencyProfile
-    request_slo: SLO
+    default_slo: SLO
     notes: tuple[str, ...] = ()  # what of the server the simulation leaves out
 
 
@@ -97,7 +98,7 @@ def profiles_by_threads(paths: list[Path]) -> dict[int | None, LatencyProfile]:
     return out
 
 
-def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_slo: SLO,
+def replay_of(system: dict, profiles: dict[int | None, LatencyProfile],
               num_cpus: int | None = None) -> Replay | str:
     """How the simulator runs a system of the run (its recorded command line), or why it cannot
     (``num_cpus``: the machine's, which a server without --threads-per-worker splits)."""
@@ -132,7 +133,7 @@ def replay_of(system: dict, profiles: dict[int | None, LatencyProfile], sweep_sl
                            placement=serve.placement, roles=serve.roles, **common)
     default = SLO(serve.slo_ttft_s, serve.slo_tpot_s)
     notes = ("prefix caching is on in the server, not in the simulation",) if engine.enable_prefix_caching else ()
-    return Replay(config, profile, sweep_slo if system.get("send_slo") else default, notes)
+    return Replay(config, profile, default, notes)
 
 
 def _threads_per_worker(cluster: ClusterConfig, num_cpus: int | None) -> int | None:
@@ -157,6 +158,14 @@ def sent_requests(meta: dict, rate: float) -> list[SimRequest]:
                              meta["num_requests"], seed=meta["seed"], scale=meta["scale"], limits=limits)
     duration = meta.get("duration_s")
     return [r for r in requests if duration is None or r.arrival_s < duration]
+
+
+def request_slo(meta: dict, default: SLO) -> SLO:
+    """The SLO the sweep's requests carried: what it sent (``slo_sent``), else the server's default."""
+    if not meta.get("slo_sent"):
+        return default
+    ms = meta["slo"]
+    return SLO(*(None if ms.get(k) is None else ms[k] / 1e3 for k in ("ttft_ms", "tpot_ms")))
 
 
 def check_sent(requests: list[SimRequest], sent: list[list] | None, where: str) -> None:
@@ -186,7 +195,7 @@ def simulated_workload(workload: dict, replays: dict[str, Replay]) -> dict:
             for rate in entry["requests"]:
                 requests = sent_requests(meta, float(rate))
                 check_sent(requests, entry.get("sent", {}).get(rate), f"round {r['round']} {name} rate {rate}")
-                result = simulate(replay.profile, replay.config, requests, replay.request_slo)
+                result = simulate(replay.profile, replay.config, requests, request_slo(meta, replay.default_slo))
                 rows[rate] = request_rows(to_records(result))
             systems[name] = {"requests": rows}
         rounds.append({"round": r["round"], "seed": r["seed"], "systems": systems})
@@ -197,10 +206,9 @@ def validate(result: dict, profiles: dict[int | None, LatencyProfile]) -> dict:
     """Per workload: the comparison (bench/sim_validation_scores.compare) and what was skipped."""
     out = {}
     for name, workload in result["workloads"].items():
-        slo = SLO(workload["slo"]["ttft_ms"] / 1e3, workload["slo"]["tpot_ms"] / 1e3)
         replays, skipped = {}, {}
         for system, described in result["systems"].items():
-            replay = replay_of(described, profiles, slo, result.get("machine", {}).get("nproc"))
+            replay = replay_of(described, profiles, result.get("machine", {}).get("nproc"))
             if isinstance(replay, str):
                 skipped[system] = replay
             else:

@@ -11,7 +11,7 @@ import pytest
 
 from bench import sim_validation
 from bench.goodput_scores import sent_rows
-from bench.sim_validation import check_sent, profiles_by_threads, replay_of, sent_requests, validate
+from bench.sim_validation import check_sent, profiles_by_threads, replay_of, request_slo, sent_requests, validate
 from bench.sim_validation_scores import compare, pairs_agreeing, ranking, rmse_points
 from splitserve.loadtest.records import RequestRecord
 from splitserve.protocol import SLO
@@ -78,34 +78,37 @@ def profiles(tmp_path):
 
 def test_a_recorded_serve_command_becomes_its_simulated_cluster(profiles):
     elastic = replay_of({"command": serve("--mode", "elastic", "--workers", "2", "--slo-tpot-ms", "111",
-                                          "--no-admission"), "send_slo": True}, profiles, SLO_)
+                                          "--no-admission"), "send_slo": True}, profiles)
     assert elastic.config.describe() == "elastic 1P(TP1)+1D(TP1)" and not elastic.config.placement.admission
-    assert elastic.request_slo == SLO_  # the sweep's SLO, which it sent
+    assert elastic.default_slo == SLO(None, 0.111)  # requests carry the sweep's SLO when it sent it:
+    assert request_slo(META | {"slo_sent": True, "slo": {"ttft_ms": 1000.0, "tpot_ms": 100.0}},
+                       elastic.default_slo) == SLO_
+    assert request_slo(META | {"slo_sent": False}, elastic.default_slo) == SLO(None, 0.111)
     disaggregated = replay_of({"command": serve("--mode", "disaggregated", "--prefill-workers", "1",
                                                 "--decode-workers", "1", "--max-num-batched-tokens", "512")},
-                              profiles, SLO_)
+                              profiles)
     assert disaggregated.config.describe() == ("disaggregated 1P(TP1)+1D(TP1), prefill chunks of 512, decode chosen "
                                                "at arrival")
-    assert disaggregated.request_slo == SLO()  # it sent none, and the server has no default
+    assert disaggregated.default_slo == SLO()
     colocated = replay_of({"command": serve("--mode", "colocated", "--workers", "2", "--num-kv-blocks", "100")},
-                          profiles, SLO_)
+                          profiles)
     assert colocated.config.describe() == "colocated 2x(TP1) chunked"
     assert colocated.profile.at_tp(1).kv_capacity_tokens == 100 * 16  # --num-kv-blocks x the block size
     assert colocated.notes == ("prefix caching is on in the server, not in the simulation",)
 
 
 def test_systems_it_cannot_simulate_are_named_with_a_reason(profiles):
-    assert "not a splitserve server" in replay_of({"command": ["/v/bin/vllm", "serve", "model"]}, profiles, SLO_)
+    assert "not a splitserve server" in replay_of({"command": ["/v/bin/vllm", "serve", "model"]}, profiles)
     admission = {"command": serve("--mode", "disaggregated"), "send_slo": True}
-    assert "SLO admission" in replay_of(admission, profiles, SLO_)
+    assert "SLO admission" in replay_of(admission, profiles)
     speculating = {"command": serve("--mode", "disaggregated", "--speculative", "ngram")}
-    assert replay_of(speculating, profiles, SLO_) == "speculative decoding is not simulated"
+    assert replay_of(speculating, profiles) == "speculative decoding is not simulated"
     two_threads = {"command": serve("--mode", "colocated", "--workers", "1", threads=2)}
-    assert replay_of(two_threads, profiles, SLO_) == "no profile measured with 2 threads per worker"
+    assert replay_of(two_threads, profiles) == "no profile measured with 2 threads per worker"
     # No --threads-per-worker: the machine's CPUs split among the workers, as the server splits them.
     unset = {"command": ["/v/bin/splitserve", "serve", "--mode", "colocated", "--workers", "2"]}
-    assert not isinstance(replay_of(unset, profiles, SLO_, num_cpus=2), str)
-    assert replay_of(unset, profiles, SLO_, num_cpus=4) == "no profile measured with 2 threads per worker"
+    assert not isinstance(replay_of(unset, profiles, num_cpus=2), str)
+    assert replay_of(unset, profiles, num_cpus=4) == "no profile measured with 2 threads per worker"
 
 
 # ------------------------------------------------------------------------------ replay
