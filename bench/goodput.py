@@ -75,7 +75,7 @@ from bench.goodput_plan import (
     rotated,
 )
 from bench.goodput_report import publish
-from bench.goodput_scores import request_rows
+from bench.goodput_scores import request_rows, sent_rows
 from bench.goodput_servers import System, start, stop
 
 STARTED = time.perf_counter()
@@ -215,8 +215,9 @@ def hf_folder() -> Path:
 # -------------------------------------------------------------------------------- measuring
 
 def sweep(system: System, plan: WorkloadPlan, seed: int, args: argparse.Namespace, slo: dict, out: Path) -> dict:
-    """``splitserve loadtest sweep`` of one workload against the running server: its sweep.json
-    and each rate's requests as rows (bench.goodput_scores.request_rows)."""
+    """``splitserve loadtest sweep`` of one workload against the running server: its sweep.json,
+    each rate's requests as rows (bench.goodput_scores.request_rows) and what was sent
+    (``sent_rows``: bench.sim_validation replays it)."""
     from splitserve.loadtest.saved import load_results
 
     command = [
@@ -231,8 +232,9 @@ def sweep(system: System, plan: WorkloadPlan, seed: int, args: argparse.Namespac
     subprocess.run(command, check=True)
     saved = load_results(out)
     assert saved.sweep is not None, "loadtest sweep writes sweep.json"
-    requests = {f"{run.summary['request_rate']['target']:g}": request_rows(run.records) for run in saved.runs}
-    return {"sweep": saved.sweep, "requests": requests}
+    rates = [f"{run.summary['request_rate']['target']:g}" for run in saved.runs]
+    return {"sweep": saved.sweep, "requests": {rate: request_rows(run.records) for rate, run in zip(rates, saved.runs)},
+            "sent": {rate: sent_rows(run.records) for rate, run in zip(rates, saved.runs)}}
 
 
 def measure(system: System, round_index: int, args: argparse.Namespace, slos: dict[str, dict]) -> dict[str, dict]:

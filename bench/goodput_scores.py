@@ -3,8 +3,10 @@ pooled over the rounds, its 95% interval, and the issue's ratios with paired 95%
 
 A run's requests are kept in the JSON as rows ``[index, ttft_s, tpot_s]`` (None, None for a
 failed or refused request; ``request_rows``), per workload, round, system and rate, so the scores
-can be recomputed (``--report``). A request meets the SLO as in splitserve/loadtest/metrics.py
-(TTFT and TPOT both within their bounds; failed and refused requests miss), and goodput is
+can be recomputed (``--report``); beside them (``sent``, from this revision on) what was sent,
+``[index, scheduled_s, prompt_tokens, max_tokens]`` (``sent_rows``), for bench.sim_validation.
+A request meets the SLO as in splitserve/loadtest/metrics.py (TTFT and TPOT both within their
+bounds; failed and refused requests miss), and goodput is
 ``metrics.goodput`` of (rate, attainment) points, with the attainment at each rate pooled over the
 rounds (all their requests at that rate counted together).
 
@@ -48,6 +50,12 @@ def request_rows(records: Iterable[RequestRecord]) -> list[Row]:
         m = request_metrics(record)
         rows.append([record.index, None, None] if m is None else [record.index, m.ttft_s, m.tpot_s])
     return rows
+
+
+def sent_rows(records: Iterable[RequestRecord]) -> list[list]:
+    """What a run sent, by index: [index, scheduled_s, prompt_tokens, max_tokens] (the arrival
+    offset and lengths the seed gave; bench.sim_validation checks its replay against them)."""
+    return [[r.index, r.scheduled_s, r.prompt_tokens, r.max_tokens] for r in sorted(records, key=lambda r: r.index)]
 
 
 def meets(row: Row, slo: SLO) -> bool:

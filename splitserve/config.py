@@ -554,6 +554,8 @@ def field_default(cls: type, name: str) -> Any:
 
 SimMode = Literal["disaggregated", "colocated", "elastic"]
 ColocatedScheduler = Literal["prefill-first", "chunked"]
+DecodeChoice = Literal["prefill-end", "arrival"]
+PrefillBatching = Literal["whole-prompts", "chunked"]
 
 
 @dataclass(frozen=True)
@@ -567,6 +569,13 @@ class SimConfig:
     ``colocated_scheduler``: ``prefill-first`` (an iteration is a batch of whole prompts when
     prompts wait, else a decode step: vLLM v0) or ``chunked`` (every iteration decodes the
     running requests and fills the rest of ``max_batched_tokens`` with prompt chunks: Sarathi).
+    ``decode_choice`` (disaggregated): when a request's decode instance is chosen -- when its
+    prefill ends (DistServe's order) or at its arrival, with the prefill instance (splitserve's
+    router, which reserves the decode worker's blocks before the prefill). ``prefill_batching``
+    (disaggregated): a prefill instance's batch is whole prompts within its KV capacity
+    (DistServe's) or the engine's step, prompt chunks of at most ``max_batched_tokens``.
+    ``max_num_seqs``: the requests an instance admits at once (the engine's ``max_num_seqs``;
+    a prefill batch's prompts, too); None: no bound but KV (DistServe's).
     """
 
     mode: SimMode = "disaggregated"
@@ -577,8 +586,11 @@ class SimConfig:
     num_instances: int = 1
     tp: int = 1
     colocated_scheduler: ColocatedScheduler = "prefill-first"
+    decode_choice: DecodeChoice = "prefill-end"
+    prefill_batching: PrefillBatching = "whole-prompts"
     # the engine's per-step token budget, which chunks its prefills: the same budget here
     max_batched_tokens: int = field_default(EngineConfig, "max_num_batched_tokens")
+    max_num_seqs: int | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     roles: RoleConfig = field(default_factory=RoleConfig)
 
@@ -588,9 +600,14 @@ class SimConfig:
         if self.colocated_scheduler not in get_args(ColocatedScheduler):
             raise ValueError(f"colocated_scheduler must be one of {get_args(ColocatedScheduler)}, "
                              f"got {self.colocated_scheduler!r}")
+        if self.decode_choice not in get_args(DecodeChoice):
+            raise ValueError(f"decode_choice must be one of {get_args(DecodeChoice)}, got {self.decode_choice!r}")
+        if self.prefill_batching not in get_args(PrefillBatching):
+            raise ValueError(f"prefill_batching must be one of {get_args(PrefillBatching)}, "
+                             f"got {self.prefill_batching!r}")
         for name in ("num_prefill", "prefill_tp", "num_decode", "decode_tp", "num_instances", "tp",
-                     "max_batched_tokens"):
-            if getattr(self, name) < 1:
+                     "max_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
@@ -604,7 +621,12 @@ class SimConfig:
         if self.mode in ("disaggregated", "elastic"):
             split = f"{self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
             fixed = " fixed roles" if self.mode == "elastic" and not self.roles.enabled else ""
-            return f"{self.mode} {split}{fixed}"
+            options = []
+            if self.mode == "disaggregated" and self.prefill_batching == "chunked":
+                options.append(f"prefill chunks of {self.max_batched_tokens}")
+            if self.mode == "disaggregated" and self.decode_choice == "arrival":
+                options.append("decode chosen at arrival")
+            return f"{self.mode} {split}{fixed}" + "".join(f", {o}" for o in options)
         return f"colocated {self.num_instances}x(TP{self.tp}) {self.colocated_scheduler}"
 
 

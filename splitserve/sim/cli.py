@@ -38,7 +38,9 @@ _COLOCATED_FLAGS = {"instances": "--instances", "tp": "--tp", "colocated_schedul
 _ELASTIC_FLAGS = {"role_interval_s": "--role-interval-s", "role_dwell_s": "--role-dwell-s",
                   "role_hysteresis": "--role-hysteresis", "fixed_roles": "--fixed-roles",
                   "prefill_chunk_tokens": "--prefill-chunk-tokens"}
-_MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS, "colocated": _COLOCATED_FLAGS,
+_MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS | {"decode_choice": "--decode-choice",
+                                                         "prefill_batching": "--prefill-batching"},
+               "colocated": _COLOCATED_FLAGS,
                "elastic": _DISAGGREGATED_FLAGS | _ELASTIC_FLAGS}
 
 
@@ -62,6 +64,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help=f"decode instances (default: {field_default(SimConfig, 'num_decode')})")
     group.add_argument("--decode-tp", type=count(1), default=None, metavar="T",
                        help=f"TP degree of each decode instance (default: {field_default(SimConfig, 'decode_tp')})")
+    parser.add_argument("--decode-choice", choices=("prefill-end", "arrival"), default=None,
+                        help="disaggregated: choose a request's decode instance when its prefill ends (DistServe's "
+                        "order) or at its arrival, with its prefill instance (splitserve's router) (default: "
+                        f"{field_default(SimConfig, 'decode_choice')})")
+    parser.add_argument("--prefill-batching", choices=("whole-prompts", "chunked"), default=None,
+                        help="disaggregated: a prefill instance's batch is whole prompts within its KV capacity "
+                        "(DistServe's) or an engine step of prompt chunks, --max-batched-tokens at most (default: "
+                        f"{field_default(SimConfig, 'prefill_batching')})")
     group = parser.add_argument_group("elastic mode: role changes (splitserve.router.roles)")
     group.add_argument("--role-interval-s", type=positive(float), default=None, metavar="S",
                        help=f"seconds between role decisions (default: {field_default(RoleConfig, 'interval_s')})")
@@ -86,8 +96,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        "plus prompt chunks in every iteration (Sarathi) (default: "
                        f"{field_default(SimConfig, 'colocated_scheduler')})")
     parser.add_argument("--max-batched-tokens", type=count(1), default=field_default(SimConfig, "max_batched_tokens"),
-                        metavar="N", help="colocated chunked and elastic: tokens per iteration, decodes first "
-                        "(default: %(default)s)")
+                        metavar="N", help="colocated chunked, elastic and chunked prefill batching: tokens per "
+                        "iteration, decodes first (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=count(1), default=None, metavar="N",
+                        help="requests an instance admits at once, as the engine's max_num_seqs (a prefill batch's "
+                        "prompts too) (default: no bound but KV, DistServe's)")
     _add_load_options(parser)
     parser.set_defaults(run=_handled)
 
@@ -197,12 +210,14 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --mode {args.mode}")
     values = {"num_prefill": args.prefill_instances, "prefill_tp": args.prefill_tp,
               "num_decode": args.decode_instances, "decode_tp": args.decode_tp, "num_instances": args.instances,
-              "tp": args.tp, "colocated_scheduler": args.colocated_scheduler}
+              "tp": args.tp, "colocated_scheduler": args.colocated_scheduler, "decode_choice": args.decode_choice,
+              "prefill_batching": args.prefill_batching}
     roles = {"interval_s": args.role_interval_s, "min_dwell_s": args.role_dwell_s,
              "hysteresis": args.role_hysteresis, "enabled": None if args.fixed_roles is None else False}
     placement = PlacementConfig() if args.prefill_chunk_tokens is None else \
         PlacementConfig(chunk_tokens=args.prefill_chunk_tokens)
-    return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens, placement=placement,
+    return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
+                     placement=placement,
                      roles=RoleConfig(**{name: value for name, value in roles.items() if value is not None}),
                      **{name: value for name, value in values.items() if value is not None})
 
@@ -216,7 +231,8 @@ def _meta(args: argparse.Namespace, profile: LatencyProfile, config: SimConfig, 
         transfer = "free (the profile gives no bandwidth: DistServe's assumption)"
     simulator = {"mode": config.mode, "cluster": config.describe(), "num_gpus": config.num_gpus,
                  "profile": profile.source, "profile_model": profile.model, "device": profile.device,
-                 "kv_transfer": transfer, "max_batched_tokens": config.max_batched_tokens}
+                 "kv_transfer": transfer, "max_batched_tokens": config.max_batched_tokens,
+                 "max_num_seqs": config.max_num_seqs}
     if config.mode == "elastic":
         simulator["roles"] = dataclasses.asdict(config.roles)
         simulator["placement"] = dataclasses.asdict(config.placement)

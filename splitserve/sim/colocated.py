@@ -8,7 +8,7 @@ from splitserve.config import SimConfig
 from splitserve.sim.events import EventLoop
 from splitserve.sim.instances import ColocatedInstance, Job
 from splitserve.sim.outcome import SimResult, decode_stats
-from splitserve.sim.policy import choose_colocated
+from splitserve.sim.policy import choose_colocated, worker_ids
 from splitserve.sim.profile import LatencyProfile
 
 _MS = 1e-3
@@ -27,7 +27,9 @@ class Colocated:
         self.loop = loop
         self.is_chunked = config.colocated_scheduler == "chunked"
         self.budget = config.max_batched_tokens
-        self.instances = [ColocatedInstance(profile.at_tp(config.tp)) for _ in range(config.num_instances)]
+        self.instances = [ColocatedInstance(profile.at_tp(config.tp), config.max_num_seqs)
+                          for _ in range(config.num_instances)]
+        self.worker_ids = worker_ids("c", config.num_instances)
 
     def check(self, jobs: list[Job]) -> None:
         capacity = self.instances[0].profile.kv_capacity_tokens
@@ -37,7 +39,7 @@ class Colocated:
                                  f"- 1) exceed an instance's capacity ({capacity} tokens)")
 
     def arrive(self, now: float, job: Job) -> None:
-        index = choose_colocated(self.instances)
+        index = choose_colocated(self.worker_ids, self.instances)
         instance = self.instances[index]
         job.prefill_instance = job.decode_instance = index
         instance.waiting.append(job)
@@ -99,7 +101,6 @@ class Colocated:
             instance.num_unfinished -= len(instance.decode.end_step(now))
         for job, n in prompts:
             job.num_prefilled += n
-            instance.queued_tokens -= n
             if job.num_prefilled == job.request.prompt_tokens:
                 instance.prefilling.remove(job)
                 job.prefill_end_s = now

@@ -1,7 +1,14 @@
-"""Disaggregated mode: prefill instances run batches of whole prompts; each prefilled request
+"""Disaggregated mode: prefill instances run batches of whole prompts (or, with
+``SimConfig.prefill_batching == "chunked"``, the engine's steps of prompt chunks); each prefilled request
 (its first token out) goes to a decode instance, after the KV transfer time of the profile (0
 without a bandwidth), waits there for KV and decodes. Placement is policy.py's; the state,
-instances.py's; this module only moves requests between them on the event loop's clock."""
+instances.py's; this module only moves requests between them on the event loop's clock.
+
+The decode instance is chosen when the prefill ends (DistServe's order) or, with
+``SimConfig.decode_choice == "arrival"``, at the request's arrival together with the prefill
+instance, as splitserve's router does (its Handoff reserves on the decode worker before the
+prefill): the request then counts there, and its final KV is committed there, from its
+arrival; a request of one output token leaves it at its first token."""
 
 from __future__ import annotations
 
@@ -20,9 +27,13 @@ class Disaggregated:
 
     def __init__(self, profile: LatencyProfile, config: SimConfig, loop: EventLoop):
         self.profile, self.loop = profile, loop
-        self.prefill = [PrefillInstance(profile.at_tp(config.prefill_tp)) for _ in range(config.num_prefill)]
-        self.decode = [DecodeInstance(profile.at_tp(config.decode_tp)) for _ in range(config.num_decode)]
+        budget = config.max_batched_tokens if config.prefill_batching == "chunked" else None
+        seqs = config.max_num_seqs
+        self.prefill = [PrefillInstance(profile.at_tp(config.prefill_tp), budget, seqs)
+                        for _ in range(config.num_prefill)]
+        self.decode = [DecodeInstance(profile.at_tp(config.decode_tp), seqs) for _ in range(config.num_decode)]
         self.placement = RouterRankings(self.prefill, self.decode)
+        self.is_decode_at_arrival = config.decode_choice == "arrival"
 
     def check(self, jobs: list[Job]) -> None:
         prefill_kv = self.prefill[0].profile.kv_capacity_tokens
@@ -40,6 +51,8 @@ class Disaggregated:
         index = self.placement.choose_prefill(self.prefill, job.request.prompt_tokens)
         instance = self.prefill[index]
         job.prefill_instance = index
+        if self.is_decode_at_arrival:
+            self._choose_decode(job)
         instance.waiting.append(job)
         instance.queued_tokens += job.request.prompt_tokens
         if not instance.is_busy:
@@ -56,18 +69,25 @@ class Disaggregated:
             job.prefill_end_s = now
             if job.request.output_tokens == 1:
                 job.finish_s = now
+                if job.decode_instance is not None:  # chosen at arrival: released unused
+                    self.decode[job.decode_instance].num_incoming -= 1
+                    self.decode[job.decode_instance].committed_kv -= job.kv_tokens
                 continue
-            index = self.placement.choose_decode(self.decode, job.request.prompt_tokens)
-            decode = self.decode[index]
-            job.decode_instance = index
-            decode.num_incoming += 1
-            decode.committed_kv += job.kv_tokens
+            if job.decode_instance is None:
+                self._choose_decode(job)
             job.transfer_s = self.profile.transfer_s(job.request.prompt_tokens)
             if job.transfer_s > 0:
                 self.loop.at(now + job.transfer_s, self._kv_landed, job)
             else:
                 self._kv_landed(now, job)
         self._start_prefill(now, instance)
+
+    def _choose_decode(self, job: Job) -> None:
+        """The request's decode instance, where it counts as incoming and commits its final KV."""
+        index = self.placement.choose_decode(self.decode, job.request.prompt_tokens)
+        job.decode_instance = index
+        self.decode[index].num_incoming += 1
+        self.decode[index].committed_kv += job.kv_tokens
 
     def _kv_landed(self, now: float, job: Job) -> None:
         assert job.decode_instance is not None, "placed before its transfer"

@@ -56,6 +56,7 @@ class ElasticInstance:
     index: int
     role: str
     profile: InstanceProfile
+    max_seqs: int | None = None  # requests admitted at once (the engine's max_num_seqs)
     decode: DecodeBatch = field(init=False)
     waiting: deque[_Prompt] = field(default_factory=deque)
     prefilling: list[_Prompt] = field(default_factory=list)
@@ -66,7 +67,7 @@ class ElasticInstance:
     is_busy: bool = False
 
     def __post_init__(self) -> None:
-        self.decode = DecodeBatch(self.profile.kv_capacity_tokens)
+        self.decode = DecodeBatch(self.profile.kv_capacity_tokens, self.max_seqs)
 
     def load(self) -> WorkerLoad:
         """What its worker would report (block size 1: KV in tokens)."""
@@ -123,7 +124,7 @@ class Elastic:
         width = len(str(num))
         self.instances = [ElasticInstance(f"w{i:0{width}d}", i, "prefill" if i < config.num_prefill else "decode",
                                           profile.at_tp(config.prefill_tp if i < config.num_prefill
-                                                        else config.decode_tp))
+                                                        else config.decode_tp), config.max_num_seqs)
                           for i in range(num)]
         self.by_id = {instance.worker_id: instance for instance in self.instances}
         self.router = ElasticRouter(self.instances, slo, config.placement, config.roles)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from splitserve.cluster.store import WorkerLoad
 from splitserve.sim.profile import InstanceProfile
 from splitserve.sim.trace import SimRequest
 
@@ -50,6 +51,8 @@ class DecodeBatch:
     token). ``step_ends``: when each decode step ended -- the token times of every request."""
 
     capacity: int
+    max_seqs: int | None = None  # requests admitted at once (the engine's max_num_seqs); None: no bound
+    num_reserved: int = 0  # requests admitted: a reservation each, until its release
     size: int = 0
     base: int = 0
     reserved_kv: int = 0
@@ -58,15 +61,21 @@ class DecodeBatch:
     leaving: defaultdict[int, list[Job]] = field(default_factory=lambda: defaultdict(list))
 
     def can_reserve(self, num_tokens: int) -> bool:
-        return self.reserved_kv + num_tokens <= self.capacity
+        """Whether one more request holding ``num_tokens`` of KV can be admitted."""
+        has_seat = self.max_seqs is None or self.num_reserved < self.max_seqs
+        return has_seat and self.reserved_kv + num_tokens <= self.capacity
 
     def reserve(self, num_tokens: int) -> None:
-        assert self.can_reserve(num_tokens), f"KV over capacity: {self.reserved_kv} + {num_tokens} > {self.capacity}"
+        """Admit one request holding ``num_tokens`` of KV (each is released once: ``release``)."""
+        assert self.can_reserve(num_tokens), f"KV over capacity: {self.reserved_kv} + {num_tokens} > " \
+            f"{self.capacity}, or {self.num_reserved} requests of at most {self.max_seqs}"
         self.reserved_kv += num_tokens
+        self.num_reserved += 1
 
     def release(self, num_tokens: int) -> None:
         self.reserved_kv -= num_tokens
-        assert self.reserved_kv >= 0, "released more KV than was reserved"
+        self.num_reserved -= 1
+        assert self.reserved_kv >= 0 and self.num_reserved >= 0, "released more than was reserved"
 
     def join(self, job: Job) -> None:
         """Add a prefilled request whose KV is reserved; it decodes from the next step on."""
@@ -100,32 +109,57 @@ class DecodeBatch:
 
 @dataclass(eq=False)
 class PrefillInstance:
-    """A prefill instance (disaggregated): FCFS queue, one batch of whole prompts at a time,
-    as many from the head as fit in its KV capacity together (DistServe's rule)."""
+    """A prefill instance (disaggregated): FCFS queue, one batch at a time -- as many whole
+    prompts from the head as fit in its KV capacity together (DistServe's rule), or, with a
+    ``budget``, an engine step's worth: prompt chunks from the head, in order, at most
+    ``budget`` tokens (a prompt's first token comes with its last chunk; a prompt cut short goes
+    back to the head of the queue). ``batch``: (job, prompt tokens this batch computes)."""
 
     profile: InstanceProfile
+    budget: int | None = None
+    max_seqs: int | None = None  # prompts in one batch at most (the engine's max_num_seqs)
     waiting: deque[Job] = field(default_factory=deque)
-    batch: list[Job] = field(default_factory=list)
-    queued_tokens: int = 0  # prompt tokens waiting or in the running batch
+    batch: list[tuple[Job, int]] = field(default_factory=list)
+    # the prompt tokens of its requests before their first token (whole prompts, chunks done or
+    # not: the router counts them so, and ranks with the larger of that and the worker's report)
+    queued_tokens: int = 0
     peak_kv_tokens: int = 0
     is_busy: bool = False  # a batch runs, or is about to start
 
-    def take_batch(self) -> list[Job]:
-        capacity, total = self.profile.kv_capacity_tokens, 0
-        while self.waiting and total + self.waiting[0].request.prompt_tokens <= capacity:
-            job = self.waiting.popleft()
-            total += job.request.prompt_tokens
-            self.batch.append(job)
-        self.peak_kv_tokens = max(self.peak_kv_tokens, total)
+    def take_batch(self) -> list[tuple[Job, int]]:
+        capacity, taken, kv = self.profile.kv_capacity_tokens, 0, 0
+        while self.waiting and (self.max_seqs is None or len(self.batch) < self.max_seqs):
+            job = self.waiting[0]
+            left = job.request.prompt_tokens - job.num_prefilled
+            if self.budget is None:
+                n = left if kv + left <= capacity else 0
+            else:
+                n = min(left, self.budget - taken, capacity - kv - job.num_prefilled)
+            if n <= 0:
+                break
+            self.waiting.popleft()
+            self.batch.append((job, n))
+            taken += n
+            kv += job.num_prefilled + n
+        self.peak_kv_tokens = max(self.peak_kv_tokens, kv)
         return self.batch
 
     def batch_ms(self) -> float:
-        return self.profile.prefill_ms(job.request.prompt_tokens for job in self.batch)
+        """The prefill formula over the batch's chunks (a whole prompt: its L^2 attention term)."""
+        return self.profile.prefill_batch_ms(sum(n for _, n in self.batch),
+                                             sum(n * (job.num_prefilled + n) for job, n in self.batch))
 
     def finish_batch(self) -> list[Job]:
-        done, self.batch = self.batch, []
-        self.queued_tokens -= sum(job.request.prompt_tokens for job in done)
-        return done
+        """The batch ended: the requests whose prompts it finished."""
+        batch, self.batch, done = self.batch, [], []
+        for job, n in reversed(batch):  # only the last can be cut short: it goes back first
+            job.num_prefilled += n
+            if job.num_prefilled < job.request.prompt_tokens:
+                self.waiting.appendleft(job)
+            else:
+                self.queued_tokens -= job.request.prompt_tokens
+                done.append(job)
+        return done[::-1]
 
 
 @dataclass(eq=False)
@@ -134,6 +168,7 @@ class DecodeInstance:
     placed here, KV still in transfer), then decode together, one token a step."""
 
     profile: InstanceProfile
+    max_seqs: int | None = None  # requests admitted at once (the engine's max_num_seqs)
     decode: DecodeBatch = field(init=False)
     waiting: deque[Job] = field(default_factory=deque)
     num_incoming: int = 0
@@ -141,7 +176,7 @@ class DecodeInstance:
     is_busy: bool = False  # a step runs, or is about to start
 
     def __post_init__(self) -> None:
-        self.decode = DecodeBatch(self.profile.kv_capacity_tokens)
+        self.decode = DecodeBatch(self.profile.kv_capacity_tokens, self.max_seqs)
 
     def admit(self) -> None:
         """Move waiting requests into the batch, in order, while their KV fits."""
@@ -166,25 +201,39 @@ class ColocatedInstance:
     """An instance that prefills and decodes its own requests. ``prefilling``: admitted (KV
     reserved), prompt not done; with the chunked scheduler a request may stay there for several
     iterations. ``step`` is the iteration now running: the decodes it advances and its prompt
-    work as (job, tokens) pairs."""
+    work as (job, tokens) pairs. ``load()`` is what its worker would report to the router."""
 
     profile: InstanceProfile
+    max_seqs: int | None = None  # requests admitted at once (the engine's max_num_seqs)
     decode: DecodeBatch = field(init=False)
     waiting: deque[Job] = field(default_factory=deque)
     prefilling: list[Job] = field(default_factory=list)
-    queued_tokens: int = 0  # prompt tokens not prefilled yet, of waiting and admitted requests
+    queued_tokens: int = 0  # prompt tokens of the waiting requests (not admitted yet), as its worker reports them
     num_unfinished: int = 0
     step: tuple[bool, list[tuple[Job, int]]] | None = None
     is_busy: bool = False  # an iteration runs, or is about to start
+    _load: WorkerLoad | None = field(default=None, init=False, repr=False)
+    _load_state: tuple[int, int, int] = field(default=(0, 0, 0), init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.decode = DecodeBatch(self.profile.kv_capacity_tokens)
+        self.decode = DecodeBatch(self.profile.kv_capacity_tokens, self.max_seqs)
 
     def admit_next(self) -> Job | None:
         """The head of the queue, admitted (its KV reserved), if its KV fits; else None."""
         if not self.waiting or not self.decode.can_reserve(self.waiting[0].kv_tokens):
             return None
         job = self.waiting.popleft()
+        self.queued_tokens -= job.request.prompt_tokens
         self.decode.reserve(job.kv_tokens)
         self.prefilling.append(job)
         return job
+
+    def load(self) -> WorkerLoad:
+        """As its worker reports it (worker/engine_loop.py: the engine's waiting prompts' tokens,
+        its unfinished requests, free KV; block size 1); built anew only when one changed."""
+        state = (self.queued_tokens, self.num_unfinished, self.decode.reserved_kv)
+        if self._load is None or state != self._load_state:
+            capacity = self.profile.kv_capacity_tokens
+            self._load = WorkerLoad(state[0], state[1], capacity - state[2], capacity, updated_at=0.0)
+            self._load_state = state
+        return self._load

@@ -11,11 +11,13 @@ policy.
   and in transfer there; its free KV is the capacity less what those hold or need. The choice
   is made when the prompt's prefill ends (DistServe's order; splitserve's router picks the
   decode worker at arrival, before the prefill: see docs/simulator.md).
-- colocated: the least loaded instance, by the key of ``ClusterView._load_key`` (requests
-  there, then queued prompt tokens, running requests, free KV). That key is a method of the
-  router's stateful ClusterView, not a pure function, so it is restated here.
+- colocated: the least loaded instance by ``router.placement.load_key``, the key
+  ``ClusterView.least_loaded`` sorts by (this router's requests there, then what the worker
+  reports: queued prompt tokens, running requests, free KV), over each instance's ``load()``
+  and its unfinished requests as the router's in flight there.
 
-Instance ids are zero-padded indices, so the router's tie-break by id is a tie-break by index.
+Instance ids are zero-padded indices (``worker_ids``), so the router's tie-break by id is a
+tie-break by index.
 
 Speed (exact): the instances of one role share one TP, so one model, and its prediction never
 falls as the load it is given grows (coefficients >= 0); equal loads predict equal times, which
@@ -32,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 from splitserve.cluster.store import WorkerLoad
 from splitserve.latency import DecodeStepModel, PrefillModel
-from splitserve.router.placement import rank_decode, rank_prefill
+from splitserve.router.placement import load_key, rank_decode, rank_prefill
 from splitserve.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
 from splitserve.sim.profile import InstanceProfile
 
@@ -57,9 +59,8 @@ class RouterRankings:
     """The router's rankings over one cluster's instances (their models built once)."""
 
     def __init__(self, prefill: Sequence[PrefillInstance], decode: Sequence[DecodeInstance]):
-        width = len(str(max(len(prefill), len(decode), 1)))
-        self._prefill_ids = [f"p{i:0{width}d}" for i in range(len(prefill))]
-        self._decode_ids = [f"d{i:0{width}d}" for i in range(len(decode))]
+        width = max(len(prefill), len(decode), 1)
+        self._prefill_ids, self._decode_ids = worker_ids("p", len(prefill), width), worker_ids("d", len(decode), width)
         self._index = {id_: i for ids in (self._prefill_ids, self._decode_ids) for i, id_ in enumerate(ids)}
         self._prefill_models = {id_: prefill_model(p.profile) for id_, p in zip(self._prefill_ids, prefill)}
         self._decode_models = {id_: decode_model(d.profile) for id_, d in zip(self._decode_ids, decode)}
@@ -102,11 +103,19 @@ def _clear_least(loads: list[int], predict: Callable[[int], float]) -> int | Non
     return loads.index(least)
 
 
-def choose_colocated(instances: Sequence[ColocatedInstance]) -> int:
-    """The least loaded instance (ClusterView._load_key's order; the lowest index on a tie)."""
-    def key(i: int) -> tuple[int, int, int, int, int]:
-        c = instances[i]
-        free = c.profile.kv_capacity_tokens - c.decode.reserved_kv
-        return (c.num_unfinished, c.queued_tokens, c.decode.size, -free, i)
+def worker_ids(prefix: str, count: int, width_of: int | None = None) -> list[str]:
+    """``count`` ids, ``prefix`` and the index zero-padded to the digits of ``width_of`` (default
+    ``count``), so that they sort as the indices do."""
+    width = len(str(max(width_of or count, 1)))
+    return [f"{prefix}{i:0{width}d}" for i in range(count)]
 
-    return min(range(len(instances)), key=key)
+
+def choose_colocated(ids: Sequence[str], instances: Sequence[ColocatedInstance]) -> int:
+    """The least loaded instance, in ClusterView.least_loaded's order (``load_key``; the lowest
+    id, so index, on a tie). Speed (exact): ``load_key`` orders by the router's requests in
+    flight first, so only the instances with the fewest are keyed."""
+    fewest = min(c.num_unfinished for c in instances)
+    candidates = [i for i, c in enumerate(instances) if c.num_unfinished == fewest]
+    if len(candidates) == 1:
+        return candidates[0]
+    return min(candidates, key=lambda i: load_key(ids[i], instances[i].num_unfinished, instances[i].load()))

@@ -1,5 +1,6 @@
-"""The simulator's placement shortcut: choosing among the least loaded instances picks exactly
-what the router's ranking of every instance picks, and a seeded run's records do not change."""
+"""The simulator's placement shortcuts: choosing among the least loaded instances picks exactly
+what the router's ranking (or ``load_key``) of every instance picks, and a seeded run's records
+do not change."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 
 from splitserve.cluster.store import WorkerLoad
 from splitserve.config import SimConfig
-from splitserve.router.placement import rank_decode, rank_prefill
+from splitserve.router.placement import load_key, rank_decode, rank_prefill
 from splitserve.sim import policy
-from splitserve.sim.instances import DecodeInstance, PrefillInstance
-from splitserve.sim.policy import RouterRankings
+from splitserve.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
+from splitserve.sim.policy import RouterRankings, choose_colocated, worker_ids
 from splitserve.sim.profile import DecodeCoefficients, InstanceProfile, Triple
 from splitserve.sim.results import to_records
 from splitserve.sim.simulator import simulate
@@ -68,3 +69,19 @@ def test_a_seeded_runs_records_are_those_of_ranking_every_instance(config, monke
     monkeypatch.setattr(policy.RouterRankings, "choose_prefill", every_prefill)
     monkeypatch.setattr(policy.RouterRankings, "choose_decode", every_decode)
     assert run() == fast
+
+
+def test_the_colocated_shortcut_chooses_the_least_load_key_of_every_instance():
+    rng = random.Random(9)
+    for _ in range(2000):
+        n = rng.randint(1, 12)
+        instances = [ColocatedInstance(SLOPED) for _ in range(n)]
+        ids = worker_ids("c", n)
+        for c in instances:
+            c.load()  # a cached report, which the changes below must renew
+            c.num_unfinished = rng.choice([0, 1, 1, 2, rng.randint(0, 9)])
+            c.queued_tokens = rng.choice([0, 0, 100, rng.randint(0, 900)])
+            c.decode.reserved_kv = rng.choice([0, 0, 500, rng.randint(0, 1000)])
+        every = min(range(n), key=lambda i: load_key(ids[i], instances[i].num_unfinished, WorkerLoad(
+            instances[i].queued_tokens, instances[i].num_unfinished, 1000 - instances[i].decode.reserved_kv, 1000)))
+        assert choose_colocated(ids, instances) == every

@@ -22,7 +22,11 @@ from splitserve.sim.trace import SimRequest, make_requests
 DISAGGREGATED = SimConfig(num_prefill=2, num_decode=2)
 PREFILL_FIRST = SimConfig(mode="colocated", num_instances=2)
 CHUNKED = SimConfig(mode="colocated", num_instances=2, colocated_scheduler="chunked", max_batched_tokens=256)
-CONFIGS = {"disaggregated": DISAGGREGATED, "prefill-first": PREFILL_FIRST, "chunked": CHUNKED}
+# The router's order and the engine's prefill steps (bench.sim_validation's disaggregated).
+AS_SERVED = SimConfig(num_prefill=2, num_decode=2, decode_choice="arrival", prefill_batching="chunked",
+                      max_batched_tokens=256)
+CONFIGS = {"disaggregated": DISAGGREGATED, "prefill-first": PREFILL_FIRST, "chunked": CHUNKED,
+           "disaggregated as served": AS_SERVED}
 
 
 def instance(kv_capacity: int = 100_000, tp: int = 1) -> InstanceProfile:
@@ -127,6 +131,35 @@ def test_prefill_batches_whole_prompts_within_capacity():
     assert ends[0] == pytest.approx(p.prefill_ms([400]) / 1e3)
     assert ends[1] == ends[2] == pytest.approx(ends[0] + p.prefill_ms([400, 500]) / 1e3)
     assert ends[3] == pytest.approx(ends[1] + p.prefill_ms([300]) / 1e3)
+
+
+def test_chunked_prefill_batches_are_engine_steps_of_prompt_chunks():
+    """A 600-token prompt and a 100-token one together, 256 tokens a step: 256, 256, then the
+    first's last 88 tokens with the second whole prompt; both first tokens at that step's end."""
+    requests = [SimRequest(0, 0.0, 600, 2), SimRequest(1, 0.0, 100, 2)]
+    result = simulate(profile(), replace(AS_SERVED, num_prefill=1), requests)
+    p = instance()
+    steps = [[(256, 0)], [(256, 256)], [(88, 512), (100, 0)]]
+    ends = [sum(p.prefill_batch_ms(sum(n for n, _ in step), sum(n * (s + n) for n, s in step))
+                for step in steps[:k + 1]) / 1e3 for k in range(len(steps))]
+    assert [job.prefill_end_s for job in result.jobs] == pytest.approx([ends[2], ends[2]], rel=1e-12)
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_an_instance_admits_at_most_max_num_seqs_requests(config):
+    """With room in KV for all, at most 3 requests decode (or are admitted) at once per instance:
+    counted from the requests' own decode steps; without the bound, more do."""
+    requests = make_requests(parse_workload("fixed:50/40"), parse_arrival("poisson"), 40.0, 60, seed=2)
+
+    def most_at_a_step(max_num_seqs: int | None) -> int:
+        result = simulate(profile(), replace(config, max_num_seqs=max_num_seqs), requests)
+        at_step: dict[tuple[int | None, int], int] = defaultdict(int)
+        for job in result.jobs:
+            for i in range(job.request.output_tokens - 1):
+                at_step[(job.decode_instance, job.first_step + i)] += 1
+        return max(at_step.values())
+
+    assert most_at_a_step(3) <= 3 < most_at_a_step(None)
 
 
 def test_new_requests_go_to_the_least_loaded_prefill_instance():
