@@ -6,7 +6,9 @@ changes, its fitted latency models and its speculation limits -- the heartbeat, 
 models in one store round trip (``MetadataStore.report``), the prefix changes in another when
 there are any. The beat runs on its own
 thread, so a slow store never blocks the engine; a failed beat is logged and the next one
-starts over with a fresh registration.
+starts over with a fresh registration. The first, ``join``, is retried while the store is slow
+or away, up to a deadline: a worker starting beside a busy store waits for it rather than
+failing its start.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from splitserve.cluster.store import MetadataStore, WorkerInfo, WorkerLoad
+from splitserve.cluster.store import MetadataStore, StoreConnectionError, WorkerInfo, WorkerLoad
 from splitserve.protocol import SpeculationLimits
 from splitserve.worker.prefix_mirror import PrefixMirror
 from splitserve.worker.step_models import StepModels
@@ -56,6 +59,21 @@ class Membership:
         except Exception:
             self._must_register = True
             raise
+
+    def join(self, timeout_s: float, retry_s: float, sleep: Callable[[float], None] = time.sleep,
+             clock: Callable[[], float] = time.monotonic) -> None:
+        """The first beat, tried every ``retry_s`` while the store does not answer in time
+        (StoreConnectionError), for up to ``timeout_s``; then its error is raised. Any other
+        error (the store refused the worker) is raised at once."""
+        deadline = clock() + timeout_s
+        while True:
+            try:
+                return self.beat()
+            except StoreConnectionError as e:
+                if clock() + retry_s > deadline:
+                    raise
+                logger.warning("%s: could not join the store yet (%s); retrying", self.info.worker_id, e)
+                sleep(retry_s)
 
     def change_kind(self, kind: str) -> None:
         """List the worker under another kind (its role) from the next beat on."""

@@ -53,6 +53,7 @@ from splitserve.worker.stream_leases import StreamLeases
 from splitserve.worker.streams import merge_outputs, stream_deltas
 
 logger = logging.getLogger(__name__)
+JOIN_TIMEOUT_S = 60.0  # how long a starting worker waits for a store that does not answer in time
 
 
 class Worker:
@@ -91,7 +92,7 @@ class Worker:
                           kv_endpoint=self.kv.endpoint, node_id=f"{socket.gethostname()}:{os.getpid()}")
         self.membership = Membership(store, info, store_config.ttl_s, self._load, self.models,
                                      self._speculation_limits(), self.prefixes)
-        await asyncio.to_thread(self.membership.beat)
+        await asyncio.to_thread(self.membership.join, JOIN_TIMEOUT_S, store_config.heartbeat_s)
         self.heartbeat = Heartbeat(f"heartbeat-{self.worker_id}", store_config.heartbeat_s, self.membership.beat)
         self.heartbeat.start()
         return self.status()

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from splitserve.cluster.embedded_store import MemoryStore
-from splitserve.cluster.store import WorkerInfo, WorkerLoad
+from splitserve.cluster.store import StoreConnectionError, WorkerInfo, WorkerLoad
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.engine import StepStats
 from splitserve.engine.output import FinishReason, RequestOutput, SpecStats
@@ -90,6 +90,45 @@ def test_a_failed_beat_makes_the_next_one_register_afresh():
                                                MemoryStore.register_worker(store, info, ttl))
     member.beat()
     assert registered == ["w0"] and "w0" in store.get_loads()
+
+
+class SlowToAnswer(MemoryStore):
+    """A store whose first ``slow`` registrations time out, or that refuses every one."""
+
+    def __init__(self, slow: int, refuses: bool = False):
+        super().__init__()
+        self.slow, self.refuses, self.tries = slow, refuses, 0
+
+    def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
+        self.tries += 1
+        if self.refuses:
+            raise PermissionError("the store refused the worker")
+        if self.tries <= self.slow:
+            raise StoreConnectionError("the store did not answer within 1.0 s")
+        super().register_worker(info, ttl_s)
+
+
+def test_a_starting_worker_waits_for_a_slow_store_up_to_its_deadline():
+    clock, slept = Clock(), []
+    models = StepModels(fits_prefill=False, fits_decode=True)
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        clock.t += s
+
+    store = SlowToAnswer(slow=3)
+    membership(store, models).join(timeout_s=10.0, retry_s=0.5, sleep=sleep, clock=clock)
+    assert store.tries == 4 and slept == [0.5] * 3 and [w.worker_id for w in store.list_workers()] == ["w0"]
+
+    never = SlowToAnswer(slow=10**6)
+    with pytest.raises(StoreConnectionError):
+        membership(never, models).join(timeout_s=2.0, retry_s=0.5, sleep=sleep, clock=clock)
+    assert never.tries == 5  # at 0, 0.5, 1, 1.5, 2 s
+
+    refusing = SlowToAnswer(slow=0, refuses=True)
+    with pytest.raises(PermissionError):  # not a timeout: no retry
+        membership(refusing, models).join(timeout_s=10.0, retry_s=0.5, sleep=sleep, clock=clock)
+    assert refusing.tries == 1
 
 
 def test_prefix_mirror_sends_net_changes_and_everything_when_fresh():
