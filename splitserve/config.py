@@ -684,7 +684,8 @@ class PlanConfig:
     worth finding (req/s); a layout that fails it has goodput 0. rate_tolerance: a binary search
     stops when its bracket is within this fraction of its upper end. top: layouts kept per mode
     (pruning keeps exactly these right). max_batched_tokens: the chunked scheduler's budget, and
-    elastic instances'. prefill_chunk_tokens: elastic placement's chunk sizes (PlacementConfig).
+    elastic instances'. prefill_chunk_tokens / admission: elastic placement's chunk sizes and
+    whether it refuses what it predicts to miss its SLO (PlacementConfig).
     """
 
     num_gpus: int
@@ -698,6 +699,7 @@ class PlanConfig:
     seed: int = 0
     max_batched_tokens: int = field_default(SimConfig, "max_batched_tokens")
     prefill_chunk_tokens: tuple[int, ...] = field_default(PlacementConfig, "chunk_tokens")
+    admission: bool = field_default(PlacementConfig, "admission")
 
     def __post_init__(self) -> None:
         PlacementConfig(chunk_tokens=self.prefill_chunk_tokens)  # checks them

@@ -37,7 +37,7 @@ _DISAGGREGATED_FLAGS = {"prefill_instances": "--prefill-instances", "prefill_tp"
 _COLOCATED_FLAGS = {"instances": "--instances", "tp": "--tp", "colocated_scheduler": "--colocated-scheduler"}
 _ELASTIC_FLAGS = {"role_interval_s": "--role-interval-s", "role_dwell_s": "--role-dwell-s",
                   "role_hysteresis": "--role-hysteresis", "fixed_roles": "--fixed-roles",
-                  "prefill_chunk_tokens": "--prefill-chunk-tokens"}
+                  "prefill_chunk_tokens": "--prefill-chunk-tokens", "admission": "--admission/--no-admission"}
 _MODE_FLAGS = {"disaggregated": _DISAGGREGATED_FLAGS | {"decode_choice": "--decode-choice",
                                                          "prefill_batching": "--prefill-batching"},
                "colocated": _COLOCATED_FLAGS,
@@ -86,6 +86,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="the prefill chunk sizes a placement may use, as serve's flag (each iteration still "
                        "holds at most --max-batched-tokens) (default: "
                        f"{','.join(map(str, field_default(PlacementConfig, 'chunk_tokens')))})")
+    is_on = field_default(PlacementConfig, "admission")
+    group.add_argument("--admission", action=argparse.BooleanOptionalAction, default=None,
+                       help="refuse a request no placement is predicted to serve within its SLO (counted refused), "
+                       "as serve's flag; --no-admission places it as well as it can (default: "
+                       f"{'on' if is_on else 'off'})")
     group = parser.add_argument_group("colocated mode")
     group.add_argument("--instances", type=count(1), default=None, metavar="N",
                        help=f"instances (default: {field_default(SimConfig, 'num_instances')})")
@@ -214,8 +219,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
               "prefill_batching": args.prefill_batching}
     roles = {"interval_s": args.role_interval_s, "min_dwell_s": args.role_dwell_s,
              "hysteresis": args.role_hysteresis, "enabled": None if args.fixed_roles is None else False}
-    placement = PlacementConfig() if args.prefill_chunk_tokens is None else \
-        PlacementConfig(chunk_tokens=args.prefill_chunk_tokens)
+    placement = PlacementConfig(**{name: value for name, value in (
+        ("chunk_tokens", args.prefill_chunk_tokens), ("admission", args.admission)) if value is not None})
     return SimConfig(mode=args.mode, max_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
                      placement=placement,
                      roles=RoleConfig(**{name: value for name, value in roles.items() if value is not None}),

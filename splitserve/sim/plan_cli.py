@@ -48,6 +48,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--prefill-chunk-tokens", type=sizes, default=chunks, metavar="SIZES",
                         help="elastic: the prefill chunk sizes a placement may use, as serve's flag (default: "
                         f"{','.join(map(str, chunks))})")
+    is_on = field_default(PlanConfig, "admission")
+    parser.add_argument("--admission", action=argparse.BooleanOptionalAction, default=is_on,
+                        help="elastic: refuse a request no placement is predicted to serve within its SLO (a "
+                        "refusal counts as a miss), as serve's flag; --no-admission places every request as well as "
+                        f"it can (default: {'on' if is_on else 'off'})")
     add_workload_options(parser, num_requests=field_default(PlanConfig, "num_requests"))
     group = parser.add_argument_group("search")
     group.add_argument("--attainment", type=positive(float), default=field_default(PlanConfig, "attainment"),
@@ -94,7 +99,8 @@ def plan_config(args: argparse.Namespace) -> PlanConfig:
     return PlanConfig(num_gpus=args.gpus, modes=args.modes, colocated_schedulers=args.colocated_schedulers,
                       attainment=args.attainment, num_requests=args.num_requests, min_rate=args.min_rate,
                       rate_tolerance=args.rate_tolerance, top=args.top, seed=args.seed,
-                      max_batched_tokens=args.max_batched_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens)
+                      max_batched_tokens=args.max_batched_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens,
+                      admission=args.admission)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -160,6 +166,8 @@ def deployment(config: SimConfig, slo: SLO) -> dict[str, Any]:
         flags += ["--max-num-batched-tokens", str(config.max_batched_tokens)]
         if config.placement.chunk_tokens != field_default(PlacementConfig, "chunk_tokens"):
             flags += ["--prefill-chunk-tokens", ",".join(map(str, config.placement.chunk_tokens))]
+        if not config.placement.admission:
+            flags += ["--no-admission"]
         prefill, decode = config.num_prefill, config.num_decode
     else:
         flags += ["--workers", str(config.num_instances)]

@@ -22,7 +22,8 @@ attainment does not rise with the rate (as DistServe's does).
 **Pruning** (exact under that assumption; the top ``top`` layouts of every mode are those a
 full search finds): layouts are searched in order of their bound per GPU, best first, and a
 layout's search stops once its upper end per GPU -- a rate known to fail, or the work bound --
-cannot beat the ``top``-th best goodput per GPU of its mode found so far. In disaggregated mode
+cannot beat the ``top``-th best goodput per GPU of its mode found so far (a layout without a
+bound has no upper end until a rate fails: its doubling is never pruned). In disaggregated mode
 the prefill instances never see the decode instances (arrivals go to them, nothing pushes
 back), so a rate at which P instances of TP tp_p miss the TTFT SLO for more than 1 - attainment
 of the requests fails every layout with that prefill pool: the lowest such rate caps their
@@ -70,7 +71,8 @@ def layouts(profile: LatencyProfile, config: PlanConfig) -> list[SimConfig]:
         if mode == "elastic":
             out += [SimConfig(mode="elastic", num_prefill=k // 2, prefill_tp=t, num_decode=k - k // 2, decode_tp=t,
                               max_batched_tokens=config.max_batched_tokens,
-                              placement=PlacementConfig(chunk_tokens=config.prefill_chunk_tokens))
+                              placement=PlacementConfig(chunk_tokens=config.prefill_chunk_tokens,
+                                                        admission=config.admission))
                     for t in degrees for k in range(2, n // t + 1)]
             continue
         if mode == "disaggregated":
@@ -166,11 +168,12 @@ class Planner:
         if s.config.mode == "disaggregated" and (key := _prefill_pool(s.config)) in self._ttft_fails:
             if self._ttft_fails[key] < hi:
                 hi, is_failing = self._ttft_fails[key], True
-        if math.isinf(hi):
+        is_guess = math.isinf(hi)  # no bound: hi is where the doubling starts, not an upper end
+        if is_guess:
             hi = float(s.num_gpus)  # 1 req/s per GPU: doubled below until it fails
         while True:
             s.upper = hi
-            if hi / s.num_gpus <= self._threshold(kind(s.config)):
+            if not (is_guess and not is_failing) and hi / s.num_gpus <= self._threshold(kind(s.config)):
                 return  # cannot make its mode's top: pruned
             if is_failing and (hi <= cfg.min_rate or hi - lo <= cfg.rate_tolerance * hi):
                 s.goodput = lo if lo >= cfg.min_rate else 0.0

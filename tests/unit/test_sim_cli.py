@@ -62,6 +62,7 @@ def test_simulate_colocated_chunked(tmp_path, profile_path):
     (["--mode", "colocated", "--prefill-instances", "2"], "--prefill-instances does not apply to --mode colocated"),
     (["--tp", "2", "--colocated-scheduler", "chunked"], "--tp, --colocated-scheduler do not apply to --mode "
                                                         "disaggregated"),
+    (["--no-admission"], "--admission/--no-admission does not apply to --mode disaggregated"),
     (["--decode-tp", "4"], r"no profile for TP 4 \(it has TP 1, 2\)"),
     (["--profile-model", "other"], "profiles 'tiny', not 'other'"),
     (["--workload", "fixed:30000/10"], "request 0: its 30000-token prompt exceeds a prefill instance's KV capacity"),

@@ -268,6 +268,10 @@ def test_prefill_chunk_sizes_reach_the_placement_and_bad_ones_the_parser(capsys)
     args = build_parser().parse_args(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "elastic",
                                       "--prefill-chunk-tokens", "2048,512"])
     assert sim_config(args).placement.chunk_tokens == (2048, 512)
+    assert sim_config(args).placement.admission  # serve's default
+    open_door = build_parser().parse_args(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "elastic",
+                                           "--no-admission"])
+    assert not sim_config(open_door).placement.admission
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--profile", "p.json", "--rates", "1", "--mode", "elastic", "--prefill-chunk-tokens", "0"])
     assert exit_info.value.code == 2

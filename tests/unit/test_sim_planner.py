@@ -58,6 +58,9 @@ def test_elastic_is_planned_and_deployed_with_its_starting_split():
     (config,) = [c for c in layouts(profile(), wider) if c.num_prefill == 1 and c.num_decode == 1]
     assert config.placement.chunk_tokens == (2048, 512)
     assert "--prefill-chunk-tokens 2048,512" in deployment(config, SLO_)["serve"]
+    assert config.placement.admission and "admission" not in deployment(config, SLO_)["serve"]
+    (open_door,) = [c for c in layouts(profile(), replace(wider, admission=False)) if c.num_prefill == 1]
+    assert not open_door.placement.admission and "--no-admission" in deployment(open_door, SLO_)["serve"]
 
 
 def test_attainment_is_the_load_testers():
@@ -177,3 +180,13 @@ def test_an_unknown_mode_is_an_argparse_error(profile_path, capsys):  # noqa: F8
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "expected a comma-separated list of disaggregated, colocated, elastic, got 'hybrid'" in err
+
+
+def test_pruning_keeps_the_top_of_a_mode_without_work_bounds():
+    """Elastic layouts have no work bound: until a rate fails, the doubling's start is no upper
+    end, so a layout searched after better ones is not pruned on it."""
+    config = PlanConfig(4, modes=("elastic",), top=1, num_requests=200)
+    pruned = Planner(profile(), config, lambda rate: requests_at(rate, 200), SLO_).run()
+    full = Planner(profile(), replace(config, top=1000), lambda rate: requests_at(rate, 200), SLO_).run()
+    best = [(s.config.describe(), s.goodput) for s in pruned[:1]]
+    assert best == [(s.config.describe(), s.goodput) for s in full[:1]]
