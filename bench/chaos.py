@@ -2,7 +2,7 @@
 then show that nothing was lost, hung or leaked, and how memory moved.
 
     python -m bench.chaos                      # 30 minutes, a fault every 60 s
-    python -m bench.chaos --minutes 3 --fault-every 30 --overload-minutes 0.5   # what CI runs
+    python -m bench.chaos --minutes 5 --fault-every 30 --overload-minutes 0.5   # what CI runs
 
 The cluster is real and all on this machine: a redis-server of its own (no persistence), a local
 Ray, an elastic deployment of two workers with its router in this process (``Server``, workers
