@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitserve.config import DTYPES, EngineConfig, field_default
+from splitserve.config import DTYPES, QUANTIZATIONS, EngineConfig, field_default
 
 if TYPE_CHECKING:
     from splitserve.protos.splitserve.v1.serving_pb2 import GenerateResponse
@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype))
+        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization))
         prompt: str | list[int] = args.prompt
         if args.chat:
             text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -173,6 +173,9 @@ def _add_model_options(parser: argparse._ActionsContainer) -> None:
                         help="a .gguf file or an HF folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=DTYPES, default=field_default(EngineConfig, "dtype"),
                         help="the weights' and activations' dtype (default: %(default)s)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=field_default(EngineConfig, "quantization"),
+                        help="int8: the projections' weights as int8, one scale per output channel (weight-only; "
+                        "their GEMMs take bf16 inputs; the rest stays in --dtype) (default: none, weights in --dtype)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:

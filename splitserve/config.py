@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+QUANTIZATIONS: tuple[str, ...] = ("int8",)  # splitserve.engine.linear implements each
 TRANSFER_BACKENDS: tuple[str, ...] = ("collective", "grpc")
 KV_CODECS: tuple[str, ...] = ("fp16", "int8", "raw")  # splitserve.transfer.codec implements each
 MODES: tuple[str, ...] = ("elastic", "disaggregated", "colocated")
@@ -147,12 +148,17 @@ class EngineConfig:
     """Settings of one engine (one worker process).
 
     model: a GGUF file or an HF folder; None means the default SmolLM2-135M-Instruct.
+    dtype: the weights', activations' and KV cache's dtype.
+    quantization: None keeps the projections' weights in ``dtype``; "int8" holds them as int8
+        with one scale per output channel (weight-only; their GEMMs take bf16 inputs), the
+        rest of the model staying in ``dtype`` (docs/benchmarks.md#precision: speed and accuracy).
     num_kv_blocks: None sizes the cache from kv_cache_bytes.
     max_num_batched_tokens: the per-step token budget that chunks long prefills.
     """
 
     model: str | None = None
     dtype: str = "float32"
+    quantization: str | None = None
     device: str = "cpu"
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -166,6 +172,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None (weights in dtype), "
+                             f"got {self.quantization!r}")
         positive = ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens")
         for name in positive:
             if getattr(self, name) <= 0:

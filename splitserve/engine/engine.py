@@ -69,7 +69,7 @@ class LoadedModel:
     def load(cls, config: EngineConfig, model: str | None = None) -> LoadedModel:
         limit_onednn_cache()  # before anything runs oneDNN
         model_config, weights, tokenizer = load_model(model or config.model)
-        return cls(Model(model_config, weights, config.torch_dtype, config.device), tokenizer)
+        return cls(Model(model_config, weights, config.torch_dtype, config.device, config.quantization), tokenizer)
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,7 @@ class LLMEngine:
     ):
         self.config = config = config or EngineConfig()
         loaded = loaded or LoadedModel.load(config)
+        _check_precision(loaded.model, config)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_config = model_config = loaded.model.config
         bytes_per_block = model_config.kv_bytes_per_token(config.torch_dtype.itemsize) * config.block_size
@@ -505,6 +506,15 @@ class LLMEngine:
         if self.proposer is not None:
             self.proposer.free(request.request_id)
         del self._outputs[request.request_id]
+
+
+def _check_precision(model: Model, config: EngineConfig) -> None:
+    """ValueError unless a model loaded elsewhere has the precision ``config`` asks for."""
+    held = (model.dtype, model.quantization)
+    if held != (config.torch_dtype, config.quantization):
+        raise ValueError(f"the loaded model holds {held[0]} weights with quantization {held[1]}; this engine's "
+                         f"config asks for {config.dtype} with quantization {config.quantization}: load the "
+                         "model with the same config (LoadedModel.load(config))")
 
 
 def _restore_generator(request: Request, state: bytes | None, what: str) -> None:

@@ -3,7 +3,10 @@
 The model sees one flat row per scheduled token of every request in the step (no padding
 between requests) and an ``AttentionMetadata`` that says where each row's K/V goes and which
 cache slots each row may attend to. The runner builds that metadata; the model owns only math.
-Weights are held fused (QKV in one matrix, gate and up in one) so each layer runs three GEMMs.
+Weights are held fused (QKV in one matrix, gate and up in one) so each layer runs four GEMMs,
+each a ``splitserve.engine.linear`` projection: in the model's dtype (prepacked for oneDNN on
+CPU), or int8 weight-only with ``quantization="int8"``. Norms, RoPE, attention and the KV cache
+run in the model's dtype; the logits come back in fp32.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.config import ModelConfig
+from splitserve.engine.linear import Int8Linear, Linear, make_linear
 
 
 @dataclass
@@ -58,38 +62,14 @@ class AttentionMetadata:
     packed: PackedGroup | None
 
 
-class Linear:
-    """y = x W^T + b.
-
-    On CPU in fp32 the weight is prepacked once into oneDNN's blocked layout: measured here,
-    that streams the weights 2-3x faster than the BLAS sgemm behind F.linear at every batch
-    size from decode to prefill. Other devices and dtypes use F.linear on the plain weight.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.bias = bias
-        self.out_features = weight.shape[0]
-        self.packed = _packable(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.packed else weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-def _packable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: Linear
-    o_proj: Linear
+    qkv: Linear | Int8Linear
+    o_proj: Linear | Int8Linear
     post_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: Linear | Int8Linear
+    down: Linear | Int8Linear
 
 
 # ------------------------------------------------------------------------- pure functions
@@ -163,36 +143,53 @@ def packed_attention(
 class Model:
     """A Llama/Qwen2-style decoder. ``forward`` reads and writes the paged KV cache it is given."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: str,
+        quantization: str | None = None,
+    ):
+        """quantization: None keeps every projection in ``dtype``; "int8" quantizes them (the
+        LM head too) from the loaded fp32 weights (see splitserve.engine.linear)."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
-
-        def take(name: str) -> torch.Tensor:
-            return weights[name].to(device=self.device, dtype=dtype).contiguous()
-
-        self.embed = take("model.embed_tokens.weight")
-        self.lm_head = Linear(self.embed if config.tie_word_embeddings else take("lm_head.weight"))
-        self.norm = take("model.norm.weight")
-        self.layers = [self._layer(take, weights, i) for i in range(config.num_layers)]
+        self.quantization = quantization
+        self._weights = weights
+        embed = "model.embed_tokens.weight"
+        self.embed = self._take(embed)
+        self.lm_head = self._linear([embed if config.tie_word_embeddings else "lm_head.weight"])
+        self.norm = self._take("model.norm.weight")
+        self.layers = [self._layer(i) for i in range(config.num_layers)]
+        del self._weights
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.cos = cos.to(self.device, dtype)
         self.sin = sin.to(self.device, dtype)
         self.scale = config.head_dim**-0.5
 
-    def _layer(self, take, weights: dict[str, torch.Tensor], i: int) -> LayerWeights:
+    def _take(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._weights[name].to(device=self.device, dtype=dtype or self.dtype).contiguous()
+
+    def _linear(self, names: list[str], bias_names: list[str] | None = None) -> Linear | Int8Linear:
+        """One projection from the named weights stacked by rows; int8 quantizes from fp32."""
+        dtype = torch.float32 if self.quantization else self.dtype
+        weight = torch.cat([self._take(n, dtype) for n in names]) if len(names) > 1 else self._take(names[0], dtype)
+        bias = torch.cat([self._take(n) for n in bias_names]) if bias_names else None
+        return make_linear(weight, bias, self.quantization)
+
+    def _layer(self, i: int) -> LayerWeights:
         p = f"model.layers.{i}."
-        qkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        bias = None
-        if self.config.attention_bias:
-            bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        bias = [p + f"self_attn.{n}_proj.bias" for n in "qkv"] if self.config.attention_bias else None
         return LayerWeights(
-            input_norm=take(p + "input_layernorm.weight"),
-            qkv=Linear(qkv, bias),
-            o_proj=Linear(take(p + "self_attn.o_proj.weight")),
-            post_norm=take(p + "post_attention_layernorm.weight"),
-            gate_up=Linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
-            down=Linear(take(p + "mlp.down_proj.weight")),
+            input_norm=self._take(p + "input_layernorm.weight"),
+            qkv=self._linear(qkv, bias),
+            o_proj=self._linear([p + "self_attn.o_proj.weight"]),
+            post_norm=self._take(p + "post_attention_layernorm.weight"),
+            gate_up=self._linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+            down=self._linear([p + "mlp.down_proj.weight"]),
         )
 
     @torch.inference_mode()

@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from splitserve.config import DTYPES, PROPOSERS, TRANSFER_BACKENDS, EngineConfig, ProfileConfig, SpeculativeConfig
+from splitserve.config import (
+    DTYPES,
+    PROPOSERS,
+    QUANTIZATIONS,
+    TRANSFER_BACKENDS,
+    EngineConfig,
+    ProfileConfig,
+    SpeculativeConfig,
+)
 from splitserve.config import field_default as default
 from splitserve.loadtest.arguments import count
 
@@ -34,6 +42,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="a .gguf file or an HF folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=DTYPES, default=default(EngineConfig, "dtype"),
                         help="the weights', activations' and KV cache's dtype (default: %(default)s)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=default(EngineConfig, "quantization"),
+                        help="int8: the projections' weights as int8 per output channel, as a worker's "
+                        "--quantization (default: none, weights in --dtype)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree; this engine runs TP 1 only, so "
                         "the profile has one entry, tp 1 (default: %(default)s)")
     parser.add_argument("--threads", type=count(1), default=default(ProfileConfig, "num_threads"), metavar="N",
@@ -102,7 +113,8 @@ def profile_config(args: argparse.Namespace) -> ProfileConfig:
         raise ValueError(f"--transfer-backend {args.transfer_backend} is not among --transfer-backends "
                          f"{','.join(args.transfer_backends)}")
     speculative = SpeculativeConfig(args.speculative) if args.speculative else None
-    engine = EngineConfig(model=args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks,
+    engine = EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                          num_kv_blocks=args.num_kv_blocks,
                           max_num_batched_tokens=args.max_num_batched_tokens, speculative=speculative)
     return ProfileConfig(engine=engine, repeats=args.repeats, max_tokens=args.max_tokens, max_batch=args.max_batch,
                          transfer_backends=args.transfer_backends, transfer_backend=args.transfer_backend,

@@ -67,7 +67,8 @@ def measure_profile(config: ProfileConfig, loaded: LoadedModel | None = None,
                     "kv_transfer_backend": config.transfer_backend,
                     "kv_transfer_bytes_per_s_by_backend": bandwidths}
     profile["measured"] = {
-        "engine": {"dtype": config.engine.dtype, "block_size": config.engine.block_size,
+        "engine": {"dtype": config.engine.dtype, "quantization": config.engine.quantization,
+                   "block_size": config.engine.block_size,
                    "kv_cache_bytes": config.engine.kv_cache_bytes,
                    "max_num_batched_tokens": config.engine.max_num_batched_tokens,
                    "speculative": spec.proposer if spec is not None else None},

@@ -114,7 +114,8 @@ def test_serve_defaults_are_the_configs() -> None:
         "router_only": options.router_only, "balance_roles": options.roles.enabled,
         "role_dwell": options.roles.min_dwell_s, "admission": options.placement.admission,
         "prefill_chunk_tokens": options.placement.chunk_tokens,
-        "model": engine.model, "dtype": engine.dtype, "num_kv_blocks": engine.num_kv_blocks,
+        "model": engine.model, "dtype": engine.dtype, "quantization": engine.quantization,
+        "num_kv_blocks": engine.num_kv_blocks,
         "max_num_batched_tokens": engine.max_num_batched_tokens,
         "enable_prefix_caching": engine.enable_prefix_caching,
         "num_speculative_tokens": SpeculativeConfig("ngram").num_speculative_tokens,
@@ -135,7 +136,8 @@ def test_generate_and_client_share_their_defaults() -> None:
     assert {n: getattr(generate, n) for n in sampling} == {n: getattr(client, n) for n in sampling}
     params = SamplingParams()
     assert (generate.top_p, generate.top_k, generate.seed) == (params.top_p, params.top_k, params.seed)
-    assert (generate.model, generate.dtype) == (EngineConfig().model, EngineConfig().dtype)
+    assert (generate.model, generate.dtype, generate.quantization) == (
+        EngineConfig().model, EngineConfig().dtype, EngineConfig().quantization)
 
 
 def test_default_reads_a_dataclass_field() -> None:
@@ -155,9 +157,12 @@ def test_serve_flags_build_the_configs() -> None:
         "--store-prefix", "p", "--speculative", "ngram", "--num-speculative-tokens", "2", "--slo-ttft-ms", "250",
         "--http-port", "0", "--stream-interval", "4", "--host", "auto", "--resource-wait", "30",
         "--prefill-resources", '{"splitserve_prefill": 1}', "--decode-resources", '{"splitserve_decode": 0.5}',
-        "--no-restart-workers", "--prefill-chunk-tokens", "1024,256", "--release-memory-every", "30"])
+        "--no-restart-workers", "--prefill-chunk-tokens", "1024,256", "--release-memory-every", "30",
+        "--dtype", "bfloat16", "--quantization", "int8"])
     cluster, serve = configs(args)
     assert serve.placement.chunk_tokens == (1024, 256)
+    engines = [cluster.engine, cluster.decode_engine, *(w.engine for w in cluster.worker_configs(2, 0))]
+    assert all(e is not None and (e.dtype, e.quantization) == ("bfloat16", "int8") for e in engines)
     assert not cluster.restart_workers and configs(cli.build_parser().parse_args(["serve"]))[0].restart_workers
     assert [(w.kind, w.resources) for w in cluster.worker_configs(2, 0)] == [
         ("prefill", {"splitserve_prefill": 1}), ("decode", {"splitserve_decode": 0.5})]
@@ -171,6 +176,15 @@ def test_serve_flags_build_the_configs() -> None:
     assert cluster.decode_engine is not None and cluster.decode_engine.speculative == SpeculativeConfig(
         "ngram", num_speculative_tokens=2)
     assert serve.slo_ttft_s == 0.25 and serve.slo_tpot_s is None and serve.http_port == 0
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "hi"], ["profile", "--out", "p.json"]])
+def test_a_bad_quantization_is_refused_naming_the_choices(command: list[str],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([*command, "--quantization", "int4"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --quantization: invalid choice: 'int4'" in err and "int8" in err
 
 
 def test_an_unreachable_redis_is_one_sentence_and_exit_1(capsys: pytest.CaptureFixture[str],

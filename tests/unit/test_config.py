@@ -58,3 +58,14 @@ def test_bad_placement_settings_are_refused(kwargs):
 def test_a_store_call_must_give_up_before_the_membership_it_renews_lapses(kwargs):
     with pytest.raises(ValueError, match="timeout_s < ttl_s"):
         StoreConfig(**kwargs)
+
+
+@pytest.mark.parametrize("value", ["int4", "INT8", "", "none"])
+def test_a_bad_quantization_is_a_sentence_naming_the_choices(value):
+    with pytest.raises(ValueError, match=rf"quantization must be one of int8 or None .*got {value!r}"):
+        EngineConfig(quantization=value)
+
+
+def test_weights_stay_in_dtype_unless_asked():
+    assert EngineConfig().quantization is None and EngineConfig().dtype == "float32"
+    assert EngineConfig(quantization="int8", dtype="bfloat16").quantization == "int8"
