@@ -213,6 +213,8 @@ class Record:
     tokens: int = 0
     seconds: float = 0.0
     migrations: int = 0
+    request_id: str = ""  # the router's id for it (its first message names it), to find it in the logs
+    last_token_s: float | None = None  # seconds after sending when its last tokens came (a stall's start)
 
 
 @dataclass
@@ -242,6 +244,9 @@ async def run_request(stub, record: Record, prompt: list[int], timeout_s: float,
     try:
         async for response in call:
             record.tokens += len(response.token_ids)
+            record.request_id = record.request_id or response.request_id
+            if response.token_ids:
+                record.last_token_s = clock() - record.sent_s
             last = response
             if record.cancel_after is not None and record.tokens >= record.cancel_after:
                 call.cancel()
@@ -469,6 +474,7 @@ def summarize(soak: Soak, idle: dict, keys: dict, args: argparse.Namespace) -> d
         "rss_mib_first_last": {name: [round(series[0][1], 1), round(series[-1][1], 1)]
                                for name, series in soak.samples.items()},
         "store_keys": keys, "idle_at_end": idle, "verdict": verdict,
+        "failing_requests": [asdict(r) for r in records if r.outcome in ("lost", "hung")],
         "passed": not any(verdict.values()),
     }
 
@@ -495,6 +501,10 @@ def print_summary(summary: dict) -> None:
     print(markdown_table(["process", "RSS slope over the second half of its life (MiB/min)"], [
         [name, "too short" if slope is None else f"{slope:+.2f}"]
         for name, slope in sorted(summary["rss_slope_mib_per_min"].items())]))
+    for r in summary["failing_requests"]:
+        last = "no token" if r["last_token_s"] is None else f"last token at +{r['last_token_s']:.1f} s"
+        print(f"{r['outcome']}: request {r['request_id'] or '?'} (#{r['index']}, router {r['router']}) sent at "
+              f"{r['sent_s']:.1f} s, {r['tokens']}/{r['max_tokens']} tokens, {last}")
     print()
     print("verdict:", ", ".join(f"{k} {v}" for k, v in summary["verdict"].items()),
           "->", "passed" if summary["passed"] else "FAILED")
