@@ -5,6 +5,10 @@ planner's pruning; planner.py's docstring says how they are used).
   step's fixed cost amortized away: a request's prefill costs at least b L + c L^2 ms (whole
   prompts; chunks at least b L + c L^2 / 2, since sum(n (start + n)) >= L^2 / 2), each decode
   token at least b (C + 1) + c with each coefficient the smaller of the two decode triples'.
+  An elastic layout of one TP (without a fitted mixed model) is bounded as colocated chunked
+  instances are: wherever a request's prompt runs -- whole on an instance decoding nothing,
+  or in chunks beside decodes -- it costs at least its chunked prefill work, and its tokens
+  their decode work, on some instance of that TP; the KV transfer only adds.
 - ``lone_attainment``: the share of requests that would meet the SLOs served alone, each by the
   profile's formulas (the times a lone request takes in the simulator: tests/unit/
   test_sim_simulator.py). More load never makes a request faster there -- every step's cost
@@ -48,6 +52,11 @@ class Work:
         if config.mode == "disaggregated":
             return min(config.num_prefill * _MS / self.prefill[config.prefill_tp],
                        config.num_decode * _MS / self.decode[config.decode_tp])
+        if config.mode == "elastic":  # every instance runs chunked iterations, or whole prompts alone
+            if config.prefill_tp != config.decode_tp or profile.at_tp(config.decode_tp).mixed is not None:
+                return math.inf
+            instances, tp = config.num_prefill + config.num_decode, config.decode_tp
+            return instances * _MS / (self.chunked[tp] + self.decode[tp])
         if config.mode != "colocated" or profile.at_tp(config.tp).mixed is not None:
             return math.inf
         first = self.chunked if config.colocated_scheduler == "chunked" else self.prefill

@@ -4,6 +4,7 @@ sweep, pruning that keeps each mode's top exactly, one result per seed, and bad 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import replace
 
@@ -14,9 +15,10 @@ from splitserve.config import PlanConfig, SimConfig
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.metrics import SLO, summarize
 from splitserve.loadtest.workloads import parse_workload
-from splitserve.sim.bounds import lone_attainment
+from splitserve.sim.bounds import Work, lone_attainment
 from splitserve.sim.plan_cli import deployment
 from splitserve.sim.planner import Planner, attainment, layouts
+from splitserve.sim.profile import LatencyProfile, MixedCoefficients
 from splitserve.sim.results import to_records
 from splitserve.sim.simulator import simulate
 from splitserve.sim.trace import make_requests
@@ -182,11 +184,33 @@ def test_an_unknown_mode_is_an_argparse_error(profile_path, capsys):  # noqa: F8
     assert "expected a comma-separated list of disaggregated, colocated, elastic, got 'hybrid'" in err
 
 
-def test_pruning_keeps_the_top_of_a_mode_without_work_bounds():
-    """Elastic layouts have no work bound: until a rate fails, the doubling's start is no upper
-    end, so a layout searched after better ones is not pruned on it."""
+def fitted(p: LatencyProfile) -> LatencyProfile:
+    """``p`` with a fitted mixed-step model at every TP (as `splitserve profile` writes): then no
+    layout running mixed steps has a work bound."""
+    mixed = MixedCoefficients(20.0, 0.5, 0.04, 0.1, 7e-6, 6e-4)
+    return replace(p, instances=tuple(replace(i, mixed=mixed) for i in p.instances))
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["work bound", "no bound"])
+def test_pruning_keeps_the_elastic_top(bounded: bool):
+    """With no work bound (a fitted mixed model), the doubling's first rate is no upper end, so a
+    layout searched after better ones is not pruned on it; with one, the bound prunes."""
+    p = profile() if bounded else fitted(profile())
     config = PlanConfig(4, modes=("elastic",), top=1, num_requests=200)
-    pruned = Planner(profile(), config, lambda rate: requests_at(rate, 200), SLO_).run()
-    full = Planner(profile(), replace(config, top=1000), lambda rate: requests_at(rate, 200), SLO_).run()
+    assert all(math.isinf(Work.of(p, [(100, 10)]).bound(p, c)) != bounded for c in layouts(p, config))
+    pruned = Planner(p, config, lambda rate: requests_at(rate, 200), SLO_).run()
+    full = Planner(p, replace(config, top=1000), lambda rate: requests_at(rate, 200), SLO_).run()
     best = [(s.config.describe(), s.goodput) for s in pruned[:1]]
     assert best == [(s.config.describe(), s.goodput) for s in full[:1]]
+
+
+def test_an_elastic_layout_is_bounded_as_chunked_instances_are_and_does_not_beat_it():
+    p, lengths = profile(), [(r.prompt_tokens, r.output_tokens) for r in requests_at(1.0)]
+    work = Work.of(p, lengths)
+    elastic = SimConfig(mode="elastic", num_prefill=1, prefill_tp=1, num_decode=2, decode_tp=1)
+    chunked = SimConfig(mode="colocated", num_instances=3, tp=1, colocated_scheduler="chunked")
+    bound = work.bound(p, elastic)
+    assert bound == work.bound(p, chunked) < math.inf
+    result = simulate(p, elastic, requests_at(3 * bound))  # far past it: the backlog shows the rate served
+    served = len(result.jobs) / max(job.finish_s for job in result.jobs)
+    assert all(job.refusal is None for job in result.jobs) and served < bound
