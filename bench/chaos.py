@@ -474,7 +474,8 @@ def summarize(soak: Soak, idle: dict, keys: dict, args: argparse.Namespace) -> d
         "rss_mib_first_last": {name: [round(series[0][1], 1), round(series[-1][1], 1)]
                                for name, series in soak.samples.items()},
         "store_keys": keys, "idle_at_end": idle, "verdict": verdict,
-        "failing_requests": [asdict(r) for r in records if r.outcome in ("lost", "hung")],
+        "failing_requests": [asdict(r) for r in records if r.outcome in ("lost", "hung") or (
+            r.outcome in ("failed", "refused") and r.status not in ALLOWED | {"RESOURCE_EXHAUSTED"})],
         "passed": not any(verdict.values()),
     }
 
@@ -501,10 +502,14 @@ def print_summary(summary: dict) -> None:
     print(markdown_table(["process", "RSS slope over the second half of its life (MiB/min)"], [
         [name, "too short" if slope is None else f"{slope:+.2f}"]
         for name, slope in sorted(summary["rss_slope_mib_per_min"].items())]))
+    print()
+    print("failed or refused by status:", ", ".join(f"{status} {n}" for status, n in
+                                                    sorted(summary["failed_by_status"].items())) or "none")
     for r in summary["failing_requests"]:
         last = "no token" if r["last_token_s"] is None else f"last token at +{r['last_token_s']:.1f} s"
+        status = f", {r['status']}: {r['detail']}" if r["status"] else ""
         print(f"{r['outcome']}: request {r['request_id'] or '?'} (#{r['index']}, router {r['router']}) sent at "
-              f"{r['sent_s']:.1f} s, {r['tokens']}/{r['max_tokens']} tokens, {last}")
+              f"{r['sent_s']:.1f} s, {r['tokens']}/{r['max_tokens']} tokens, {last}{status}")
     print()
     print("verdict:", ", ".join(f"{k} {v}" for k, v in summary["verdict"].items()),
           "->", "passed" if summary["passed"] else "FAILED")

@@ -267,7 +267,8 @@ class Router:
     async def _migrating(self, req: RoutedRequest) -> AsyncIterator[GenerateDelta]:
         """The request's deltas; when the worker running it dies or cannot be reached
         (WorkerGone), it continues on another worker from what the client got so far, up to
-        ``migration_limit`` times (then ServingError, a sentence saying so)."""
+        ``migration_limit`` times (then ServingError, a sentence saying so). A worker that dies
+        after the request's last delta went out leaves it finished: nothing is left to move."""
         sent = _Sent()
         while True:
             if not sent.token_ids:
@@ -280,6 +281,9 @@ class Router:
                         yield sent.add(delta, req.arrival)
                 return
             except WorkerGone as e:
+                if sent.finished:  # it died after the last delta went out: nothing is left to move
+                    logger.info("request %s: %s after it finished", req.request_id, e)
+                    return
                 if sent.num_migrations >= self.migration_limit:
                     raise ServingError(f"request {req.request_id}: {e}; it moved {sent.num_migrations} times "
                                        f"already (migration limit {self.migration_limit})") from None
@@ -491,6 +495,7 @@ class _Sent:
     generator_state: bytes | None = None
     first_at: float | None = None
     num_migrations: int = 0
+    finished: bool = False
 
     def add(self, delta: GenerateDelta, arrival: float) -> GenerateDelta:
         """Count ``delta`` as sent; the delta to send (a migrated request's report made whole:
@@ -500,6 +505,7 @@ class _Sent:
         self.token_ids += delta.token_ids
         self.num_chars += len(delta.text)
         self.generator_state = delta.generator_state or self.generator_state
+        self.finished = delta.finished
         if delta.report is None or not self.num_migrations:
             return delta
         tpot = (now - self.first_at) / (len(self.token_ids) - 1) if len(self.token_ids) > 1 else 0.0
