@@ -15,12 +15,19 @@ Every prompt starts with a token no other prompt of the run starts with, so no p
 shrinks a measured prefill, and then repeats one sentence, which the n-gram proposer can copy.
 The steps that only set a shape up (the decode batch's prefill, its first decode step, which is
 the first of that batch size) run untimed, as does a short warm-up before the grid.
+
+A shape's timed steps reach ``on_step`` once the shape is done, each at the median time of
+its work class in that shape (``median_per_class``: steps alike in requests, new tokens,
+prompt tokens and drafts), so a step that another process on the machine slowed does not pull
+the fits: with ``repeats`` >= 3 a spike must hit most repeats of a class to count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Callable, Iterator
+import statistics
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from splitserve.engine.engine import LLMEngine, StepStats
@@ -65,6 +72,21 @@ def make_grid(max_tokens: int, max_batch: int, step_budget: int, max_seqs: int, 
     return Grid(prefill, decode, mixed)
 
 
+def work_class(stats: StepStats) -> tuple[int, int, int, int]:
+    """What a step computed, but for its context (which grows by a token a step while a decode
+    shape repeats): requests, new tokens, prompt tokens, drafts."""
+    return stats.num_requests, stats.num_batched_tokens, stats.num_prefill_tokens, stats.num_draft_tokens
+
+
+def median_per_class(steps: Sequence[StepStats]) -> list[StepStats]:
+    """The steps of one shape, in order, each at the median ``step_time`` of its work class."""
+    times: dict[tuple[int, int, int, int], list[float]] = {}
+    for stats in steps:
+        times.setdefault(work_class(stats), []).append(stats.step_time)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    return [dataclasses.replace(stats, step_time=medians[work_class(stats)]) for stats in steps]
+
+
 class GridRunner:
     """Runs a grid's shapes on one engine, which must be idle; leaves it idle."""
 
@@ -75,19 +97,27 @@ class GridRunner:
         self._sentence = engine.tokenizer.encode(COPY_SENTENCE, add_special_tokens=False)
         self._first_tokens: Iterator[int] = itertools.cycle(range(engine.model_config.vocab_size))
         self._ids = itertools.count()
+        self._timed: list[StepStats] = []  # the current shape's timed steps
 
     def run(self, grid: Grid, progress: Callable[[str], None] = lambda _: None) -> None:
         self.warm_up()
         for n, tokens in grid.prefill:
             progress(f"prefill {n} prompt(s), {tokens} tokens")
-            self.prefill(n, tokens)
+            self._shape(self.prefill, n, tokens)
         for batch, context, k in grid.decode:
             progress(f"decode batch {batch}, context {context}, {k} drafts")
-            self.decode(batch, context, k)
+            self._shape(self.decode, batch, context, k)
         for batch, chunk in grid.mixed:
             progress(f"mixed: batch {batch} + chunks of {chunk}")
-            self.mixed(batch, chunk)
+            self._shape(self.mixed, batch, chunk)
         self.engine.block_pool.reset_prefix_cache()
+
+    def _shape(self, run: Callable[..., None], *shape: int) -> None:
+        """Run one shape; hand its timed steps on, each at its work class's median."""
+        self._timed = []
+        run(*shape)
+        for stats in median_per_class(self._timed):
+            self.on_step(stats)
 
     def warm_up(self) -> None:
         self._add(MIN_TOKENS, 4)
@@ -138,7 +168,7 @@ class GridRunner:
         last = self.engine.step_stats[-1] if self.engine.step_stats else None
         self.engine.step()
         if timed and self.engine.step_stats and self.engine.step_stats[-1] is not last:
-            self.on_step(self.engine.step_stats[-1])
+            self._timed.append(self.engine.step_stats[-1])
 
     def _step_until(self, done: Callable[[], bool], timed: bool) -> None:
         while not done():

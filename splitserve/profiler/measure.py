@@ -1,7 +1,8 @@
 """Measuring a ``splitserve.profile/1`` latency profile of this engine on this machine.
 
 ``measure_profile`` builds the engine a worker would build (``ProfileConfig.engine``), runs the
-designed grid of step shapes on it (grid.py) and feeds every timed step into the workers' own
+designed grid of step shapes on it (grid.py) and feeds every timed step (at its work class's
+median within its shape) into the workers' own
 ``StepModels`` (splitserve.worker.step_models: the same routing of steps to models, the same
 fits), so the coefficients are what a worker would publish after seeing those steps. To them it
 adds the KV cache's capacity in tokens (the engine's block pool for its ``kv_cache_bytes``),
@@ -72,7 +73,8 @@ def measure_profile(config: ProfileConfig, loaded: LoadedModel | None = None,
                    "kv_cache_bytes": config.engine.kv_cache_bytes,
                    "max_num_batched_tokens": config.engine.max_num_batched_tokens,
                    "speculative": spec.proposer if spec is not None else None},
-        "threads": torch.get_num_threads(), "repeats": config.repeats, "max_tokens": config.max_tokens,
+        "threads": torch.get_num_threads(), "repeats": config.repeats,
+        "step_time": "median per shape and work class", "max_tokens": config.max_tokens,
         "max_batch": config.max_batch, "num_shapes": grid.num_shapes, "num_steps": len(steps),
         "transfer_tokens": config.transfer_tokens, "seconds": round(time.perf_counter() - started, 3),
     }

@@ -11,11 +11,11 @@ import pytest
 
 from splitserve.cli import main
 from splitserve.config import ProfileConfig
-from splitserve.engine.engine import LoadedModel
+from splitserve.engine.engine import LoadedModel, StepStats
 from splitserve.latency import DECODE_FEATURES, MIXED_FEATURES, PREFILL_FEATURES
 from splitserve.loadtest.saved import load_results
 from splitserve.profiler import cli as profile_cli
-from splitserve.profiler.grid import make_grid
+from splitserve.profiler.grid import make_grid, median_per_class
 from splitserve.sim.profile_files import SPLITSERVE_SCHEMA, load_profile
 
 SMALLEST = ["--repeats", "1", "--max-tokens", "16", "--max-batch", "1", "--threads", "1", "--num-kv-blocks", "64",
@@ -129,6 +129,20 @@ def test_grid_spans_every_feature_within_its_limits():
     capped = make_grid(max_tokens=4096, max_batch=8, step_budget=512, max_seqs=4, max_drafts=2)
     assert max(t for _, t in capped.prefill) == 512 and max(b for b, _, _ in capped.decode) == 4
     assert {k for _, _, k in capped.decode} == {0, 1, 2} and max(b for b, _ in capped.mixed) == 4
+
+
+def test_a_shape_s_steps_enter_the_fits_at_their_work_class_median():
+    def step(seconds: float, requests: int, tokens: int, context: int, prompt_tokens: int = 0) -> StepStats:
+        return StepStats(seconds, 0.0, requests, tokens, context, 0, 0, prompt_tokens)
+
+    # a decode shape's context grows while it repeats; the slowed step is one of three alike
+    decode = [step(0.010, 4, 4, 64), step(0.050, 4, 4, 68), step(0.012, 4, 4, 72)]
+    assert [s.step_time for s in median_per_class(decode)] == [0.012] * 3
+    assert [s.num_context_tokens for s in median_per_class(decode)] == [64, 68, 72]
+    # a mixed shape alternates a chunk step with a plain decode step: each its own class
+    mixed = [step(0.030, 2, 17, 16, 16), step(0.008, 1, 1, 33), step(0.034, 2, 17, 16, 16), step(0.009, 1, 1, 34),
+             step(0.090, 2, 17, 16, 16)]
+    assert [s.step_time for s in median_per_class(mixed)] == [0.034, 0.0085, 0.034, 0.0085, 0.034]
 
 
 def test_reader_checks_the_per_backend_bandwidths(tmp_path):
