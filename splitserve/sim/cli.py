@@ -23,8 +23,8 @@ from splitserve.loadtest.arguments import count, parsed, positive, rates, sizes
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.metrics import SLO
 from splitserve.loadtest.workloads import LengthLimits, parse_workload
-from splitserve.protocol import SLO as RequestSLO
 from splitserve.sim.outcome import SimResult
+from splitserve.sim.planner import request_slo
 from splitserve.sim.profile import LatencyProfile
 from splitserve.sim.profile_files import load_profile
 from splitserve.sim.results import simulate_sweep
@@ -186,10 +186,8 @@ def _simulate(args: argparse.Namespace) -> int:
         profile.at_tp(tp)  # a missing degree fails before anything runs
 
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
-    request_slo = RequestSLO(*(None if ms is None else ms / 1000 for ms in (args.slo_ttft_ms, args.slo_tpot_ms)))
-
     def run_at(rate: float) -> SimResult:
-        return simulate(profile, config, requests_at(args, rate), request_slo)
+        return simulate(profile, config, requests_at(args, rate), request_slo(slo))
 
     sweep = simulate_sweep(args.rates, run_at, slo, _meta(args, profile, config, slo), out)
     from rich.console import Console

@@ -13,7 +13,9 @@ SLOs, found by binary search over the rate. Every probe simulates ``num_requests
 the same lengths and the arrival gaps of one seed scaled to the rate (common random numbers, so
 attainment falls smoothly with the rate). The search starts from a bracket [0, hi]: hi is the
 layout's **work bound** (``bounds.Work``: the rate its instances could not sustain even with
-every step's fixed cost amortized away) -- or, when that rate passes (or no bound
+every step's fixed cost amortized away; for elastic with admission, which refuses what would
+miss, the bound / attainment: it serves at most the bound and may refuse 1 - attainment of the
+requests) -- or, when that rate passes (or no bound
 exists: a fitted mixed model, elastic), doubled until a rate fails. It halves the bracket until
 its width is within ``rate_tolerance`` of its upper end and reports its lower end: a rate that
 was simulated and passed. A layout failing ``min_rate`` has goodput 0. The search assumes
@@ -21,7 +23,8 @@ attainment does not rise with the rate (as DistServe's does).
 
 **Pruning** (exact under that assumption; the top ``top`` layouts of every mode are those a
 full search finds): layouts are searched in order of their bound per GPU, best first, and a
-layout's search stops once its upper end per GPU -- a rate known to fail, or the work bound --
+layout's search stops once its upper end per GPU -- a rate known to fail, or the work bound
+(over the attainment for elastic with admission) --
 cannot beat the ``top``-th best goodput per GPU of its mode found so far (a layout without a
 bound has no upper end until a rate fails: its doubling is never pruned). In disaggregated mode
 the prefill instances never see the decode instances (arrivals go to them, nothing pushes
@@ -44,6 +47,7 @@ from typing import Any, get_args
 
 from splitserve.config import PlacementConfig, PlanConfig, SimConfig, SimMode
 from splitserve.loadtest.metrics import SLO
+from splitserve.protocol import SLO as RequestSLO
 from splitserve.sim.bounds import Work, lone_attainment
 from splitserve.sim.outcome import SimResult
 from splitserve.sim.profile import LatencyProfile
@@ -89,13 +93,29 @@ def layouts(profile: LatencyProfile, config: PlanConfig) -> list[SimConfig]:
     return out
 
 
+def _ceiling(s: Search, attainment: float) -> float:
+    """The highest rate a layout could pass: its work bound; for one that refuses what would miss
+    (elastic admission), the bound over the attainment asked (it serves at most the bound, so it
+    meets the SLOs for at most bound / rate of the requests)."""
+    refuses = s.config.mode == "elastic" and s.config.placement.admission
+    return s.bound / attainment if refuses else s.bound
+
+
+def request_slo(slo: SLO) -> RequestSLO:
+    """The SLO every simulated request carries (seconds), which elastic placement decides against."""
+    return RequestSLO(*(None if ms is None else ms / 1000 for ms in (slo.ttft_ms, slo.tpot_ms)))
+
+
 def attainment(result: SimResult, slo: SLO) -> tuple[float, float]:
     """(share meeting both SLOs, share meeting the TTFT SLO), by loadtest.metrics' definitions:
-    TTFT = first token - arrival, TPOT = (last - first token) / (output tokens - 1)."""
+    TTFT = first token - arrival, TPOT = (last - first token) / (output tokens - 1). A request
+    the elastic router refused meets neither."""
     ttft_ms = math.inf if slo.ttft_ms is None else slo.ttft_ms
     tpot_ms = math.inf if slo.tpot_ms is None else slo.tpot_ms
     both = first = 0
     for job in result.jobs:
+        if job.refusal is not None:
+            continue
         assert job.prefill_end_s is not None and job.finish_s is not None, "every request finished"
         steps = job.request.output_tokens - 1
         if (job.prefill_end_s - job.request.arrival_s) * 1e3 <= ttft_ms:
@@ -163,7 +183,7 @@ class Planner:
             s.goodput, s.upper = 0.0, 0.0  # misses the SLOs even with each request alone
             self._record(s)
             return
-        lo, hi = 0.0, s.bound
+        lo, hi = 0.0, _ceiling(s, cfg.attainment)
         is_failing = False  # hi is a rate known to fail (not just the work bound)
         if s.config.mode == "disaggregated" and (key := _prefill_pool(s.config)) in self._ttft_fails:
             if self._ttft_fails[key] < hi:
@@ -185,10 +205,10 @@ class Planner:
             rate = max((lo + hi) / 2, cfg.min_rate) if is_failing else hi
             if self._passes(s, rate):
                 lo = rate
-                if not is_failing and rate >= s.bound:
+                if not is_failing and rate >= _ceiling(s, cfg.attainment):
                     raise ValueError(f"{s.config.describe()}: {cfg.num_requests} requests at {rate:g}/s, more than "
-                                     f"it can sustain ({s.bound:g}/s), still meet the SLOs: too few requests for "
-                                     "these SLOs (raise --num-requests)")
+                                     f"it can serve within the SLOs ({_ceiling(s, cfg.attainment):g}/s), still meet "
+                                     "them: too few requests for these SLOs (raise --num-requests)")
                 if not is_failing:
                     hi *= 2
             else:
@@ -201,7 +221,7 @@ class Planner:
         return self._lone[key]
 
     def _passes(self, s: Search, rate: float) -> bool:
-        result = simulate(self.profile, s.config, self.requests_at(rate))
+        result = simulate(self.profile, s.config, self.requests_at(rate), request_slo(self.slo))
         self.num_simulations += 1
         both, first = attainment(result, self.slo)
         s.probes.append((rate, both, first))

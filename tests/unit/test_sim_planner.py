@@ -15,6 +15,7 @@ from splitserve.config import PlanConfig, SimConfig
 from splitserve.loadtest.arrivals import parse_arrival
 from splitserve.loadtest.metrics import SLO, summarize
 from splitserve.loadtest.workloads import parse_workload
+from splitserve.protocol import SLO as RequestSLO
 from splitserve.sim.bounds import Work, lone_attainment
 from splitserve.sim.plan_cli import deployment
 from splitserve.sim.planner import Planner, attainment, layouts
@@ -47,6 +48,15 @@ def test_elastic_layouts_are_instances_of_one_tp_starting_half_in_each_pool():
     found = [c.describe() for c in layouts(profile(), PlanConfig(4, modes=("elastic",)))]
     assert found == ["elastic 1P(TP1)+1D(TP1)", "elastic 1P(TP1)+2D(TP1)", "elastic 2P(TP1)+2D(TP1)",
                      "elastic 1P(TP2)+1D(TP2)"]
+
+
+def test_an_elastic_layout_is_probed_against_the_plan_s_slo():
+    """Elastic placement decides against each request's SLO: the planner's probes are what
+    `simulate` gives for requests that carry the plan's SLO."""
+    (search,) = Planner(profile(), PlanConfig(2, modes=("elastic",), top=1), requests_at, SLO_).run()
+    for rate, both, first in search.probes:
+        result = simulate(profile(), search.config, requests_at(rate), RequestSLO(0.4, 0.06))
+        assert attainment(result, SLO_) == (both, first)
 
 
 def test_elastic_is_planned_and_deployed_with_its_starting_split():
@@ -196,10 +206,10 @@ def test_pruning_keeps_the_elastic_top(bounded: bool):
     """With no work bound (a fitted mixed model), the doubling's first rate is no upper end, so a
     layout searched after better ones is not pruned on it; with one, the bound prunes."""
     p = profile() if bounded else fitted(profile())
-    config = PlanConfig(4, modes=("elastic",), top=1, num_requests=200)
+    config = PlanConfig(4, modes=("elastic",), top=1, num_requests=300, admission=False)
     assert all(math.isinf(Work.of(p, [(100, 10)]).bound(p, c)) != bounded for c in layouts(p, config))
-    pruned = Planner(p, config, lambda rate: requests_at(rate, 200), SLO_).run()
-    full = Planner(p, replace(config, top=1000), lambda rate: requests_at(rate, 200), SLO_).run()
+    pruned = Planner(p, config, lambda rate: requests_at(rate, 300), SLO_).run()
+    full = Planner(p, replace(config, top=1000), lambda rate: requests_at(rate, 300), SLO_).run()
     best = [(s.config.describe(), s.goodput) for s in pruned[:1]]
     assert best == [(s.config.describe(), s.goodput) for s in full[:1]]
 
