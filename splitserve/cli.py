@@ -190,8 +190,8 @@ def add_enforce_eager_option(parser: argparse._ActionsContainer) -> None:
     is_eager = field_default(EngineConfig, "enforce_eager")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=is_eager,
                         help="run the model eagerly; --no-enforce-eager compiles each layer's work around "
-                        "attention with torch.compile at start (seconds to tens of seconds; measured no faster "
-                        "here, docs/benchmarks.md#compiled-forward) (default: "
+                        "attention with torch.compile at start (seconds to tens of seconds; no clear gain "
+                        "measured here, docs/benchmarks.md#compiled-forward) (default: "
                         f"{'eager' if is_eager else 'compiled'})")
 
 

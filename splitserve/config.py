@@ -157,8 +157,8 @@ class EngineConfig:
     enforce_eager: run the model eagerly (the default). False compiles each decoder layer's
         work around attention with torch.compile when the engine starts (the attention stays
         eager; splitserve.engine.compiled): that start takes seconds to tens of seconds, and here
-        the compiled steps measured no faster (docs/benchmarks.md#compiled-forward). If compiling
-        fails, the engine logs why and runs eager.
+        the compiled steps gained nothing clear of the noise (docs/benchmarks.md#compiled-forward).
+        If compiling fails, the engine logs why and runs eager.
     """
 
     model: str | None = None
