@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization))
+        engine = LLMEngine(engine_config(args))
         prompt: str | list[int] = args.prompt
         if args.chat:
             text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -73,6 +73,12 @@ def _generate(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
                 print(f"[{len(output.token_ids)} tokens, finish_reason={output.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine `generate` runs, from its model options."""
+    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                        enforce_eager=args.enforce_eager)
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -176,6 +182,17 @@ def _add_model_options(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=field_default(EngineConfig, "quantization"),
                         help="int8: the projections' weights as int8, one scale per output channel (weight-only; "
                         "their GEMMs take bf16 inputs; the rest stays in --dtype) (default: none, weights in --dtype)")
+    add_enforce_eager_option(parser)
+
+
+def add_enforce_eager_option(parser: argparse._ActionsContainer) -> None:
+    """--enforce-eager / --no-enforce-eager, which `generate`, `serve` and `profile` share."""
+    is_eager = field_default(EngineConfig, "enforce_eager")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=is_eager,
+                        help="run the model eagerly; --no-enforce-eager compiles each layer's work around "
+                        "attention with torch.compile at start (seconds to tens of seconds; no clear gain "
+                        "measured here, docs/benchmarks.md#compiled-forward) (default: "
+                        f"{'eager' if is_eager else 'compiled'})")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:

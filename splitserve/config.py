@@ -154,6 +154,11 @@ class EngineConfig:
         rest of the model staying in ``dtype`` (docs/benchmarks.md#precision: speed and accuracy).
     num_kv_blocks: None sizes the cache from kv_cache_bytes.
     max_num_batched_tokens: the per-step token budget that chunks long prefills.
+    enforce_eager: run the model eagerly (the default). False compiles each decoder layer's
+        work around attention with torch.compile when the engine starts (the attention stays
+        eager; splitserve.engine.compiled): that start takes seconds to tens of seconds, and here
+        the compiled steps gained nothing clear of the noise (docs/benchmarks.md#compiled-forward).
+        If compiling fails, the engine logs why and runs eager.
     """
 
     model: str | None = None
@@ -169,9 +174,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     speculative: SpeculativeConfig | None = None
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None (weights in dtype), "
                              f"got {self.quantization!r}")

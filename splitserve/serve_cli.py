@@ -35,8 +35,8 @@ KV_AUTH_KEY_ENV = "SPLITSERVE_KV_AUTH_KEY"
 
 def add_options(serve: argparse.ArgumentParser,
                 add_model_options: Callable[[argparse._ActionsContainer], None]) -> None:
-    """Every flag of `serve`, in groups; ``add_model_options``: the --model/--dtype/--quantization
-    flags that `generate` shares."""
+    """Every flag of `serve`, in groups; ``add_model_options``: the --model/--dtype/--quantization/
+    --enforce-eager flags that `generate` shares."""
     _add_worker_options(serve.add_argument_group("workers"))
     _add_front_end_options(serve.add_argument_group("front ends"))
     engine = serve.add_argument_group("engine (every worker)")
@@ -48,7 +48,7 @@ def add_options(serve: argparse.ArgumentParser,
 def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
     """The configuration the flags describe; ValueError (a sentence) for a bad value."""
     engine = EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
-                          num_kv_blocks=args.num_kv_blocks,
+                          enforce_eager=args.enforce_eager, num_kv_blocks=args.num_kv_blocks,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=args.enable_prefix_caching)
     decode_engine = None

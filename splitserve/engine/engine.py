@@ -6,6 +6,9 @@ verifies speculative tokens, samples, applies stop conditions and streams text. 
 own, without Ray; the workers wrap it. ``add_request(..., max_chunk_tokens=n)`` runs a prompt's
 prefill in chunks of at most n tokens beside the running decodes, and each step's ``StepStats``
 says how many prompt rows it carried, so the router can predict such mixed steps.
+With ``EngineConfig(enforce_eager=False)`` the engine compiles its forward when it starts
+(splitserve.engine.compiled; ``compile_time_s`` says what that cost, ``is_compiled`` whether
+it worked).
 
 Disaggregation needs two more paths, one per side of the KV handoff:
 
@@ -39,10 +42,11 @@ import torch
 
 from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.compiled import compile_runner, warm_up_token_counts
 from splitserve.engine.continuation import Continuation
 from splitserve.engine.kv_cache import KVCacheManager
 from splitserve.engine.loader import load_model
-from splitserve.engine.model import Model
+from splitserve.engine.model import EAGER_STAGES, Model
 from splitserve.engine.output import OutputState, RequestOutput
 from splitserve.engine.request import FinishReason, Request
 from splitserve.engine.runner import BatchItem, ModelRunner, limit_onednn_cache
@@ -151,6 +155,11 @@ class LLMEngine:
             self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        # Seconds spent compiling the forward at start (0.0: eager), or lost if that failed.
+        self.compile_time_s = 0.0
+        if not config.enforce_eager:  # before any request holds blocks: the warm-up writes K/V
+            counts = warm_up_token_counts(config.max_num_batched_tokens, self.max_model_len)
+            self.compile_time_s = compile_runner(self.runner, counts)
         self.proposer: Proposer | None = None
         if config.speculative is not None:
             spec = config.speculative
@@ -166,6 +175,11 @@ class LLMEngine:
         self._outputs: dict[str, OutputState] = {}
         self._reserved: dict[str, Request] = {}  # decode side: blocks held, KV still arriving
         self._ids = itertools.count()
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether steps run the compiled forward (``enforce_eager=False`` and compiling worked)."""
+        return self.runner.stages is not EAGER_STAGES
 
     # -------------------------------------------------------------------------- requests
 
@@ -276,7 +290,9 @@ class LLMEngine:
     def num_reserved(self) -> int:
         return len(self._reserved)
 
-    def _new_request(self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None) -> Request:
+    def _new_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None
+    ) -> Request:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")

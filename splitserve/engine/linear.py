@@ -15,6 +15,10 @@
   is slower than converting the weight to bf16 (exact: bf16 holds every int8) and running a
   bf16 GEMM, so prefills do that. A device without the int8 kernel always takes the bf16 path,
   and says so once in the log.
+
+Under ``torch.compile`` (splitserve.engine.compiled) a prepacked projection is one custom op,
+``splitserve::packed_linear``: dynamo cannot trace oneDNN's packed weights, and as an op with a
+known output shape it needs no graph break. Eager calls skip the op's dispatch (~15 us a call).
 """
 
 from __future__ import annotations
@@ -34,6 +38,17 @@ INT8_MM_MAX_ROWS = 12
 log = logging.getLogger(__name__)
 
 
+@torch.library.custom_op("splitserve::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """oneDNN's linear on a weight prepacked by ``_reorder_linear_weight``: [..., in] -> [..., out_features]."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 class Linear:
     """y = x W^T + b on a weight in the model's dtype (prepacked for oneDNN on CPU where it helps)."""
 
@@ -46,6 +61,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
+            if torch.compiler.is_compiling():
+                return packed_linear(x, self.weight, self.bias, self.out_features)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

@@ -6,7 +6,9 @@ cache slots each row may attend to. The runner builds that metadata; the model o
 Weights are held fused (QKV in one matrix, gate and up in one) so each layer runs four GEMMs,
 each a ``splitserve.engine.linear`` projection: in the model's dtype (prepacked for oneDNN on
 CPU), or int8 weight-only with ``quantization="int8"``. Norms, RoPE, attention and the KV cache
-run in the model's dtype; the logits come back in fp32.
+run in the model's dtype; the logits come back in fp32. A layer's work before and after its
+attention is two pure functions (``before_attention``, ``after_attention``), which the forward
+takes as ``LayerStages``: the compiled forward (splitserve.engine.compiled) hands in compiled ones.
 """
 
 from __future__ import annotations
@@ -137,6 +139,37 @@ def packed_attention(
     return out.reshape(num_rows, num_kv * num_groups * dim)
 
 
+def before_attention(
+    x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, c: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer up to attention: input norm, QKV projection, RoPE. q [T, H, D]; k, v [T, KV, D]."""
+    h = w.qkv(rms_norm(x, w.input_norm, c.rms_norm_eps))
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    qk, v = h.split([q_size + kv_size, kv_size], dim=-1)
+    qk = apply_rope(qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # Q and K at once
+    q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
+    return q, k, v.view(-1, c.num_kv_heads, c.head_dim)
+
+
+def after_attention(x: torch.Tensor, attn_out: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:
+    """A layer from attention's output on: o-proj and residual, post norm, SwiGLU MLP and residual."""
+    x = x + w.o_proj(attn_out)
+    gate, up = w.gate_up(rms_norm(x, w.post_norm, eps)).chunk(2, dim=-1)
+    return x + w.down(F.silu(gate) * up)
+
+
+@dataclass(frozen=True)
+class LayerStages:
+    """A decoder layer's two halves around its paged attention: ``before_attention`` and
+    ``after_attention`` as they are, or compiled (splitserve.engine.compiled)."""
+
+    before_attention: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    after_attention: Callable[..., torch.Tensor]
+
+
+EAGER_STAGES = LayerStages(before_attention, after_attention)
+
+
 # --------------------------------------------------------------------------------- model
 
 
@@ -202,18 +235,20 @@ class Model:
         logit_rows: torch.Tensor,
         layer_ids: Sequence[int] | None = None,
         on_layer: Callable[[int], None] | None = None,
+        stages: LayerStages = EAGER_STAGES,
     ) -> torch.Tensor:
         """Run the decoder over flat rows; return fp32 logits [len(logit_rows), vocab].
 
         kv_cache: [num_layers, 2, num_slots, num_kv_heads, head_dim]. layer_ids restricts the
         pass to a subset of layers (self-speculation); skipped layers' caches are untouched.
         on_layer(i) runs once layer i's K/V are in the cache (a prefill worker starts sending
-        them while the next layers compute).
+        them while the next layers compute). stages: the layers' halves around attention
+        (compiled ones: splitserve.engine.compiled).
         """
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos[positions], self.sin[positions]
         for i in range(self.config.num_layers) if layer_ids is None else layer_ids:
-            x = self._decoder_layer(x, self.layers[i], kv_cache[i], attn, cos, sin)
+            x = self._decoder_layer(x, self.layers[i], kv_cache[i], attn, cos, sin, stages)
             if on_layer is not None:
                 on_layer(i)
         x = rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
@@ -227,18 +262,12 @@ class Model:
         attn: AttentionMetadata,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        stages: LayerStages,
     ) -> torch.Tensor:
-        c = self.config
-        h = w.qkv(rms_norm(x, w.input_norm, c.rms_norm_eps))
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        qk, v = h.split([q_size + kv_size, kv_size], dim=-1)
-        qk = apply_rope(qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # Q and K at once
-        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
+        q, k, v = stages.before_attention(x, w, cos, sin, self.config)
         kv[0].index_copy_(0, attn.slot_mapping, k)
-        kv[1].index_copy_(0, attn.slot_mapping, v.view(-1, c.num_kv_heads, c.head_dim))
-        x = x + w.o_proj(self._attention(q, kv, attn))
-        gate, up = w.gate_up(rms_norm(x, w.post_norm, c.rms_norm_eps)).chunk(2, dim=-1)
-        return x + w.down(F.silu(gate) * up)
+        kv[1].index_copy_(0, attn.slot_mapping, v)
+        return stages.after_attention(x, self._attention(q, kv, attn), w, self.config.rms_norm_eps)
 
     def _attention(self, q: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         c = self.config

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from splitserve.config import ModelConfig
-from splitserve.engine.model import AttentionMetadata, Model, PackedGroup, ShortGroup
+from splitserve.engine.model import EAGER_STAGES, AttentionMetadata, LayerStages, Model, PackedGroup, ShortGroup
 
 # A request with at most this many new tokens joins the padded group.
 MAX_SHORT_QUERY = 16
@@ -57,6 +57,8 @@ class ModelRunner:
         limit_onednn_cache()
         c: ModelConfig = model.config
         self.model = model
+        # The layers' halves around attention; compiled.compile_runner swaps in compiled ones.
+        self.stages: LayerStages = EAGER_STAGES
         self.block_size = block_size
         self.num_groups = c.num_heads // c.num_kv_heads
         self.device = model.device
@@ -91,7 +93,7 @@ class ModelRunner:
         logit_rows = [row for i, it in enumerate(items) for row in range(ends[i] - it.num_logits, ends[i])]
         return self.model.forward(
             self._tensor(input_ids), self._tensor(positions), self.kv_cache, attn,
-            self._tensor(np.asarray(logit_rows, dtype=np.int64)), layer_ids, on_layer,
+            self._tensor(np.asarray(logit_rows, dtype=np.int64)), layer_ids, on_layer, self.stages,
         )
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

@@ -45,6 +45,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=default(EngineConfig, "quantization"),
                         help="int8: the projections' weights as int8 per output channel, as a worker's "
                         "--quantization (default: none, weights in --dtype)")
+    is_eager = default(EngineConfig, "enforce_eager")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=is_eager,
+                        help="run the model eagerly; --no-enforce-eager measures the compiled forward, as a "
+                        f"worker's --no-enforce-eager (default: {'eager' if is_eager else 'compiled'})")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree; this engine runs TP 1 only, so "
                         "the profile has one entry, tp 1 (default: %(default)s)")
     parser.add_argument("--threads", type=count(1), default=default(ProfileConfig, "num_threads"), metavar="N",
@@ -114,7 +118,7 @@ def profile_config(args: argparse.Namespace) -> ProfileConfig:
                          f"{','.join(args.transfer_backends)}")
     speculative = SpeculativeConfig(args.speculative) if args.speculative else None
     engine = EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
-                          num_kv_blocks=args.num_kv_blocks,
+                          enforce_eager=args.enforce_eager, num_kv_blocks=args.num_kv_blocks,
                           max_num_batched_tokens=args.max_num_batched_tokens, speculative=speculative)
     return ProfileConfig(engine=engine, repeats=args.repeats, max_tokens=args.max_tokens, max_batch=args.max_batch,
                          transfer_backends=args.transfer_backends, transfer_backend=args.transfer_backend,

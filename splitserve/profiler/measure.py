@@ -69,6 +69,7 @@ def measure_profile(config: ProfileConfig, loaded: LoadedModel | None = None,
                     "kv_transfer_bytes_per_s_by_backend": bandwidths}
     profile["measured"] = {
         "engine": {"dtype": config.engine.dtype, "quantization": config.engine.quantization,
+                   "enforce_eager": config.engine.enforce_eager,
                    "block_size": config.engine.block_size,
                    "kv_cache_bytes": config.engine.kv_cache_bytes,
                    "max_num_batched_tokens": config.engine.max_num_batched_tokens,

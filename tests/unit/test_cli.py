@@ -84,7 +84,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert help_text(["--version"], capsys) == f"splitserve {metadata.version('splitserve')}\n"
 
 
-def test_version_without_installed_metadata(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_without_installed_metadata(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     def not_installed(name: str) -> str:
         raise metadata.PackageNotFoundError(name)
 
@@ -115,7 +116,7 @@ def test_serve_defaults_are_the_configs() -> None:
         "role_dwell": options.roles.min_dwell_s, "admission": options.placement.admission,
         "prefill_chunk_tokens": options.placement.chunk_tokens,
         "model": engine.model, "dtype": engine.dtype, "quantization": engine.quantization,
-        "num_kv_blocks": engine.num_kv_blocks,
+        "enforce_eager": engine.enforce_eager, "num_kv_blocks": engine.num_kv_blocks,
         "max_num_batched_tokens": engine.max_num_batched_tokens,
         "enable_prefix_caching": engine.enable_prefix_caching,
         "num_speculative_tokens": SpeculativeConfig("ngram").num_speculative_tokens,
@@ -136,8 +137,7 @@ def test_generate_and_client_share_their_defaults() -> None:
     assert {n: getattr(generate, n) for n in sampling} == {n: getattr(client, n) for n in sampling}
     params = SamplingParams()
     assert (generate.top_p, generate.top_k, generate.seed) == (params.top_p, params.top_k, params.seed)
-    assert (generate.model, generate.dtype, generate.quantization) == (
-        EngineConfig().model, EngineConfig().dtype, EngineConfig().quantization)
+    assert cli.engine_config(generate) == EngineConfig()
 
 
 def test_default_reads_a_dataclass_field() -> None:

@@ -66,6 +66,12 @@ def test_a_bad_quantization_is_a_sentence_naming_the_choices(value):
         EngineConfig(quantization=value)
 
 
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_enforce_eager_takes_a_bool_only(value):
+    with pytest.raises(ValueError, match=rf"enforce_eager must be True or False, got {value!r}"):
+        EngineConfig(enforce_eager=value)
+
+
 def test_weights_stay_in_dtype_unless_asked():
     assert EngineConfig().quantization is None and EngineConfig().dtype == "float32"
     assert EngineConfig(quantization="int8", dtype="bfloat16").quantization == "int8"
