@@ -11,8 +11,11 @@ The projections enter the graphs as one custom op each (splitserve.engine.linear
 The token dimension is dynamic, so continuous batching's changing token counts reuse one graph
 per stage (a one-token step gets its own: torch specializes size 1). The same code runs on any
 device. If compiling or the warm-up raises, the runner keeps the eager stages and a warning
-says why. It knows nothing of requests, the scheduler or the KV blocks' owners: the warm-up
-writes K/V into the first blocks, so it runs before any request holds them.
+says why; if a compiled stage raises later (a step size that will not compile, a backend
+error), that call runs again eagerly (the stages are pure functions), the runner turns eager for
+good and a warning says why: a request never fails for the compiler. It knows nothing of
+requests, the scheduler or the KV blocks' owners: the warm-up writes K/V into the first blocks,
+so it runs before any request holds them.
 """
 
 from __future__ import annotations
@@ -61,9 +64,35 @@ def compile_runner(runner: ModelRunner, token_counts: Sequence[int]) -> float:
                     seconds, type(error).__name__, reason)
         return seconds
     seconds = time.perf_counter() - start
+    runner.stages = falling_back(runner, runner.stages)
     log.info("compiled the forward in %.1f s (warm-up steps of %s tokens)", seconds,
              ", ".join(map(str, token_counts)))
     return seconds
+
+
+def falling_back(runner: ModelRunner, stages: LayerStages) -> LayerStages:
+    """``stages`` guarded: the first call that raises runs again eagerly, and the runner turns
+    eager for good (``runner.stages = EAGER_STAGES``; the rest of that step's layers too), with
+    a warning that says why."""
+
+    def guard(compiled_stage: Callable[..., Any], eager_stage: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(eager_stage)
+        def run(*args: Any) -> Any:
+            if runner.stages is EAGER_STAGES:  # the other stage failed earlier in this step
+                return eager_stage(*args)
+            try:
+                return compiled_stage(*args)
+            except Exception as error:  # noqa: BLE001 -- as compile_runner's: eager still serves
+                runner.stages = EAGER_STAGES
+                tokens = next((a.shape[0] for a in args if isinstance(a, torch.Tensor)), "?")
+                reason = (str(error).strip().splitlines() or [""])[0]
+                log.warning("the compiled %s failed on a step of %s tokens, so the engine runs eager from now on: "
+                            "%s: %s", eager_stage.__name__, tokens, type(error).__name__, reason)
+                return eager_stage(*args)
+
+        return run
+
+    return LayerStages(guard(stages.before_attention, before_attention), guard(stages.after_attention, after_attention))
 
 
 def _run_step(runner: ModelRunner, num_tokens: int) -> None:

@@ -1,6 +1,7 @@
 """The compiled forward (EngineConfig.enforce_eager=False) against eager and HF transformers:
 the same greedy tokens alone and under continuous batching, no recompiles after the warm-up,
-a failed compile falling back to eager, and --no-enforce-eager reaching the engine's config.
+a failed compile falling back to eager (and a stage failing later: that call and the rest run
+eager), and --no-enforce-eager reaching the engine's config.
 
 One compiled engine serves the whole module: compiling costs tens of seconds here."""
 
@@ -15,6 +16,7 @@ from torch._dynamo.utils import counters
 from splitserve import LLM, SamplingParams, cli
 from splitserve.config import EngineConfig
 from splitserve.engine import compiled
+from splitserve.engine.model import LayerStages, after_attention, before_attention
 from tests.conftest import PROMPTS
 
 GREEDY_24 = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -73,6 +75,28 @@ def test_a_failed_compile_runs_eager_and_says_why(make_llm, llm, monkeypatch, ca
     assert "runs eager: RuntimeError: no C++ compiler found" in caplog.text
     expected = [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY_24)]
     assert [o.token_ids for o in fallback.generate(PROMPTS[:3], GREEDY_24)] == expected
+
+
+def test_a_stage_that_fails_mid_serving_runs_again_eager_and_the_engine_stays_eager(make_llm, llm, caplog):
+    """A compiled stage that raises on some later step (here: the 40th call, a prefill's or a
+    decode's) costs no request: that call runs eagerly, and so does everything after it."""
+    guarded = make_llm(**ENGINE_ARGS)
+    engine = guarded.engine
+    calls = []
+
+    def failing_before(*args):
+        calls.append(args[0].shape[0])
+        if len(calls) == 40:
+            raise RuntimeError("a shape the compiler cannot handle")
+        return before_attention(*args)
+
+    engine.runner.stages = compiled.falling_back(engine.runner, LayerStages(failing_before, after_attention))
+    assert engine.is_compiled
+    with caplog.at_level(logging.WARNING, logger="splitserve.engine.compiled"):
+        ours = [o.token_ids for o in guarded.generate(PROMPTS[:3], GREEDY_24)]
+    assert ours == [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY_24)]
+    assert not engine.is_compiled and len(calls) == 40
+    assert "runs eager from now on: RuntimeError: a shape the compiler cannot handle" in caplog.text
 
 
 def test_eager_is_the_default_and_costs_no_compile(llm):

@@ -2,7 +2,8 @@
 
 fp32 stays exact (tests/unit/test_model_vs_hf.py holds it to HF transformers); the other modes
 are held to a teacher-forced greedy agreement with fp32 measured by bench/precision.py (each
-position's argmax given fp32's own prefix, docs/benchmarks.md#precision), with some margin.
+position's argmax given fp32's own prefix, docs/benchmarks.md#precision), with some margin,
+eager and compiled alike.
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def test_a_lower_precision_agrees_with_fp32_greedy_within_the_measured_rate(mode
     prompts, _ = reference
     outputs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     assert all(len(o.token_ids) == NEW_TOKENS for o in outputs)  # decode runs end to end in the mode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_a_lower_precision_compiled_agrees_with_fp32_as_its_eager_engine_does(mode, loaded_modes, reference):
+    """The compiled forward (--no-enforce-eager) in each mode: it compiles (no fallback to
+    eager) and holds the same measured agreement with fp32, decoding end to end."""
+    llm = LLM(loaded=loaded_modes[mode], enforce_eager=False, max_num_batched_tokens=256, num_kv_blocks=128,
+              **MODES[mode])
+    assert llm.engine.is_compiled, f"{mode}: the compiled forward fell back to eager"
+    agreement = _teacher_forced_agreement(llm, *reference)
+    assert agreement >= MIN_AGREEMENT[mode], f"{mode} compiled: {agreement:.2%} of greedy tokens agree with fp32"
+    prompts, _ = reference
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+    assert all(len(o.token_ids) == NEW_TOKENS for o in outputs)
+    assert llm.engine.is_compiled, f"{mode}: a compiled stage failed while serving"
 
 
 def test_each_mode_keeps_its_kv_cache_in_dtype_and_int8_weights_as_int8(loaded_modes):
