@@ -516,8 +516,10 @@ class ServeConfig:
     token at once; one more is refused at once with a retry hint (None: no bound).
     stream_lease_s: a worker aborts the requests it streams to a router it has not heard from
     for this long (the router renews every third of it), so a router that dies leaves no
-    request decoding for nobody. send_timeout_s: a stream whose client takes no data for this
-    long (it stopped reading) is aborted, on both front ends. access: API keys and TLS of both
+    request decoding for nobody. stream_check_s: a worker's stream silent for this long makes
+    the router ask the worker whether it still holds the request; one that twice does not lost
+    the stream's end, and the request moves on. send_timeout_s: a stream whose client takes no
+    data for this long (it stopped reading) is aborted, on both front ends. access: API keys and TLS of both
     front ends."""
 
     grpc_host: str = "127.0.0.1"
@@ -533,6 +535,7 @@ class ServeConfig:
     migration_limit: int = 3
     max_queued_requests: int | None = None
     stream_lease_s: float = 10.0
+    stream_check_s: float = 20.0
     send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
     access: AccessConfig = field(default_factory=AccessConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -551,7 +554,7 @@ class ServeConfig:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
-        for name in ("stream_lease_s", "send_timeout_s"):
+        for name in ("stream_lease_s", "stream_check_s", "send_timeout_s"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
         if self.grace_s < 0 or self.start_timeout_s <= 0:

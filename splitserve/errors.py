@@ -38,3 +38,9 @@ class WorkerGone(ServingError):
 
     def __reduce__(self):  # picklable with both arguments (Ray carries errors between processes)
         return type(self), (self.worker_id, str(self))
+
+
+class StreamLost(WorkerGone):
+    """A worker's stream of a request stopped short though the worker lives: it no longer
+    holds the request, yet the stream never ended. The request moves on as from a dead worker;
+    the worker stays in the pools."""

@@ -72,7 +72,7 @@ def configs(args: argparse.Namespace) -> tuple[ClusterConfig, ServeConfig]:
                         slo_tpot_s=args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None,
                         router_only=args.router_only, migration_limit=args.migration_limit,
                         max_queued_requests=args.max_queued_requests, stream_lease_s=args.stream_lease,
-                        send_timeout_s=args.send_timeout,
+                        stream_check_s=args.stream_check, send_timeout_s=args.send_timeout,
                         access=AccessConfig(api_keys=api_keys(args.api_key), ssl_certfile=args.ssl_certfile,
                                             ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs),
                         roles=RoleConfig(enabled=args.balance_roles, min_dwell_s=args.role_dwell),
@@ -275,6 +275,10 @@ def _add_front_end_options(group: argparse._ArgumentGroup) -> None:
     _option(group, ServeConfig, "--stream-lease", "stream_lease_s", "seconds a worker keeps streaming a "
             "request without hearing from its router (renewed every third of it); a router that died has its "
             "requests aborted after this (default: %(default)s)", type=float, metavar="S")
+    _option(group, ServeConfig, "--stream-check", "stream_check_s", "seconds a worker's stream may stay silent "
+            "before the router asks the worker whether it still holds the request; a stream whose worker twice "
+            "does not has lost its end, and the request continues on another worker (default: %(default)s)",
+            type=float, metavar="S")
     _option(group, ServeConfig, "--send-timeout", "send_timeout_s", "seconds a stream may wait on a client that "
             "takes no data (it stopped reading) before its request is aborted and the stream ended (default: "
             "%(default)s)", type=float, metavar="S")

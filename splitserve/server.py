@@ -100,6 +100,7 @@ class Server:
                              placement=self.options.placement, migration_limit=self.options.migration_limit,
                              max_queued_requests=self.options.max_queued_requests,
                              stream_lease_s=self.options.stream_lease_s,
+                             stream_check_s=self.options.stream_check_s,
                              roles=None if self.options.router_only else self.options.roles)
         self._grpc = GrpcServer(self.router, metrics=self.metrics, access=self.options.access,
                                 send_timeout_s=self.options.send_timeout_s)

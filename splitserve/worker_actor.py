@@ -60,6 +60,9 @@ class WorkerActor:
     async def renew_streams(self, owner: str) -> int:
         return await self.worker.renew_streams(owner)
 
+    async def holds(self, request_id: str) -> bool:
+        return await self.worker.holds(request_id)
+
     # Prefill for a remote worker.
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -286,6 +286,10 @@ class LLMEngine:
         """True while the request is queued or running here (not reserved, not finished)."""
         return request_id in self._outputs and request_id not in self._reserved
 
+    def has_request(self, request_id: str) -> bool:
+        """True while the request is unfinished here: queued, running or reserved."""
+        return request_id in self._outputs
+
     @property
     def num_reserved(self) -> int:
         return len(self._reserved)

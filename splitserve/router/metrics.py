@@ -96,6 +96,9 @@ class Metrics:
         self.pool_workers = Gauge("splitserve_pool_workers", "Live workers per pool (role).", ["role"], registry=r)
         self.migrations = Counter("splitserve_migrations_total", "Requests moved to another worker after the one "
                                   "running them died or could not be reached.", registry=r)
+        self.lost_streams = Counter("splitserve_lost_streams_total", "Worker streams that stopped short though "
+                                    "their worker lives (it no longer held the request); each request moved on.",
+                                    registry=r)
         for outcome in OUTCOMES:  # present (at 0) from the first scrape
             self.requests.labels(outcome=outcome)
         for placement in ("remote", "local"):
@@ -138,6 +141,9 @@ class Metrics:
 
     def count_migration(self) -> None:
         self.migrations.inc()
+
+    def count_lost_stream(self) -> None:
+        self.lost_streams.inc()
 
     def observe_prediction(self, placement: str, ttft_ratio: float | None, tpot_ratio: float | None) -> None:
         """Observed over predicted TTFT and TPOT of a finished request (None: not measurable)."""

@@ -47,7 +47,7 @@ from splitserve.cluster.store import MetadataStore, StoreConnectionError
 from splitserve.config import MODES, WORKER_KINDS, PlacementConfig, RoleConfig
 from splitserve.engine.continuation import Continuation
 from splitserve.engine.tokenizer import Tokenizer
-from splitserve.errors import CapacityError, ServingError, WorkerGone
+from splitserve.errors import CapacityError, ServingError, StreamLost, WorkerGone
 from splitserve.protocol import SLO, GenerateDelta, RequestReport
 from splitserve.router.api import GenerateInput
 from splitserve.router.cluster_view import ClusterView
@@ -56,7 +56,7 @@ from splitserve.router.placer import Placer
 from splitserve.router.prefill_placement import LOCAL, Placement
 from splitserve.router.roles import RoleBalancer, RoleStats
 from splitserve.router.speculation import Speculation
-from splitserve.router.worker_calls import OwnerLease, Visit, no_worker
+from splitserve.router.worker_calls import OwnerLease, Visit, no_worker, watched
 
 logger = logging.getLogger(__name__)
 _ABORTED = "abort"  # the finish_reason of a request its worker gave up
@@ -74,6 +74,9 @@ class Router:
     retry hint: the recent mean TTFT) rather than queued (None: no bound). stream_lease_s: how
     long a worker streaming a request of this router's keeps it without hearing from the router
     (``OwnerLease``; renewed every third of it): a router that died leaves no request decoding.
+    stream_check_s: how long a worker's stream may stay silent before the router asks the
+    worker whether it still holds the request (``watched``: one that no longer does lost the
+    stream's end, and the request moves on as from a dead worker).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class Router:
         migration_limit: int = 3,
         max_queued_requests: int | None = None,
         stream_lease_s: float = 10.0,
+        stream_check_s: float = 20.0,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -102,7 +106,10 @@ class Router:
             raise ValueError(f"migration_limit must be >= 0, got {migration_limit}")
         if max_queued_requests is not None and max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0 or None, got {max_queued_requests}")
+        if not 0 < stream_check_s < math.inf:
+            raise ValueError(f"stream_check_s must be positive and finite, got {stream_check_s}")
         self.migration_limit, self.max_queued_requests = migration_limit, max_queued_requests
+        self.stream_check_s = stream_check_s
         self._num_waiting = self._num_running = 0
         self._ttft_s = 1.0  # a running mean of the time to first token: the retry hint of a full queue
         self.tokenizer = tokenizer
@@ -281,6 +288,8 @@ class Router:
                         yield sent.add(delta, req.arrival)
                 return
             except WorkerGone as e:
+                if isinstance(e, StreamLost) and self.metrics is not None:
+                    self.metrics.count_lost_stream()
                 if sent.finished:  # it died after the last delta went out: nothing is left to move
                     logger.info("request %s: %s after it finished", req.request_id, e)
                     return
@@ -367,26 +376,26 @@ class Router:
             stream = visit.handle.generate.remote(req.request_id, req.prompt_ids, params, chunk, continuation,
                                                  self.owner.hold())
             self.speculation.track(worker_id, req.request_id, len(req.prompt_ids), req.params, params)
-            async for ref in stream:
-                delta = await self.view.call(ref, worker_id)
-                visit.finished = delta.finished
-                if delta.finish_reason == _ABORTED:
-                    if delta.token_ids:
-                        yield dataclasses.replace(delta, finished=False, finish_reason=None)
-                    raise self._stream_ended(worker_id, req.request_id)
-                if first_at is None:
-                    first_at = time.monotonic()
-                    self._prefilled(req, worker_id)
-                    self.speculation.release(worker_id, req.request_id)
-                    self.placer.decoding(worker_id, req.request_id, req.slo, req.params)
-                self.placer.streamed(worker_id, req.request_id, delta.num_output_tokens)
-                self.speculation.observe(worker_id, visit.handle, delta)
-                if delta.finished:
-                    delta = dataclasses.replace(delta, report=self._report(
-                        req, delta, placement, started, first_at, decode_worker=worker_id,
-                        prefill_worker=worker_id if placement is not None else "", prefill_s=first_at - req.arrival,
-                        decode_s=time.monotonic() - first_at))
-                yield delta
+            async with contextlib.aclosing(self._watched(stream, worker_id, visit.handle, req.request_id)) as deltas:
+                async for delta in deltas:
+                    visit.finished = delta.finished
+                    if delta.finish_reason == _ABORTED:
+                        if delta.token_ids:
+                            yield dataclasses.replace(delta, finished=False, finish_reason=None)
+                        raise self._stream_ended(worker_id, req.request_id)
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        self._prefilled(req, worker_id)
+                        self.speculation.release(worker_id, req.request_id)
+                        self.placer.decoding(worker_id, req.request_id, req.slo, req.params)
+                    self.placer.streamed(worker_id, req.request_id, delta.num_output_tokens)
+                    self.speculation.observe(worker_id, visit.handle, delta)
+                    if delta.finished:
+                        delta = dataclasses.replace(delta, report=self._report(
+                            req, delta, placement, started, first_at, decode_worker=worker_id,
+                            prefill_worker=worker_id if placement is not None else "", prefill_s=first_at - req.arrival,
+                            decode_s=time.monotonic() - first_at))
+                    yield delta
             if not visit.finished:
                 raise self._stream_ended(worker_id, req.request_id)
         finally:
@@ -432,22 +441,35 @@ class Router:
                                    handoff.decode_params)
             stream = decode.handle.generate_from.remote(req.request_id, result.first_token_id, result.generator_state,
                                                         self.owner.hold())
-            async for ref in stream:
-                delta = await self.view.call(ref, decode.worker_id)
-                decode.finished = delta.finished
-                if delta.finish_reason == _ABORTED:
-                    if delta.token_ids:
-                        yield dataclasses.replace(delta, finished=False, finish_reason=None)
-                    raise self._stream_ended(decode.worker_id, req.request_id)
-                self.placer.streamed(decode.worker_id, req.request_id, delta.num_output_tokens)
-                self.speculation.observe(decode.worker_id, decode.handle, delta)
-                yield finished(delta) if delta.finished else delta
+            watch = self._watched(stream, decode.worker_id, decode.handle, req.request_id)
+            async with contextlib.aclosing(watch) as deltas:
+                async for delta in deltas:
+                    decode.finished = delta.finished
+                    if delta.finish_reason == _ABORTED:
+                        if delta.token_ids:
+                            yield dataclasses.replace(delta, finished=False, finish_reason=None)
+                        raise self._stream_ended(decode.worker_id, req.request_id)
+                    self.placer.streamed(decode.worker_id, req.request_id, delta.num_output_tokens)
+                    self.speculation.observe(decode.worker_id, decode.handle, delta)
+                    yield finished(delta) if delta.finished else delta
             if not decode.finished:
                 raise self._stream_ended(decode.worker_id, req.request_id)
         finally:
             self.placer.done(decode.worker_id, req.request_id)
             self.speculation.untrack(decode.worker_id, req.request_id)
             await decode.leave()
+
+    def _watched(self, stream: Any, worker_id: str, handle: Any, request_id: str) -> AsyncIterator[GenerateDelta]:
+        """The deltas of a worker's stream (Ray's generator of refs), watched for a lost end."""
+
+        async def deltas() -> AsyncIterator[GenerateDelta]:
+            async for ref in stream:
+                yield await self.view.call(ref, worker_id)
+
+        async def holds() -> bool:
+            return await self.view.call(handle.holds.remote(request_id), worker_id)
+
+        return watched(deltas(), holds, self.stream_check_s, worker_id, request_id)
 
     def _stream_ended(self, worker_id: str, request_id: str) -> WorkerGone:
         """A worker ended ``request_id``'s stream unfinished, unasked: it is stopping (or lost

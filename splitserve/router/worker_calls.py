@@ -2,8 +2,10 @@
 it leaves, and aborts it there when it leaves before the worker finished it (cancel, error, a
 released reservation), which frees its blocks. ``OwnerLease`` is the lease this router holds
 its streams at the workers under, renewed while any is in flight, so that a router that dies
-leaves no request decoding for nobody. (The calls themselves go through ``ClusterView.call``,
-which learns from them which workers are gone.)
+leaves no request decoding for nobody. ``watched`` reads a worker's stream and asks the worker
+about one that stays silent, so a stream whose end was lost fails (and its request moves on)
+rather than hang. (The calls themselves go through ``ClusterView.call``, which learns from them
+which workers are gone.)
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.protocol import StreamLease
+from splitserve.errors import StreamLost, WorkerGone
+from splitserve.protocol import GenerateDelta, StreamLease
 from splitserve.router.cluster_view import ClusterView
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,54 @@ class OwnerLease:
             await asyncio.wait_for(self.view.call(call, worker_id), self.lease.lease_s / 3)
         except Exception as e:  # gone (its requests migrate) or slow (the next renewal may land)
             logger.debug("router %s: cannot renew its streams at %s: %r", self.lease.owner, worker_id, e)
+
+
+async def watched(deltas: AsyncIterator[GenerateDelta], holds: Callable[[], Awaitable[bool]], silence_s: float,
+                  worker_id: str, request_id: str) -> AsyncIterator[GenerateDelta]:
+    """``deltas`` (a worker's stream of one request) as they come. After ``silence_s`` without
+    one, ``holds()`` asks the worker whether the request is still unfinished there (queued,
+    reserved or decoding: then its next delta is only late, and the wait goes on). A worker
+    that says no twice, a silence apart and no delta between (time enough for a last delta in
+    transit), lost the stream's end: StreamLost (a WorkerGone), and the router moves the request
+    on from what its client got. A check that fails or does not answer within ``silence_s``
+    proves nothing (a dead worker fails its stream by itself; a frozen one loses its
+    membership)."""
+    end = object()
+    pending: asyncio.Future | None = None
+    num_no = 0
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(deltas, end))
+            done, _ = await asyncio.wait({pending}, timeout=silence_s)
+            if done:
+                delta, pending, num_no = pending.result(), None, 0
+                if delta is end:
+                    return
+                yield delta
+                continue
+            try:
+                held = await asyncio.wait_for(holds(), silence_s)
+            except WorkerGone:
+                raise
+            except Exception as e:
+                logger.debug("request %s: cannot ask worker %s whether it holds it: %r", request_id, worker_id, e)
+                held = True
+            num_no = 0 if held else num_no + 1
+            if num_no >= 2:
+                logger.warning("request %s: worker %s no longer holds it, yet its stream has not ended (silent "
+                               "for over %g s); moving it on", request_id, worker_id, 2 * silence_s)
+                raise StreamLost(worker_id, f"worker {worker_id} lost the end of request {request_id}'s stream (it "
+                                            f"no longer holds the request)")
+    finally:
+        if pending is not None:  # the stream must be still before it can be closed
+            pending.cancel()
+            await asyncio.wait({pending})
+            if not pending.cancelled():
+                pending.exception()  # retrieved, so asyncio does not report it (it was raised, or is moot)
+        aclose = getattr(deltas, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def no_worker(kind: str, errors: list[str]) -> str:

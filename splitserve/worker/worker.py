@@ -205,6 +205,12 @@ class Worker:
         finally:
             self.leases.release(request_id, lease)
 
+    async def holds(self, request_id: str) -> bool:
+        """Whether the request is unfinished here (queued, prefilling, reserved or decoding):
+        the router asks about a stream that stays silent (a stream whose request is no longer
+        held here lost its end)."""
+        return await self.loop.call(self.engine.has_request, request_id)
+
     async def renew_streams(self, owner: str) -> int:
         """Keep the requests router ``owner`` streams from here another lease; how many it
         holds here. Runs on the actor's event loop, never waiting for the engine."""

@@ -13,8 +13,10 @@ it streams: its clients see the stream end with an error, not a hang; the worker
 requests once its stream lease lapses; the other router's stream goes on untouched. A prefill
 worker killed mid-transfer: its decode reservation is released at once and another prefill
 worker serves the request. A worker whose process died is replaced (same name) and served
-from again. Half of 40 streams cancelled by their clients (gRPC cancels, HTTP clients hanging
-up): exactly those are aborted, where they ran, and counted once.
+from again. A stream whose end is lost (the worker's outputs stop reaching it) continues on the
+other worker, whole, once the router's check finds the request gone from its worker. Half of 40
+streams cancelled by their clients (gRPC cancels, HTTP clients hanging up): exactly those are
+aborted, where they ran, and counted once.
 Each test runs its own Server (its own module: they cannot share the CPUs with others)."""
 
 from __future__ import annotations
@@ -140,10 +142,7 @@ def test_a_stream_its_worker_gives_up_continues_elsewhere_whole(ray_cluster, llm
         stream = _Stream(s.address, PROMPTS[4], None)
         stream.start()
         assert stream.started.wait(300), "the stream produced no tokens"
-        holders = {w: ids for w, ids in zip(s.deployment.handles, ray.get(
-            [h.__ray_call__.remote(lambda actor: list(actor.worker.loop._streams)) for h in
-             s.deployment.handles.values()], timeout=60), strict=True) if ids}
-        (worker_id, (request_id,)), = holders.items()
+        (worker_id, request_id), = _streaming(s)
         ray.get(s.deployment.handles[worker_id].abort.remote(request_id), timeout=60)
         stream.join(600)
         assert stream.error is None and stream.tokens == uninterrupted_tokens(llm, PROMPTS[4])
@@ -151,6 +150,40 @@ def test_a_stream_its_worker_gives_up_continues_elsewhere_whole(ray_cluster, llm
         assert_idle(s)
     finally:
         s.stop()
+
+
+def test_a_stream_whose_end_is_lost_continues_elsewhere_whole(ray_cluster, llm):
+    """The worker finishes the request but its stream never says so (its outputs stop reaching
+    the stream: what chaos soak run 5's three hung streams looked like). The router asks the
+    silent stream's worker, which no longer holds the request, and moves the request on."""
+    s = start_server(mode="elastic", serve={"stream_check_s": 1.0})
+    try:
+        stream = _Stream(s.address, PROMPTS[4], None)
+        stream.start()
+        assert stream.started.wait(300), "the stream produced no tokens"
+
+        def lose_outputs(actor, request_id: str) -> None:
+            loop, deliver = actor.worker.loop, actor.worker.loop._deliver
+            loop._deliver = lambda output: None if output.request_id == request_id else deliver(output)
+
+        (worker_id, request_id), = _streaming(s)
+        ray.get(s.deployment.handles[worker_id].__ray_call__.remote(lose_outputs, request_id), timeout=60)
+        stream.join(600)
+        assert stream.error is None and stream.tokens == uninterrupted_tokens(llm, PROMPTS[4])
+        assert stream.last.report.migrations == 1 and stream.last.report.decode_worker != worker_id
+        metrics = s.metrics.render().decode().splitlines()
+        assert "splitserve_lost_streams_total 1.0" in metrics and "splitserve_migrations_total 1.0" in metrics
+        assert_idle(s)
+    finally:
+        s.stop()
+
+
+def _streaming(s) -> list[tuple[str, str]]:
+    """(worker, request id) of every request a worker of ``s`` streams now."""
+    ids = ray.get([h.__ray_call__.remote(lambda actor: list(actor.worker.loop._streams))
+                   for h in s.deployment.handles.values()], timeout=60)
+    return [(worker_id, request_id) for worker_id, held in zip(s.deployment.handles, ids, strict=True)
+            for request_id in held]
 
 
 def test_a_killed_router_replica_leaves_no_request_decoding(ray_cluster, redis_url, llm):

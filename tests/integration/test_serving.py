@@ -54,13 +54,13 @@ def wait_idle(server: Server, timeout_s: float = 60.0) -> None:
 
 
 def start_server(*, transfer: TransferConfig | None = None, redis_url: str | None = None, http: bool = False,
-                 **overrides) -> Server:
+                 serve: dict | None = None, **overrides) -> Server:
     """A Server on the shared Ray with the test engine and a store prefix of its own; gRPC on a free
-    port, and OpenAI HTTP too with ``http``."""
+    port, and OpenAI HTTP too with ``http``; ``serve``: other ServeConfig fields."""
     # A membership TTL no stall of a busy 2-core machine reaches: a lapse would hide a worker.
     store = StoreConfig(redis_url=redis_url, prefix=f"e2e-{uuid.uuid4().hex[:8]}", ttl_s=15.0)
     config = ClusterConfig(engine=ENGINE, transfer=transfer or TransferConfig(), store=store, **overrides)
-    return Server(config, ServeConfig(grpc_port=0, http_port=0 if http else None, grace_s=5.0)).start()
+    return Server(config, ServeConfig(grpc_port=0, http_port=0 if http else None, grace_s=5.0, **(serve or {}))).start()
 
 
 # A KV chunk's deadline: long enough for any chunk on a slow machine. A drill's stalled chunk

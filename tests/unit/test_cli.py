@@ -223,6 +223,7 @@ def test_a_resources_flag_takes_a_json_object(value: str, message: str, capsys: 
     (["--kv-auth-key-file", "/nonexistent/kv.key"], "cannot read the KV auth key file /nonexistent/kv.key"),
     (["--kv-auth-key-file", "/dev/null"], "the KV auth key file /dev/null is empty"),
     (["--stream-lease", "0"], "stream_lease_s must be positive and finite"),
+    (["--stream-check", "-2"], "stream_check_s must be positive and finite"),
     (["--send-timeout", "inf"], "send_timeout_s must be positive and finite"),
 ])
 def test_bad_serve_flags_are_one_sentence_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],

@@ -2,7 +2,8 @@
 it out of every pool at once (the first sign, before its membership lapses), until the store
 lists a new start of it or drops it, or the exclusion's time passes; a worker's own errors come
 back as they were raised. And the router's OwnerLease, renewed through it at the workers where
-requests are in flight."""
+requests are in flight, and ``watched``, which asks a silent stream's worker whether it still
+holds the request (driven by the checks themselves, never by how fast this machine is)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from splitserve.cluster.embedded_store import MemoryStore
 from splitserve.cluster.store import WorkerInfo
 from splitserve.errors import ServingError, WorkerGone
+from splitserve.protocol import GenerateDelta
 from splitserve.router.cluster_view import ClusterView
-from splitserve.router.worker_calls import OwnerLease
+from splitserve.router.worker_calls import OwnerLease, watched
 
 
 def _info(worker_id: str, started_at: float) -> WorkerInfo:
@@ -127,3 +129,82 @@ def test_the_owner_lease_renews_where_requests_are_in_flight_past_a_frozen_worke
 
     workers, one_owner = asyncio.run(scenario())
     assert workers == {"a", "c"} and one_owner
+
+
+# ------------------------------------------------------------- a silent stream, checked
+
+SILENCE_S = 0.01
+
+
+class _Worker:
+    """A worker's stream of one request and its answers to ``holds``: the stream releases its
+    next delta once ``holds`` has been asked ``after_checks[i]`` times (then never, if that is
+    None); ``answers`` says what each check answers (the last one repeats; "hang": never)."""
+
+    def __init__(self, after_checks: list[int | None], answers: list[object]):
+        self.after_checks, self.answers = after_checks, answers
+        self.num_checks = 0
+        self.closed = False
+        self._asked = asyncio.Condition()
+
+    async def deltas(self):
+        try:
+            for i, after in enumerate(self.after_checks):
+                async with self._asked:
+                    await self._asked.wait_for(lambda: after is not None and self.num_checks >= after)
+                yield GenerateDelta("r1", [i], str(i), finished=i == len(self.after_checks) - 1)
+        finally:
+            self.closed = True
+
+    async def holds(self) -> bool:
+        answer = self.answers[min(self.num_checks, len(self.answers) - 1)]
+        self.num_checks += 1
+        async with self._asked:
+            self._asked.notify_all()
+        for _ in range(10):  # a delta it released reaches the watcher before this answer does
+            await asyncio.sleep(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        if answer == "hang":
+            await asyncio.sleep(3600)
+        return answer
+
+
+def _watch(worker: _Worker) -> list[int]:
+    async def scenario() -> list[int]:
+        return [t for d in [d async for d in watched(worker.deltas(), worker.holds, SILENCE_S, "w", "r1")]
+                for t in d.token_ids]
+
+    return asyncio.run(scenario())
+
+
+def test_a_silent_stream_whose_worker_holds_the_request_waits_on():
+    worker = _Worker(after_checks=[0, 3, 3], answers=[True])
+    assert _watch(worker) == [0, 1, 2]
+    assert worker.num_checks == 3 and worker.closed
+
+
+def test_a_worker_that_twice_no_longer_holds_the_request_lost_the_stream():
+    worker = _Worker(after_checks=[0, None], answers=[True, False])
+    with pytest.raises(WorkerGone, match="lost the end of request r1's stream") as e:
+        _watch(worker)
+    assert e.value.worker_id == "w" and worker.num_checks == 3 and worker.closed
+
+
+def test_a_delta_between_two_noes_keeps_the_stream():
+    worker = _Worker(after_checks=[0, 1, 2, 3], answers=[False])  # a last delta in transit, each time
+    assert _watch(worker) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("answer", ["hang", RuntimeError("the call failed")], ids=["no answer", "an error"])
+def test_a_check_without_an_answer_proves_nothing(answer):
+    worker = _Worker(after_checks=[0, 4], answers=[answer])
+    assert _watch(worker) == [0, 1]
+    assert worker.num_checks == 4
+
+
+def test_a_check_that_finds_the_worker_gone_fails_the_stream():
+    worker = _Worker(after_checks=[0, None], answers=[WorkerGone("w", "worker w died or cannot be reached")])
+    with pytest.raises(WorkerGone, match="died"):
+        _watch(worker)
+    assert worker.closed
