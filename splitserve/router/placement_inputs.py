@@ -181,7 +181,8 @@ def best_remote(prefill: Sequence[WorkerState], decode: Sequence[WorkerState], n
                 tried: set[str] | frozenset[str] = frozenset()) -> Remote | None:
     """The best remote pair (``at``: each worker as the place of a prefill beside its decodes;
     ``transfer_s``: the exposed part of a hand-off); None when every prefill worker decodes
-    requests that no chunk of this prompt would leave within their TPOT SLO."""
+    requests that no chunk of this prompt would leave within their TPOT SLO -- without
+    admission, the best of their smallest-chunk plans then, marked unguarded."""
     n = num_prompt_tokens
     loads = {w.worker_id: w.load for w in (*prefill, *decode) if w.load is not None}
     decode_ids = [w.worker_id for w in decode]
@@ -198,22 +199,30 @@ def best_remote(prefill: Sequence[WorkerState], decode: Sequence[WorkerState], n
         worker_id, factor = choice.worker_id, corrections.factor(choice.worker_id, TTFT[REMOTE])
         model = prefill_models.get(worker_id)
         margin = 0.0 if model is None else config.margin_sigmas * model.fit().rmse
-        plain = Remote(worker_id, best.worker_id, choice.predicted_s * factor + margin + transfer_s, tpot,
-                       decode_batch=decode_batch)
         side = at[worker_id]
         if side is None or not side.running or side.model is None:
-            options.append(plain)
-        elif (chunked := remote_chunk(replace(side, ttft_correction=factor), n, config)) is not None:
-            # it decodes too: guarded chunks, its remote prefills' correction
-            options.append(Remote(worker_id, best.worker_id, chunked.predicted_ttft_s + transfer_s, tpot,
-                                  chunked.chunk_tokens, chunked.extra_decode_s, chunked.extra_steps,
-                                  chunked.cost_s - chunked.predicted_ttft_s, decode_batch))
-        else:
-            unguarded.append(plain)
-    if not options and not config.admission:  # place it all the same, as well as the predictions allow
+            options.append(Remote(worker_id, best.worker_id, choice.predicted_s * factor + margin + transfer_s, tpot,
+                                  decode_batch=decode_batch))
+            continue
+        # It decodes too: chunks its requests absorb, its remote prefills' correction; else (no
+        # admission) its smallest chunks, at the cost of their delay.
+        side = replace(side, ttft_correction=factor)
+        if (plan := remote_chunk(side, n, config)) is not None:
+            options.append(_chunked_remote(plan, best.worker_id, tpot, transfer_s, decode_batch))
+        elif not config.admission and (plan := remote_chunk(side, n, config, protect=False)) is not None:
+            unguarded.append(_chunked_remote(plan, best.worker_id, tpot, transfer_s, decode_batch, guarded=False))
+    if not options:  # place it all the same, as well as the predictions allow (``place`` weighs it)
         options = unguarded
     tried_last = [o for o in options if o.prefill_worker not in tried] or options
     return min(tried_last, key=lambda o: (o.ttft_s, o.prefill_worker), default=None)
+
+
+def _chunked_remote(plan: Placement, decode_worker: str, tpot_s: float, transfer_s: float, decode_batch: int,
+                    guarded: bool = True) -> Remote:
+    """A hand-off whose prompt is prefilled in ``plan``'s chunks (``remote_chunk``) beside the
+    requests its prefill worker decodes, and what those chunks cost them."""
+    return Remote(plan.prefill_worker, decode_worker, plan.predicted_ttft_s + transfer_s, tpot_s, plan.chunk_tokens,
+                  plan.extra_decode_s, plan.extra_steps, plan.cost_s - plan.predicted_ttft_s, decode_batch, guarded)
 
 
 def choose_placement(num_prompt_tokens: int, slo: SLO, prefill: Sequence[WorkerState], decode: Sequence[WorkerState],

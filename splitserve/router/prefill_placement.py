@@ -10,7 +10,7 @@ The options for a request of n prompt tokens:
   D are not slowed -- but those decoding at P are, where P runs requests end to end too (an
   elastic worker): there the prompt is prefilled in chunks P's running requests absorb
   (``remote_chunk``, the local guard below), TTFT is that plan's, and a P whose requests
-  absorb no chunk is no candidate.
+  absorb no chunk is no candidate (without admission: an unguarded one, see the choice).
 - **local on W**, for every worker W of either pool (a pool is a preference, not a
   capability: a prefill-pool worker that takes a request decodes it too): W prefills it in
   chunks of C tokens inside its running decode batch. Predicted TTFT = the mixed steps that
@@ -45,7 +45,8 @@ The choice: among the options that meet the request's TTFT and TPOT SLOs, the lo
 predicted TTFT + the delay it imposes on requests already decoding (local: the extra seconds
 its chunks add to D's steps, times the requests running there) -- except that a hand-off from
 P is no candidate when running the request on P itself meets the SLOs and P decodes no more
-than D (``_undominated``). Nothing holds -> CapacityError,
+than D (``_undominated``); an option whose chunks the requests running where it is prefilled
+do not absorb counts only when no other does (without admission). Nothing holds -> CapacityError,
 which the router answers with RESOURCE_EXHAUSTED / HTTP 429, and a retry hint: a TTFT miss's
 excess (the queued work must drain by that much), a TPOT miss's predicted TTFT (a batch shrinks
 no sooner than a prefill). It knows nothing of Ray, the store or how a placement is carried out.
@@ -78,7 +79,9 @@ class Remote:
     requests end to end), the prompt is prefilled there in chunks its running requests absorb
     (``remote_chunk``): chunk_tokens, and extra_decode_s / extra_steps / delay_cost_s, what
     those chunks cost them (the seconds added to their steps, over how many steps, and times
-    how many requests). None / 0: it decodes nothing; the prompt runs in as few steps as it can."""
+    how many requests). None / 0: it decodes nothing; the prompt runs in as few steps as it can.
+    guarded: False when its running requests absorb no chunk size; without admission such a
+    pair is placed all the same (``place``), in the smallest chunks, at the cost of its delay."""
 
     prefill_worker: str
     decode_worker: str
@@ -89,6 +92,7 @@ class Remote:
     extra_steps: int = 0
     delay_cost_s: float = 0.0
     decode_batch: int = 0  # the requests decoding at the decode worker (this router's placed ones too)
+    guarded: bool = True
 
 
 @dataclass(frozen=True)
@@ -189,13 +193,15 @@ class Placement:
     draft_ks: tuple[tuple[str, int], ...] = ()
 
 
-def remote_chunk(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig) -> Placement | None:
+def remote_chunk(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig,
+                 protect: bool = True) -> Placement | None:
     """A prompt prefilled at ``side`` for another worker to decode, where requests decode at
     ``side`` too: the fastest chunk plan (queued prompts first) whose delay they absorb, as a
     LOCAL-shaped Placement (its predicted_tpot_s means nothing: the request decodes elsewhere);
-    None when no chunk size keeps them within their TPOT SLO. The same guard as a local
-    prefill's: a chunk delays the steps of everything decoding there, whoever decodes the prompt."""
-    return local_option(side, num_prompt_tokens, config, newcomer_decodes=False)
+    None when no chunk size keeps them within their TPOT SLO (``protect=False``: the smallest
+    chunk then). The same guard as a local prefill's: a chunk delays the steps of everything
+    decoding there, whoever decodes the prompt."""
+    return local_option(side, num_prompt_tokens, config, protect=protect, newcomer_decodes=False)
 
 
 def local_option(side: LocalSide, num_prompt_tokens: int, config: PlacementConfig,
@@ -286,16 +292,19 @@ def place(num_prompt_tokens: int, slo: SLO, remote: Remote | None, local_sides: 
           config: PlacementConfig) -> Placement:
     """The cheapest option that meets the request's SLOs. When none does: with
     ``config.admission``, CapacityError (a sentence naming the best prediction); without, the
-    cheapest option all the same (and the smallest chunk where no chunk keeps a decode worker's
-    running requests within TPOT). ValueError when there is no worker at all."""
-    options = [] if remote is None else [Placement(
+    cheapest option all the same. Options whose chunks the running requests where they are
+    prefilled absorb come first; only when there is none (no admission) do the others count --
+    every worker's smallest chunks, local or for a hand-off, each at the cost of the delay it
+    imposes there. ValueError when there is no worker at all."""
+    remote_options = [] if remote is None else [Placement(
         REMOTE, remote.prefill_worker, remote.decode_worker, remote.ttft_s, remote.tpot_s,
         remote.ttft_s + remote.delay_cost_s, chunk_tokens=remote.chunk_tokens, extra_decode_s=remote.extra_decode_s,
         extra_steps=remote.extra_steps)]
+    options = remote_options if remote is not None and remote.guarded else []
     options += [o for side in local_sides if (o := local_option(side, num_prompt_tokens, config)) is not None]
     if not options and not config.admission:
-        options = [o for side in local_sides
-                   if (o := local_option(side, num_prompt_tokens, config, protect=False)) is not None]
+        options = remote_options + [o for side in local_sides
+                                    if (o := local_option(side, num_prompt_tokens, config, protect=False)) is not None]
     if not options:
         if remote is None and local_sides:
             raise CapacityError("no worker can prefill the request locally without pushing the requests "

@@ -200,6 +200,25 @@ def test_without_admission_the_cheapest_option_is_taken_when_none_holds():
     assert place(PROMPT, SLO(ttft_s=1.0, tpot_s=0.1), Remote("p", "d", 2.0, 0.035), [side()], open_door).kind == LOCAL
 
 
+def test_without_admission_a_hand_off_its_prefill_worker_s_requests_cannot_absorb_comes_last():
+    open_door = PlacementConfig(margin_sigmas=0.0, admission=False)
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    # The cheapest by far (0.1 s): but its prefill worker's requests absorb none of its chunks,
+    # and a local prefill holds. The local one wins; were the hand-off's chunks absorbed, it would.
+    unguarded = Remote("p", "d", 0.1, 0.035, chunk_tokens=32, extra_decode_s=0.5, extra_steps=7,
+                       delay_cost_s=0.0, guarded=False)
+    assert place(PROMPT, slo, unguarded, [side()], open_door).kind == LOCAL
+    assert place(PROMPT, slo, replace(unguarded, guarded=True), [side()], open_door).kind == REMOTE
+    unguarded = replace(unguarded, delay_cost_s=2.0)
+    # Nothing holds: the hand-off's smallest chunks and the local ones are weighed alike, each
+    # with the delay it imposes (here the hand-off's 2 s are dearer than the local chunks').
+    strained = side(tpot_slo_s=0.04)
+    local_fallback = local_option(strained, PROMPT, open_door, protect=False)
+    assert local_fallback.cost_s < 0.1 + 2.0
+    assert place(PROMPT, SLO(ttft_s=1.0), unguarded, [strained], open_door).kind == LOCAL
+    assert place(PROMPT, SLO(ttft_s=1.0), replace(unguarded, delay_cost_s=0.0), [strained], open_door).kind == REMOTE
+
+
 def test_the_placer_sees_each_running_request_against_its_slo_and_strangers_as_just_started():
     now = [100.0]
     placer = Placer(ClusterView(MemoryStore(), get_actor=lambda name: None), SpecController(), 16,
@@ -372,8 +391,10 @@ def test_a_prefill_worker_that_decodes_too_takes_remote_prompts_in_chunks_its_re
     if admission:
         with pytest.raises(CapacityError, match="every prefill worker decodes requests"):
             placed(0.04)
-    else:
-        assert placed(0.04)[0].chunk_tokens is None
+    else:  # its smallest chunks, weighed with the delay they impose at p
+        fallback = placed(0.04)[0]
+        assert (fallback.kind, fallback.chunk_tokens, fallback.extra_steps) == (REMOTE, 32, 7)
+        assert fallback.extra_decode_s > 0
     view.inflight_tokens.clear()
 
 
