@@ -519,8 +519,8 @@ class ServeConfig:
     request decoding for nobody. stream_check_s: a worker's stream silent for this long makes
     the router ask the worker whether it still holds the request; one that twice does not lost
     the stream's end, and the request moves on. send_timeout_s: a stream whose client takes no
-    data for this long (it stopped reading) is aborted, on both front ends. access: API keys and TLS of both
-    front ends."""
+    data for this long (it stopped reading) is aborted, on both front ends. access: API keys
+    and TLS of both front ends."""
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = DEFAULT_GRPC_PORT
